@@ -1,0 +1,68 @@
+"""Reading a records folder's `manifest.json` (written by `cxrkeras build-records`).
+
+Schema (keys every reader may rely on):
+  tool_version: str; created: ISO time; options: dict of resolved build options
+  csv: {path, sha256}; labels: [str] (the multi-hot order); image_size: [height, width]; channels: int
+  splits: {split_name: {images, patients, no_finding, positives: {label: int},
+                        shards: [{file, records, sha256}]}}
+  patient_overlap: {pairs: {"train/val": 0, ...}, ok: bool}
+  skipped: [{image, row, reason}]; unlabelled_images: int (image files with no CSV row)
+  dry_run: bool (true: statistics only, no shards)
+"""
+
+import json
+import os
+
+from cxrkeras.errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+def load_manifest(records_dir):
+    """The manifest of `records_dir`; a clear error when the folder is not a built records folder."""
+    path = os.path.join(records_dir, MANIFEST_NAME)
+    if not os.path.isdir(records_dir):
+        raise DataError(
+            f"records folder {records_dir!r} does not exist: build it with "
+            f"`cxrkeras build-records --csv ... --images ... --out {records_dir}`"
+        )
+    if not os.path.isfile(path):
+        raise DataError(
+            f"{records_dir!r} has no {MANIFEST_NAME}: it is not a records folder made by "
+            f"`cxrkeras build-records` (run it with `--out {records_dir}`), or that run did not finish (re-run it)"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot be read as JSON ({exc}); re-run `cxrkeras build-records`") from exc
+    for key in ("labels", "splits"):
+        if key not in manifest:
+            raise DataError(f"{path}: field {key!r} is missing; re-run `cxrkeras build-records`")
+    return manifest
+
+
+def split_info(manifest, split, records_dir="<records>"):
+    """The manifest entry of one split; a clear error naming the splits there are."""
+    splits = manifest["splits"]
+    if split not in splits:
+        raise DataError(f"unknown split {split!r} in {records_dir}: choose one of {', '.join(sorted(splits))}")
+    return splits[split]
+
+
+def shard_paths(manifest, records_dir, split):
+    """Absolute shard paths of `split`, in order; refuses a dry-run manifest (no shards)."""
+    info = split_info(manifest, split, records_dir)
+    if manifest.get("dry_run") or not info.get("shards"):
+        raise DataError(
+            f"{records_dir}: split {split!r} has no shards (dry-run manifest or empty split); "
+            f"run `cxrkeras build-records` without --dry-run"
+        )
+    return [os.path.join(records_dir, shard["file"]) for shard in info["shards"]]
+
+
+def label_positives(manifest, split):
+    """Positives per label of `split`, in manifest label order (for loss weighting and reports)."""
+    info = split_info(manifest, split)
+    return [int(info["positives"].get(label, 0)) for label in manifest["labels"]]

@@ -1,0 +1,23 @@
+"""The NIH ChestX-ray14 label set, in the fixed order used by the paper and most reproductions."""
+
+NIH_LABELS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+
+NO_FINDING = "No Finding"
+
+# NIH's bounding-box file spells one label differently from the label file.
+LABEL_ALIASES = {"Infiltrate": "Infiltration"}
