@@ -25,6 +25,230 @@ def cli():
 # --- commands (each: options -> config -> one library call) ---
 
 
+@cli.command("models")
+@click.argument("variants", nargs=-1)
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=1),
+              help="Square input size the GFLOPs are counted at.")
+@click.option("--num-classes", default=14, show_default=True, type=click.IntRange(min=1))
+def models_cmd(variants, image_size, num_classes):
+    """List model variants (or only VARIANTS) with trainable parameters and GFLOPs (multiply-adds)."""
+    from cxrkeras.models.summary import format_table, variant_rows
+
+    click.echo(format_table(variant_rows(variants or None, image_size, num_classes), image_size))
+
+
+@cli.command("preview-batch")
+@click.argument("records", type=click.Path(file_okay=False))
+@click.option("--split", default="train", show_default=True, help="Split of the records folder.")
+@click.option("--stage", default=1, show_default=True, type=click.Choice(["1", "2"]),
+              help="1: 'No Finding' images removed; 2: all images.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--n", "n", default=16, show_default=True, type=click.IntRange(min=1), help="Images in the grid.")
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--preprocessing", default="torch", show_default=True, type=click.Choice(["torch", "caffe"]),
+              help="The model's normalisation (DenseNet: torch, VGG16: caffe); undone for display.")
+@click.option("--equalize", default=None, type=click.Choice(["hist", "clahe"]), help="Contrast equalisation.")
+@click.option("--eval-view", is_flag=True, help="Show the deterministic eval transform instead of augmentation.")
+def preview_batch_cmd(records, split, stage, out, n, image_size, seed, preprocessing, equalize, eval_view):
+    """Write a PNG grid of one augmented training batch of RECORDS with each image's labels."""
+    from cxrkeras.data.preview import preview_batch
+
+    path = preview_batch(records, out, split=split, stage=int(stage), n=n, image_size=image_size, seed=seed,
+                         preprocessing=preprocessing, training=not eval_view, equalize=equalize)
+    click.echo(f"wrote {path}")
+
+
+class _VariantType(click.ParamType):
+    """A registered model variant; the list is read from the registry only when the option is used."""
+
+    name = "variant"
+
+    def _names(self):
+        from cxrkeras.models.registry import list_variants
+
+        return list_variants()
+
+    def convert(self, value, param, ctx):
+        import difflib
+
+        names = self._names()
+        if value in names:
+            return value
+        close = difflib.get_close_matches(str(value), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        self.fail(f"unknown variant {value!r}{hint}; choose one of: {', '.join(names)}", param, ctx)
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(n) for n in self._names() if n.startswith(incomplete)]
+
+
+@cli.command("train")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML file overriding the defaults (configs/*.yaml).")
+@click.option("--stage", required=True, type=click.Choice(["1", "2"]),
+              help="1: BCE on images with a finding; 2: focal loss on all images, from stage 1's best.")
+@click.option("--epochs", type=click.IntRange(min=1), help="train.epochs")
+@click.option("--batch-size", type=click.IntRange(min=1), help="data.batch_size (global, over all replicas)")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="optim.lr")
+@click.option("--records", type=click.Path(file_okay=False), help="data.records: folder made by build-records")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="run.root (default runs/)")
+@click.option("--name", help="run.name: the run folder is <run-dir>/<name>/stage1|stage2")
+@click.option("--variant", type=_VariantType(), help="model.variant (see `cxrkeras models`)")
+@click.option("--weights", help="model.weights: imagenet, none, or a weights file (stage 1)")
+@click.option("--init", type=click.Path(dir_okay=False, exists=True),
+              help="stage 2: start from this .keras instead of stage 1's best.keras of the run")
+@click.option("--image-size", type=click.IntRange(min=32), help="data.image_size")
+@click.option("--mixed-precision/--no-mixed-precision", default=None,
+              help="train.mixed_precision on/off (default auto: on when a GPU is used)")
+@click.option("--xla", is_flag=True, default=None, help="train.xla: compile the train step with XLA")
+@click.option("--overwrite", is_flag=True, default=None, help="replace a run folder that holds another config")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="any config key, e.g. --set optim.schedule=cosine --set loss.gamma=1.5 (repeatable)")
+def train_cmd(config_path, stage, epochs, batch_size, lr, records, run_dir, name, variant, weights, init,
+              image_size, mixed_precision, xla, overwrite, sets):
+    """Train one stage; re-run the same command after an interruption to resume."""
+    from cxrkeras.config import load_config
+    from cxrkeras.training import train
+
+    options = {
+        "train": {"epochs": epochs, "xla": xla,
+                  "mixed_precision": None if mixed_precision is None else ("on" if mixed_precision else "off")},
+        "data": {"batch_size": batch_size, "records": records, "image_size": image_size},
+        "optim": {"lr": lr},
+        "run": {"root": run_dir, "name": name, "overwrite": overwrite},
+        "model": {"variant": variant, "weights": weights},
+    }
+    options = {section: {k: v for k, v in values.items() if v is not None} for section, values in options.items()}
+    train(load_config(config_path, options, sets), int(stage), init=init, log=click.echo)
+
+
+@cli.command("gradcam")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True),
+              help="A run folder (its best model: stage 2, else stage 1) or a .keras file.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the overlay PNGs.")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Explain each image's K most probable labels.")
+@click.option("--class", "class_names", multiple=True, metavar="NAME",
+              help="Explain this label instead of the top K (repeatable).")
+@click.option("--layer", default=None, help="Feature layer (default: the model's last LKA output / last conv block).")
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(["gradcam", "gradcam++"]))
+@click.option("--alpha", default=0.4, show_default=True, type=click.FloatRange(0, 1), help="Heatmap opacity.")
+def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alpha):
+    """Grad-CAM overlays of PNG/JPEG/DICOM IMAGES at their original size, with label and probability."""
+    from cxrkeras.explain.files import explain_files
+
+    entries = explain_files(model_path, list(images), out, top_k=top_k, class_names=list(class_names) or None,
+                            layer_name=layer, method=method, alpha=alpha)
+    for e in entries:
+        click.echo(f"{e['image']}  {e['label']:<20} p={e['probability']:.3f}  -> {e['overlay']}")
+    click.echo(f"{len(entries)} overlays and gradcam.json written to {out}")
+
+
+@cli.command("localize")
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True),
+              help="A run folder (its best model) or a .keras file.")
+@click.option("--boxes", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="NIH's BBox_List_2017.csv (coordinates in the 1024x1024 originals).")
+@click.option("--images", "images_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder searched recursively for the boxed images.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for localization.json and localization.csv.")
+@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="IoU region: heatmap >= THRESHOLD x its maximum.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random-heatmap baseline.")
+@click.option("--random-draws", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Random maps per box for the baseline.")
+@click.option("--layer", default=None, help="Feature layer (default: the model's recorded one).")
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(["gradcam", "gradcam++"]))
+def localize_cmd(model_path, boxes, images_dir, out, threshold, seed, random_draws, layer, method):
+    """Pointing game and IoU of Grad-CAM on NIH's boxes, per label, beside a seeded random baseline."""
+    from cxrkeras.explain.localize import format_table, localize, write_result
+
+    result = localize(model_path, boxes, images_dir, threshold=threshold, seed=seed, random_draws=random_draws,
+                      layer_name=layer, method=method, progress=True)
+    click.echo(format_table(result))
+    if result["not_found"]:
+        click.echo(f"not found under {images_dir}: {len(result['not_found'])} boxed images, e.g. "
+                   f"{', '.join(result['not_found'][:5])}")
+    for item in result["unreadable"] + result["bad_rows"]:
+        click.echo(f"skipped: {item}")
+    if out:
+        json_path, csv_path = write_result(result, out)
+        click.echo(f"written: {json_path}, {csv_path}")
+
+
+@cli.command("evaluate")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
+              help="Run folder (runs/<name>): its best model (stage 2, else stage 1) and its records.")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False), help="A .keras model file.")
+@click.option("--records", type=click.Path(file_okay=False), help="Records folder (default: the run's).")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate (all of it).")
+@click.option("--val-split", default="val", show_default=True, help="Split the thresholds are chosen on.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output folder (default with --run: <run>/evaluation/<split>).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Bootstrap resamples (by patient) for the AUC confidence intervals.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+@click.option("--threshold-method", default="youden", show_default=True, type=click.Choice(["youden", "f1"]),
+              help="Thresholds used for the findings column of the predictions CSV (both are in metrics.json).")
+@click.option("--no-figures", is_flag=True, help="Skip the PNG figures.")
+def evaluate_cmd(run_dir, model_path, records, split, val_split, out_dir, batch_size, n_boot, seed, threshold_method,
+                 no_figures):
+    """Score a model on a whole records split: AUC with patient-bootstrap CIs, AP, thresholds, calibration, figures."""
+    if bool(run_dir) == bool(model_path):
+        raise click.UsageError("give exactly one of --run RUN_DIR or --model PATH")
+    if model_path and not out_dir:
+        raise click.UsageError("--out is required with --model")
+    from cxrkeras.evaluation.evaluate import evaluate
+
+    evaluate(run_dir or model_path, records, split=split, val_split=val_split, out_dir=out_dir,
+             batch_size=batch_size, n_boot=n_boot, seed=seed, threshold_method=threshold_method,
+             figures_on=not no_figures, log=click.echo)
+
+
+@cli.command("export")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), help="Run folder (runs/<name>).")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False), help="A .keras model file.")
+@click.option("--out", "out_base", required=True, type=click.Path(file_okay=False),
+              help="Model base folder (exports/<name>); the SavedModel goes to its next numbered version folder.")
+@click.option("--records", type=click.Path(file_okay=False),
+              help="Records whose validation split sets the thresholds when the run has no evaluation.")
+@click.option("--val-split", default="val", show_default=True)
+@click.option("--threshold-method", default="youden", show_default=True, type=click.Choice(["youden", "f1"]))
+@click.option("--no-verify", is_flag=True, help="Skip the fresh-process check against the Keras model.")
+def export_cmd(run_dir, model_path, out_base, records, val_split, threshold_method, no_verify):
+    """Export a SavedModel for TF Serving (image bytes in, probabilities and findings out)."""
+    if bool(run_dir) == bool(model_path):
+        raise click.UsageError("give exactly one of --run RUN_DIR or --model PATH")
+    from cxrkeras.export.savedmodel import export
+
+    export(run_dir or model_path, out_base, records_dir=records, threshold_method=threshold_method,
+           val_split=val_split, verify=not no_verify, log=click.echo)
+
+
+@cli.command("predict")
+@click.option("--model", "model", required=True, type=click.Path(exists=True),
+              help="Export folder (exports/<name>, highest version), SavedModel version folder, run folder or .keras.")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+def predict_cmd(model, files, as_json, batch_size):
+    """Per-label probabilities and findings for PNG/JPEG/DICOM FILES; unreadable files are reported, not fatal."""
+    import json
+
+    from cxrkeras.export.predict import format_table, predict
+
+    result = predict(model, list(files), batch_size=batch_size, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+    if all(r["error"] for r in result["results"]):
+        raise click.ClickException("no file could be predicted")
+
+
 def main(argv=None):
     return cli.main(args=argv, prog_name="cxrkeras")
 

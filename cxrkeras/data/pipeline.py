@@ -1,0 +1,237 @@
+"""The tf.data input pipeline of both training stages (and of evaluation), reading a records folder.
+
+Order of operations (training):
+  shard files (shuffled) -> parallel interleave, per shard: read records with their index -> parse
+  (features.feature_spec) -> stage filter flag -> decode PNG (uint8, the records' channels) -> [equalise]
+  -> record-integrity check -> drop filtered rows -> [cache] -> shuffle -> [repeat] -> batch (GLOBAL batch)
+  -> vectorised augmentation of the whole batch (one projective warp per image, stateless seeds) -> 3 channels
+  -> ImageNet normalisation -> prefetch(AUTOTUNE).
+Evaluation replaces augmentation by `preprocess.preprocess_for_eval` per image, before batching.
+
+Corrupt input: a CRC/data-loss error in a shard or an undecodable image does not surface as a bare TF error.
+Each shard is read with `ignore_errors` after `enumerate`, so a bad record leaves a gap in the record numbers
+(a CRC error ends the shard; an undecodable image drops that one element); a sentinel carrying the manifest's
+record count closes each shard, and an in-graph check fails on the first gap with
+"cxrkeras DataError: shard <file>: record <n> ..." (an InvalidArgumentError whose message names the shard and
+the record number). `data_error_from(exc)` turns such an error into a `DataError`.
+"""
+
+import math
+import os
+
+import tensorflow as tf
+
+from cxrkeras.data import features, manifest as manifest_lib, preprocess
+from cxrkeras.errors import ConfigError, DataError
+
+STAGES = (1, 2)
+DEFAULT_SHUFFLE_BUFFER = 2048
+_ERROR_MARK = "cxrkeras DataError: "
+
+
+def _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy):
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}: use 1 (images with at least one positive label; "
+                          f"'No Finding' rows removed) or 2 (all images)")
+    preprocess.check_mode(preprocessing)
+    preprocess.check_equalize(equalize)
+    if int(batch_size) < 1 or int(image_size) < 1:
+        raise ConfigError(f"batch_size and image_size must be positive, got {batch_size!r}, {image_size!r}")
+    if strategy is not None and int(batch_size) % strategy.num_replicas_in_sync:
+        raise ConfigError(f"batch_size {batch_size} is the GLOBAL batch and must be divisible by the "
+                          f"{strategy.num_replicas_in_sync} replicas of the distribution strategy")
+
+
+def _shard_table(manifest, records_dir, split):
+    """(paths, record counts) of a split; missing shard files refused up front."""
+    paths = manifest_lib.shard_paths(manifest, records_dir, split)
+    counts = [int(s.get("records", -1)) for s in manifest["splits"][split]["shards"]]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{records_dir}: shard {os.path.basename(missing[0])} listed in manifest.json is missing "
+                        f"({len(missing)} missing in all); re-run `cxrkeras build-records`")
+    return paths, counts
+
+
+def _work_size(manifest, image_size, training):
+    """Training warps from the stored image; records much larger than the output are first resized (antialiased,
+    before the cache) to 8/7 of the output size so the warp never aliases. None: keep the stored size."""
+    stored = manifest.get("image_size") or [None, None]
+    if not training or not stored[0]:
+        return None
+    target = math.ceil(image_size * 8 / 7)
+    return target if min(stored) > target else None
+
+
+def _read_shard(path, count, num_labels, channels, stage, equalize, work_size):
+    """One shard -> (image uint8 HxWxC, labels int64[L], image_id, patient_id, keep), with the integrity check."""
+    spec = features.feature_spec(num_labels)
+    name = tf.strings.regex_replace(path, r"^.*[/\\]", "")
+
+    def parse_decode(index, serialized):
+        ex = tf.io.parse_single_example(serialized, spec)
+        labels = ex[features.LABELS]
+        keep = tf.reduce_any(labels > 0) if stage == 1 else tf.constant(True)
+
+        def decode():
+            image = tf.io.decode_image(ex[features.IMAGE_ENCODED], channels=channels, dtype=tf.uint8,
+                                       expand_animations=False)
+            image = tf.ensure_shape(image, [None, None, channels])
+            image = preprocess.equalize_image(image, equalize)
+            if work_size is not None:
+                image = tf.cast(tf.round(tf.image.resize(image, [work_size, work_size], antialias=True)), tf.uint8)
+            return image
+
+        # rows the stage drops are not decoded (cheap placeholder); they still pass the integrity check.
+        image = tf.cond(keep, decode, lambda: tf.zeros([1, 1, channels], tf.uint8))
+        return index, image, labels, ex[features.IMAGE_ID], ex[features.PATIENT_ID], keep
+
+    records = tf.data.TFRecordDataset(path).enumerate().ignore_errors()  # CRC error: the shard ends there
+    elements = records.map(parse_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    sentinel = tf.data.Dataset.from_tensors((count, tf.zeros([1, 1, channels], tf.uint8),
+                                             tf.zeros([num_labels], tf.int64), tf.constant(""), tf.constant(""),
+                                             tf.constant(False)))
+    is_end = tf.constant(False)
+    elements = elements.map(lambda *e: (e, is_end)).concatenate(sentinel.map(lambda *e: (e, tf.constant(True))))
+
+    def check(expected, item):
+        element, end = item
+        index = element[0]
+        ok = tf.logical_or(tf.equal(index, expected), tf.logical_and(end, tf.less(count, 0)))
+        at = tf.strings.as_string(expected)
+        message = tf.where(
+            end,
+            tf.strings.join([_ERROR_MARK, "shard ", name, ": only ", at, " of the ", tf.strings.as_string(count),
+                             " records listed in manifest.json could be read; record ", at, " (0-based) is "
+                             "truncated or has a CRC/data-loss error"]),
+            tf.strings.join([_ERROR_MARK, "shard ", name, ": record ", at, " (0-based) is corrupt "
+                             "(CRC/data-loss) or its image cannot be decoded"]))
+        message = tf.strings.join([message, "; re-build the records with `cxrkeras build-records`"])
+        with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+            return index + 1, (tf.identity(end), element)
+
+    checked = elements.scan(tf.constant(0, tf.int64), check)
+    return checked.filter(lambda end, e: tf.logical_and(tf.logical_not(end), e[5])).map(lambda end, e: e[1:5])
+
+
+def data_error_from(exc):
+    """A `DataError` for an error raised by the integrity check (or None for any other error)."""
+    text = getattr(exc, "message", None) or str(exc)
+    if _ERROR_MARK not in text:
+        return None
+    detail = text.split(_ERROR_MARK, 1)[1]
+    return DataError(detail.split("]", 1)[0].strip())
+
+
+def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False, image_size=224,
+                  preprocessing="torch", shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, cache=False, seed=None,
+                  deterministic=None, drop_remainder=None, repeat=False, strategy=None, equalize=None,
+                  return_ids=False, max_rotation=10.0, crop_scale=(0.8, 1.0), flip=True, fill_mode="reflect"):
+    """A tf.data.Dataset of (images float32 [B,S,S,3], labels float32 [B,L]) (+ {"image_id","patient_id"} string
+    [B] with return_ids) from the shards of `split` of a records folder.
+
+    stage: 1 = rows with no positive label ("No Finding") removed at read time; 2 = all rows.
+    training: shuffle + augmentation (rotation ±max_rotation°, horizontal flip, random crop + zoom of
+      crop_scale of the short side); else the deterministic `preprocess.preprocess_for_eval`.
+    preprocessing: "torch" | "caffe", from the model variant (`get_variant(name).preprocessing`).
+    batch_size: the GLOBAL batch. Under a tf.distribute `strategy` keep it global (model.fit /
+      strategy.experimental_distribute_dataset split it into batch_size / num_replicas_in_sync per replica);
+      it must divide evenly, and drop_remainder defaults to True in training so every step is full.
+    cache: False | True (memory) | a file path; caches decoded (equalised) uint8 images, before augmentation.
+    seed: fixes shard order, shuffle and augmentation (each epoch still differs, reproducibly).
+    deterministic: element order; default True unless training without a seed.
+    repeat: repeat forever (then pass steps_per_epoch). equalize: None | "hist" | "clahe".
+    """
+    _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy)
+    manifest = manifest_lib.load_manifest(records_dir)
+    paths, counts = _shard_table(manifest, records_dir, split)
+    num_labels = len(manifest["labels"])
+    channels = 3 if int(manifest.get("channels", 1)) == 3 else 1
+    image_size = int(image_size)
+    if deterministic is None:
+        deterministic = not (training and seed is None)
+    if drop_remainder is None:
+        drop_remainder = bool(training)
+    work_size = _work_size(manifest, image_size, training)
+
+    files = tf.data.Dataset.from_tensor_slices((paths, tf.constant(counts, tf.int64)))
+    if training:
+        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    ds = files.interleave(
+        lambda p, n: _read_shard(p, n, num_labels, channels, stage, equalize, work_size),
+        cycle_length=min(len(paths), 8), block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=deterministic)
+    if cache:
+        ds = ds.cache(cache if isinstance(cache, str) else "")
+    if training and shuffle_buffer and shuffle_buffer > 1:
+        ds = ds.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+
+    def finish(images, labels, image_id, patient_id):
+        out = (images, tf.cast(labels, tf.float32))
+        return out + ({"image_id": image_id, "patient_id": patient_id},) if return_ids else out
+
+    if training:
+        ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
+        # one int64 per batch from a seeded stream that differs per epoch (rerandomize) but not per run.
+        randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+
+        def augment(batch, r):
+            images, labels, image_id, patient_id = batch
+            warped = preprocess.random_augment(images, tf.stack([r, r // 7 + 1]), image_size,
+                                               max_rotation=max_rotation, crop_scale=crop_scale, flip=flip,
+                                               fill_mode=fill_mode)
+            return finish(preprocess.normalize(preprocess.to_rgb(warped), preprocessing), labels, image_id,
+                          patient_id)
+
+        ds = tf.data.Dataset.zip((ds, randoms)).map(augment, num_parallel_calls=tf.data.AUTOTUNE,
+                                                    deterministic=deterministic)
+    else:
+        def evaluate(image, labels, image_id, patient_id):
+            return preprocess.preprocess_for_eval(image, image_size, preprocessing), labels, image_id, patient_id
+
+        ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        ds = ds.batch(int(batch_size), drop_remainder=drop_remainder).map(finish)
+
+    options = tf.data.Options()
+    options.deterministic = bool(deterministic)
+    ds = ds.with_options(options)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def count_images(records_dir, split, stage=2):
+    """Images of `split` a stage reads, from the manifest (stage 1: images minus 'No Finding' rows)."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}: use 1 or 2")
+    info = manifest_lib.split_info(manifest_lib.load_manifest(records_dir), split, records_dir)
+    return int(info["images"]) - (int(info.get("no_finding", 0)) if stage == 1 else 0)
+
+
+def steps_per_epoch(records_dir, split, batch_size, stage=2, drop_remainder=True):
+    n = count_images(records_dir, split, stage)
+    return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def label_statistics(records_dir, stage=2):
+    """Positives per label per split from the manifest, as a pandas DataFrame (for loss weighting and reports).
+
+    Index: label (manifest order). Columns: for each split, `<split>` (positives) and `<split>_prevalence`
+    (positives / images the stage reads). df.attrs["images"] = {split: images the stage reads}.
+    Stage 1 drops the 'No Finding' rows, which have no positives, so positives are the same in both stages.
+    """
+    import pandas as pd
+
+    manifest = manifest_lib.load_manifest(records_dir)
+    labels = list(manifest["labels"])
+    data, images = {}, {}
+    for split in manifest["splits"]:
+        n = count_images(records_dir, split, stage)
+        pos = manifest_lib.label_positives(manifest, split)
+        images[split] = n
+        data[split] = pos
+        data[f"{split}_prevalence"] = [p / n if n else float("nan") for p in pos]
+    df = pd.DataFrame(data, index=pd.Index(labels, name="label"))
+    df.attrs["images"] = images
+    df.attrs["stage"] = stage
+    return df

@@ -1,0 +1,68 @@
+"""`cxrkeras preview-batch`: a PNG grid of what the model sees (augmented, de-normalised) with each image's labels."""
+
+import math
+import os
+
+from cxrkeras.errors import ConfigError, DataError
+
+
+def _title(image_id, labels, names):
+    positives = [name for name, v in zip(names, labels) if v > 0.5]
+    text = ", ".join(positives) if positives else "No Finding"
+    # wrap long label lists onto a second line so titles stay inside their cell
+    if len(text) > 28 and ", " in text:
+        cut = text.rfind(", ", 0, 28)
+        cut = cut if cut > 0 else text.find(", ")
+        text = text[:cut + 1] + "\n" + text[cut + 2:]
+    return f"{image_id}\n{text}"
+
+
+def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=224, seed=0,
+                  preprocessing="torch", training=True, equalize=None):
+    """Write a grid of `n` images of one batch of `build_dataset` (training augmentation unless training=False);
+    returns the output path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import tensorflow as tf
+
+    from cxrkeras.data import manifest as manifest_lib
+    from cxrkeras.data.pipeline import build_dataset, data_error_from
+    from cxrkeras.data.preprocess import denormalize
+
+    if n < 1:
+        raise ConfigError(f"--n must be at least 1, got {n}")
+    if not out.lower().endswith(".png"):
+        raise ConfigError(f"--out {out!r}: the preview is written as PNG; give a path ending in .png")
+    names = manifest_lib.load_manifest(records_dir)["labels"]
+    ds = build_dataset(records_dir, split, stage=stage, batch_size=n, training=training, image_size=image_size,
+                       preprocessing=preprocessing, seed=seed, drop_remainder=False, return_ids=True,
+                       equalize=equalize, shuffle_buffer=256)
+    try:
+        batch = next(iter(ds), None)
+    except tf.errors.OpError as exc:
+        raise (data_error_from(exc) or exc) from exc
+    if batch is None:
+        raise DataError(f"{records_dir}: split {split!r} has no images for stage {stage}")
+    images, labels, ids = batch
+    pixels = denormalize(images, preprocessing).numpy().astype(np.uint8)
+    labels, image_ids = labels.numpy(), [s.decode() for s in ids["image_id"].numpy()]
+
+    cols = math.ceil(math.sqrt(len(pixels)))
+    rows = math.ceil(len(pixels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, y, image_id in zip(axes.flat, pixels, labels, image_ids):
+        ax.imshow(img, vmin=0, vmax=255)
+        ax.set_title(_title(image_id, y, names), fontsize=7)
+    mode = "augmented" if training else "eval view"
+    fig.suptitle(f"{os.path.basename(os.path.normpath(records_dir))} {split} stage {stage} ({mode}, "
+                 f"{image_size}px, {preprocessing}, seed {seed})", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.975))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

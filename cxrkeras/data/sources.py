@@ -1,0 +1,341 @@
+"""Input tables: the NIH Data_Entry CSV (2017 and v2020), a generic path/labels/patient CSV, DICOM patient ids, image search."""
+
+import csv
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cxrkeras.data.images import DICOM_EXTENSIONS, is_image_name
+from cxrkeras.errors import ConfigError, DataError
+from cxrkeras.labels import LABEL_ALIASES, NIH_LABELS, NO_FINDING
+
+NIH_IMAGE, NIH_LABELS_COL, NIH_PATIENT = "Image Index", "Finding Labels", "Patient ID"
+NIH_FOLLOW_UP, NIH_AGE, NIH_SEX, NIH_VIEW = "Follow-up #", "Patient Age", "Patient Gender", "View Position"
+FORMATS = ("auto", "nih", "generic", "dicom")
+_MAX_LISTED = 10
+
+
+@dataclass
+class Table:
+    """One row per input image, in CSV order; `rows` are CSV line numbers (header = line 1)."""
+
+    csv_path: str
+    format: str
+    labels: tuple
+    image_id: list
+    path: list  # path as written in the CSV (NIH: the file name), resolved against --images later
+    patient_id: list
+    y: np.ndarray  # uint8 [n, num_labels]
+    rows: np.ndarray
+    follow_up: np.ndarray
+    age: np.ndarray
+    sex: list
+    view: list
+    columns: list = field(default_factory=list)
+    raw: list = field(default_factory=list)  # the CSV rows as read, for index.csv
+
+    def __len__(self):
+        return len(self.image_id)
+
+    def select(self, mask):
+        idx = np.flatnonzero(mask)
+        pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+        return Table(self.csv_path, self.format, self.labels, pick(self.image_id), pick(self.path),
+                     pick(self.patient_id), self.y[idx], self.rows[idx], self.follow_up[idx], self.age[idx],
+                     pick(self.sex), pick(self.view), self.columns, pick(self.raw))
+
+
+def sha256_file(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _rows_text(rows):
+    text = ", ".join(str(r) for r in rows[:_MAX_LISTED])
+    return text + (f" and {len(rows) - _MAX_LISTED} more" if len(rows) > _MAX_LISTED else "")
+
+
+def normalize_header(header):
+    """Column names as data columns: trailing empty fields dropped, `Name[a,b]` (quoted or split) → `Name a`, `Name b`."""
+    names = [h.strip() for h in header]
+    while names and not names[-1]:
+        names.pop()  # NIH 2017: the header ends with a comma that no data row has
+    out, i = [], 0
+    while i < len(names):
+        name = names[i]
+        quoted = re.fullmatch(r"(.*)\[([^,\]]+),([^\]]+)\]", name)
+        split = re.fullmatch(r"(.*)\[([^,\]]+)", name)
+        if quoted:
+            out += [f"{quoted.group(1)} {quoted.group(2)}", f"{quoted.group(1)} {quoted.group(3)}"]
+        elif split and i + 1 < len(names) and names[i + 1].endswith("]"):
+            out += [f"{split.group(1)} {split.group(2)}", f"{split.group(1)} {names[i + 1][:-1]}"]
+            i += 1
+        else:
+            out.append(name)
+        i += 1
+    return out
+
+
+def read_header(csv_path):
+    """The normalised column names (header row only)."""
+    if not os.path.isfile(csv_path):
+        raise DataError(f"CSV file {csv_path!r} not found: give the labels CSV with --csv")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), None)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path}: not a readable UTF-8 CSV ({exc})") from exc
+    if header is None:
+        raise DataError(f"{csv_path}: the file is empty; expected a header row and one row per image")
+    return normalize_header(header)
+
+
+def read_csv_rows(csv_path):
+    """(columns, [(line, fields)]) with the NIH header quirks resolved; errors name the file and line."""
+    if not os.path.isfile(csv_path):
+        raise DataError(f"CSV file {csv_path!r} not found: give the labels CSV with --csv")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{csv_path}: the file is empty; expected a header row and one row per image")
+            columns = normalize_header(header)
+            rows = []
+            for fields in reader:
+                if not any(x.strip() for x in fields):
+                    continue
+                while len(fields) > len(columns) and not fields[-1].strip():
+                    fields = fields[:-1]
+                if len(fields) > len(columns):
+                    raise DataError(
+                        f"{csv_path} line {reader.line_num}: {len(fields)} fields but the header has "
+                        f"{len(columns)} columns ({', '.join(columns)}); fix the row or the header")
+                rows.append((reader.line_num, fields + [""] * (len(columns) - len(fields))))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path}: not a UTF-8 text CSV ({exc}); save it as UTF-8 CSV") from exc
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}: not a readable CSV ({exc})") from exc
+    return columns, rows
+
+
+def _require(csv_path, columns, names, hint):
+    missing = [n for n in names if n not in columns]
+    if missing:
+        raise DataError(
+            f"{csv_path}: required column(s) {', '.join(repr(m) for m in missing)} missing; the header has "
+            f"{', '.join(repr(c) for c in columns)}. {hint}")
+
+
+def _int_or_unknown(text):
+    digits = re.match(r"\s*0*(\d+)", text or "")  # NIH ages appear as "58" or "058Y"
+    return int(digits.group(1)) if digits else -1
+
+
+def parse_labels(csv_path, column, texts, rows, label_names, empty_is_negative):
+    """Multi-hot matrix; unknown names → one error listing each name with its rows."""
+    index = {name: i for i, name in enumerate(label_names)}
+    y = np.zeros((len(texts), len(label_names)), dtype=np.uint8)
+    unknown, empty = {}, []
+    for r, text in enumerate(texts):
+        names = [t.strip() for t in text.split("|") if t.strip()]
+        if not names and not empty_is_negative:
+            empty.append(int(rows[r]))
+        for name in names:
+            name = LABEL_ALIASES.get(name, name)
+            if name == NO_FINDING:
+                continue
+            j = index.get(name)
+            if j is None:
+                unknown.setdefault(name, []).append(int(rows[r]))
+            else:
+                y[r, j] = 1
+    if unknown:
+        listed = "; ".join(f"{name!r} (lines {_rows_text(r)})" for name, r in sorted(unknown.items()))
+        raise DataError(
+            f"{csv_path}: unknown label name(s) in column {column!r}: {listed}. Known labels: "
+            f"{', '.join(label_names)} (and {NO_FINDING!r}). Fix the CSV, or give the label list with --labels")
+    if empty:
+        raise DataError(f"{csv_path}: column {column!r} is empty on lines {_rows_text(empty)}; "
+                        f"write {NO_FINDING!r} for images without findings")
+    return y
+
+
+def _check_unique(csv_path, column, values, rows):
+    seen, dups = {}, []
+    for v, r in zip(values, rows):
+        if v in seen:
+            dups.append(f"{v!r} (lines {seen[v]} and {int(r)})")
+        else:
+            seen[v] = int(r)
+    if dups:
+        more = f" and {len(dups) - _MAX_LISTED} more" if len(dups) > _MAX_LISTED else ""
+        raise DataError(f"{csv_path}: duplicate {column!r}: {', '.join(dups[:_MAX_LISTED])}{more}; "
+                        f"each image must appear once: remove the repeated rows")
+
+
+def _check_filled(csv_path, column, values, rows):
+    empty = [int(r) for v, r in zip(values, rows) if not v]
+    if empty:
+        raise DataError(f"{csv_path}: column {column!r} is empty on lines {_rows_text(empty)}; fill it in")
+
+
+def read_label_list(spec):
+    """--labels: "A,B,C" or a text file with one label per line (or comma-separated)."""
+    if spec is None:
+        return None
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            text = f.read()
+        names = [n.strip() for n in re.split(r"[,\n]", text) if n.strip() and not n.strip().startswith("#")]
+    else:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"--labels {spec!r} gives no label names; write them comma-separated or one per line in a file")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--labels {spec!r} repeats a label name: {', '.join(names)}")
+    if NO_FINDING in names:
+        raise ConfigError(f"--labels must not contain {NO_FINDING!r}: it is the absence of every label")
+    return tuple(names)
+
+
+def detect_format(columns):
+    return "nih" if NIH_IMAGE in columns and NIH_LABELS_COL in columns else "generic"
+
+
+def read_table(csv_path, fmt="auto", labels=None, path_column="path", labels_column="labels",
+               patient_column="patient_id", dicom_patient=None):
+    """Read the labels CSV into a Table. `dicom_patient(path_text) -> id` supplies patient ids in DICOM mode."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    columns, rows = read_csv_rows(csv_path)
+    if fmt == "auto":
+        fmt = detect_format(columns)
+    col = {name: i for i, name in enumerate(columns)}
+    lines = np.array([r for r, _ in rows], dtype=np.int64)
+    get = lambda name: [f[col[name]].strip() for _, f in rows] if name in col else None  # noqa: E731
+    if fmt == "nih":
+        label_names = labels or NIH_LABELS
+        _require(csv_path, columns, [NIH_IMAGE, NIH_LABELS_COL, NIH_PATIENT],
+                 "Give NIH's Data_Entry_2017(_v2020).csv, or use --format generic with --path-column etc.")
+        image_col, label_col, patient_col = NIH_IMAGE, NIH_LABELS_COL, NIH_PATIENT
+        empty_negative = False
+    else:
+        if labels is None:
+            raise ConfigError("a generic CSV needs the label list: --labels 'A,B' or --labels FILE (one per line)")
+        label_names = labels
+        needed = [path_column, labels_column] + ([] if fmt == "dicom" and patient_column not in col else [patient_column])
+        _require(csv_path, columns, needed,
+                 "Name the columns with --path-column, --labels-column and --patient-column"
+                 + ("" if fmt == "dicom" else " (or --format dicom to take patient ids from the DICOM files)"))
+        image_col, label_col, patient_col = path_column, labels_column, patient_column
+        empty_negative = True
+    if not rows:
+        raise DataError(f"{csv_path}: no data rows after the header; nothing to build")
+    image_id = get(image_col)
+    _check_filled(csv_path, image_col, image_id, lines)
+    _check_unique(csv_path, image_col, image_id, lines)
+    y = parse_labels(csv_path, label_col, get(label_col), lines, label_names, empty_negative)
+    if patient_col in col:
+        patient = get(patient_col)
+        _check_filled(csv_path, patient_col, patient, lines)
+    else:
+        patient = [dicom_patient(p) for p in image_id]
+    n = len(rows)
+    follow = get(NIH_FOLLOW_UP) if fmt == "nih" else None
+    age = get(NIH_AGE) if fmt == "nih" else None
+    return Table(
+        csv_path=csv_path, format=fmt, labels=tuple(label_names), image_id=image_id, path=list(image_id),
+        patient_id=patient, y=y, rows=lines,
+        follow_up=np.array([_int_or_unknown(v) for v in follow] if follow else [-1] * n, dtype=np.int64),
+        age=np.array([_int_or_unknown(v) for v in age] if age else [-1] * n, dtype=np.int64),
+        sex=(get(NIH_SEX) if fmt == "nih" and NIH_SEX in col else [""] * n),
+        view=(get(NIH_VIEW) if fmt == "nih" and NIH_VIEW in col else [""] * n),
+        columns=columns, raw=[f for _, f in rows])
+
+
+def hash_patient_id(patient_id, salt=""):
+    """A stable pseudonym for a DICOM PatientID: the original never leaves this function."""
+    digest = hashlib.sha256(f"cxrkeras\0{salt}\0{patient_id}".encode("utf-8")).hexdigest()
+    return "dcm-" + digest[:16]
+
+
+def dicom_patient_reader(resolve, salt=""):
+    """A function path_text → hashed PatientID read from the DICOM header (pixels not read)."""
+
+    def read(path_text):
+        import pydicom
+
+        path = resolve(path_text)
+        if path is None:
+            raise DataError(f"DICOM file {path_text!r} not found: the patient id is read from it; "
+                            f"check --images or give a patient column with --patient-column")
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"], force=True)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read the DICOM header ({exc}); give a --patient-column") from exc
+        pid = str(ds.get("PatientID", "") or "").strip()
+        if not pid:
+            raise DataError(f"{path}: DICOM has no PatientID; give a patient column with --patient-column")
+        return hash_patient_id(pid, salt)
+
+    return read
+
+
+class ImageIndex:
+    """Image files under a folder, searched recursively (NIH unpacks to images_001/images/ … images_012/images/)."""
+
+    def __init__(self, root, by_name):
+        self.root = root
+        self.by_name = by_name
+        if not os.path.isdir(root):
+            raise DataError(f"images folder {root!r} not found: give the folder holding the images with --images")
+        self.files = {}  # relative path → absolute path
+        names = {}
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, root).replace(os.sep, "/")
+                self.files[rel] = full
+                if by_name:
+                    if name in names and is_image_name(name):
+                        raise DataError(f"image name {name!r} found twice under {root}: {names[name]} and {full}; "
+                                        f"remove one copy")
+                    names[name] = full
+        self.names = names
+
+    def resolve(self, path_text):
+        """Absolute path of a CSV path entry, or None when there is no such file."""
+        if self.by_name:
+            return self.names.get(os.path.basename(path_text))
+        if os.path.isabs(path_text):
+            return path_text if os.path.isfile(path_text) else None
+        rel = os.path.normpath(path_text).replace(os.sep, "/")
+        return self.files.get(rel)
+
+    def unlabelled(self, used_paths):
+        """Image files here that no CSV row names."""
+        used = set(used_paths)
+        return sorted(full for rel, full in self.files.items() if is_image_name(rel) and full not in used)
+
+
+def is_dicom_name(path):
+    return path.lower().endswith(DICOM_EXTENSIONS)
+
+
+def read_split_list(path):
+    """Image names of one split list file (one per line; blank lines and # comments ignored)."""
+    if not os.path.isfile(path):
+        raise DataError(f"split list {path!r} not found; give existing files with --split-lists")
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise DataError(f"split list {path} is empty; it should list one image name per line")
+    return names

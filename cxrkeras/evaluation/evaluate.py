@@ -1,0 +1,195 @@
+"""`evaluate(...)`: predict a whole split deterministically and write metrics.json, predictions, figures, tables."""
+
+import json
+import os
+
+import numpy as np
+
+from cxrkeras.errors import CxrError, DataError
+from cxrkeras.evaluation import figures, metrics, published
+from cxrkeras.evaluation.source import EVALUATION_DIR, resolve
+
+THRESHOLDS_FILE = "thresholds.json"
+METRICS_FILE = "metrics.json"
+
+
+def check_labels(model_labels, record_labels, where):
+    """Refuse a model whose outputs are not the records' labels in the same order."""
+    if list(model_labels) == list(record_labels):
+        return
+    missing = [lbl for lbl in record_labels if lbl not in model_labels]
+    extra = [lbl for lbl in model_labels if lbl not in record_labels]
+    if not missing and not extra:
+        detail = "the same labels in a different order"
+    else:
+        detail = "; ".join(p for p in (f"records have {missing} that the model lacks" if missing else "",
+                                       f"model has {extra} that the records lack" if extra else "") if p)
+    raise DataError(f"label mismatch between the model ({len(model_labels)} outputs) and {where} "
+                    f"({len(record_labels)} labels): {detail}. Evaluate a model trained on records with this label set "
+                    f"(model: {list(model_labels)}; records: {list(record_labels)})")
+
+
+def split_size(manifest, split, records_dir):
+    """Images in `split`; a clear error for an unknown or empty split."""
+    from cxrkeras.data.manifest import split_info
+
+    info = split_info(manifest, split, records_dir)
+    n = int(info.get("images", 0))
+    if n == 0 or not info.get("shards"):
+        raise DataError(f"split {split!r} of {records_dir} is empty (0 images): nothing to evaluate. Choose a split "
+                        f"with images ({', '.join(s for s, v in manifest['splits'].items() if v.get('images'))}) "
+                        f"or rebuild the records with a non-empty {split!r} split")
+    return n
+
+
+def predict_split(source, records_dir, split, batch_size=32, progress=None):
+    """(probabilities [N, L], labels [N, L], image ids, patient ids) over EVERY image of the split, in record order.
+
+    Deterministic eval preprocessing only (pipeline.build_dataset(training=False)); the count is checked
+    against the manifest so no image is silently dropped.
+    """
+    import tensorflow as tf
+
+    from cxrkeras.data.manifest import load_manifest
+    from cxrkeras.data.pipeline import build_dataset, data_error_from
+
+    manifest = load_manifest(records_dir)
+    check_labels(source.labels, manifest["labels"], f"the records {records_dir}")
+    expected = split_size(manifest, split, records_dir)
+    ds = build_dataset(records_dir, split, stage=2, batch_size=batch_size, training=False,
+                       image_size=source.image_size, preprocessing=source.preprocessing, equalize=source.equalize,
+                       drop_remainder=False, deterministic=True, return_ids=True)
+    infer = tf.function(lambda x: source.model(x, training=False), reduce_retracing=True)
+    probs, labels, image_ids, patient_ids = [], [], [], []
+    try:
+        for images, y, ids in ds:
+            probs.append(np.asarray(infer(images), dtype=np.float64))
+            labels.append(y.numpy())
+            image_ids += [v.decode("utf-8") for v in ids["image_id"].numpy()]
+            patient_ids += [v.decode("utf-8") for v in ids["patient_id"].numpy()]
+            if progress:
+                progress(len(image_ids), expected)
+    except tf.errors.OpError as exc:
+        err = data_error_from(exc)
+        if err is not None:
+            raise err from exc
+        raise
+    if len(image_ids) != expected:
+        raise DataError(f"{records_dir}: split {split!r} yielded {len(image_ids)} images but manifest.json lists "
+                        f"{expected}; re-build the records")
+    return np.concatenate(probs), np.concatenate(labels), image_ids, patient_ids
+
+
+def write_predictions_csv(path, labels, probs, y, image_ids, patient_ids, thresholds=None):
+    """Per-image CSV: image index, patient, true labels, probabilities (and findings at `thresholds`)."""
+    import pandas as pd
+
+    cols = {"image_index": image_ids, "patient_id": patient_ids}
+    for j, lbl in enumerate(labels):
+        cols[f"true_{lbl}"] = y[:, j].astype(int)
+    for j, lbl in enumerate(labels):
+        cols[f"prob_{lbl}"] = probs[:, j]
+    if thresholds is not None:
+        for j, lbl in enumerate(labels):
+            cols[f"finding_{lbl}"] = (probs[:, j] >= thresholds[j]).astype(int)
+    pd.DataFrame(cols).to_csv(path, index=False)
+    return path
+
+
+def default_out_dir(source, split):
+    if source.run_dir:
+        return os.path.join(source.run_dir, EVALUATION_DIR, split)
+    raise CxrError("give an output folder (--out) when evaluating a model file rather than a run folder")
+
+
+def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_dir=None, batch_size=32,
+             n_boot=1000, seed=0, n_bins=10, threshold_method="youden", figures_on=True, log=print):
+    """Evaluate a run folder / .keras file / keras.Model on a whole records split; returns the metrics dict.
+
+    Thresholds are chosen on `val_split` (Youden J and F1-max) and applied unchanged to `split`; without a
+    validation split they are 0.5 and the reason is recorded. Writes into `out_dir` (default
+    <run>/evaluation/<split>): metrics.json, thresholds.json, predictions_<split>.csv (and _<val_split>.csv),
+    roc_<split>.png, pr_<split>.png, reliability_<split>.png, comparison_<split>.md.
+    """
+    if threshold_method not in metrics.THRESHOLD_METHODS:
+        raise CxrError(f"unknown threshold method {threshold_method!r}: choose "
+                       f"{' or '.join(metrics.THRESHOLD_METHODS)}")
+    source = resolve(model_or_run)
+    records_dir = records_dir or source.records_dir
+    if not records_dir:
+        raise CxrError("no records folder: pass --records DIR (the run folder does not say which records it used)")
+    out_dir = out_dir or default_out_dir(source, split)
+    os.makedirs(out_dir, exist_ok=True)
+    labels = source.labels
+
+    log(f"evaluating {source.model_path or 'model'} on {records_dir} split {split!r} "
+        f"({source.image_size}px, {source.preprocessing} preprocessing)")
+    probs, y, image_ids, patient_ids = predict_split(source, records_dir, split, batch_size)
+
+    thresholds, val_summary = None, None
+    if val_split and val_split != split:
+        from cxrkeras.data.manifest import load_manifest
+
+        manifest = load_manifest(records_dir)
+        if val_split in manifest["splits"] and int(manifest["splits"][val_split].get("images", 0)) > 0:
+            p_val, y_val, val_ids, val_patients = predict_split(source, records_dir, val_split, batch_size)
+            thresholds = metrics.choose_thresholds(y_val, p_val, labels)
+            write_predictions_csv(os.path.join(out_dir, f"predictions_{val_split}.csv"), labels, p_val, y_val,
+                                  val_ids, val_patients)
+            val_auc = metrics.auc_with_ci(y_val, p_val, val_patients, labels, n_boot=0)
+            val_summary = {"split": val_split, "n_images": len(val_ids), "mean_auc": val_auc["mean"]["auc"],
+                           "per_label_auc": {k: v["auc"] for k, v in val_auc["per_label"].items()}}
+        else:
+            log(f"warning: no images in validation split {val_split!r}: thresholds default to 0.5")
+    if thresholds is None:
+        reason = f"no validation split ({val_split!r}) to choose thresholds on: default 0.5 used"
+        thresholds = {m: {lbl: {"threshold": metrics.DEFAULT_THRESHOLD, "reason": reason} for lbl in labels}
+                      for m in metrics.THRESHOLD_METHODS}
+
+    result = metrics.compute_all(y, probs, patient_ids, labels, thresholds=thresholds, n_boot=n_boot, seed=seed,
+                                 n_bins=n_bins)
+    result.update(split=split, val_split=val_split, validation=val_summary, records=os.path.abspath(records_dir),
+                  model=source.model_path, model_sha256=source.model_sha256, variant=source.variant,
+                  image_size=source.image_size, preprocessing=source.preprocessing, equalize=source.equalize,
+                  default_threshold_method=threshold_method,
+                  protocol="whole split, deterministic eval preprocessing (central square, resize), no TTA")
+    with open(os.path.join(out_dir, METRICS_FILE), "w", encoding="utf-8") as f:
+        json.dump(metrics.to_jsonable(result), f, indent=2, allow_nan=False)
+    thr_doc = {"labels": labels, "default_method": threshold_method, "chosen_on": val_split if val_summary else None,
+               "model_sha256": source.model_sha256, "model": source.model_path,
+               "methods": {m: {lbl: v["threshold"] for lbl, v in t.items()} for m, t in thresholds.items()},
+               "reasons": {m: {lbl: v["reason"] for lbl, v in t.items() if v.get("reason")}
+                           for m, t in thresholds.items()}}
+    with open(os.path.join(out_dir, THRESHOLDS_FILE), "w", encoding="utf-8") as f:
+        json.dump(metrics.to_jsonable(thr_doc), f, indent=2, allow_nan=False)
+    tvec = metrics.threshold_vector(thresholds[threshold_method], labels)
+    write_predictions_csv(os.path.join(out_dir, f"predictions_{split}.csv"), labels, probs, y, image_ids,
+                          patient_ids, tvec)
+    if figures_on:
+        figures.roc_figure(y, probs, labels, os.path.join(out_dir, f"roc_{split}.png"), result["auc"],
+                           title=f"ROC curves — {split} split ({len(y)} images)")
+        figures.pr_figure(y, probs, labels, os.path.join(out_dir, f"pr_{split}.png"), result["average_precision"],
+                          title=f"Precision–recall — {split}")
+        figures.reliability_figure(result["calibration"], os.path.join(out_dir, f"reliability_{split}.png"))
+    table = published.comparison_markdown(result["auc"], labels,
+                                          title=f"Per-label test AUC: {split} split, {len(y)} images")
+    with open(os.path.join(out_dir, f"comparison_{split}.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    log(table)
+    log(summary_text(result, threshold_method))
+    log(f"written to {out_dir}")
+    result["out_dir"] = out_dir
+    return result
+
+
+def summary_text(result, method="youden"):
+    at = result["at_thresholds"][method]
+    m = result["auc"]["mean"]
+    ci = f" (95% CI {m['ci_low']:.4f}–{m['ci_high']:.4f})" if m.get("ci_low") is not None else ""
+    mean_auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
+    mp = result["average_precision"]["map"]
+    macro = "n/a" if at["macro_f1"] is None else f"{at['macro_f1']:.4f}"
+    micro = "n/a" if at["micro_f1"] is None else f"{at['micro_f1']:.4f}"
+    return (f"mean AUC {mean_auc}{ci}; mAP {'n/a' if mp is None else f'{mp:.4f}'}; at {method} thresholds: "
+            f"micro-F1 {micro}, macro-F1 {macro}, Hamming loss {at['hamming_loss']:.4f}; "
+            f"ECE {result['calibration']['ece']:.4f}")

@@ -1,0 +1,127 @@
+"""Keras callback writing Grad-CAM overlays of fixed validation images to TensorBoard during training."""
+
+import numpy as np
+import keras
+
+from cxrkeras.errors import ConfigError
+
+
+def display_images(model, images):
+    """Model inputs → uint8 RGB for display: undo the model's ImageNet normalisation when model_info knows it."""
+    from cxrkeras.explain.overlay import to_display
+    from cxrkeras.explain.target import model_metadata
+
+    mode = model_metadata(model).get("preprocessing")
+    if mode:
+        from cxrkeras.data.preprocess import denormalize
+
+        return np.stack([to_display(np.asarray(img)) for img in np.asarray(denormalize(images, mode))])
+    return np.stack([to_display(img) for img in images])
+
+
+def take_images(dataset, num_images):
+    """The first `num_images` images of a tf.data dataset of (images, labels[, ...]) batches, as a NumPy array."""
+    chunks, n = [], 0
+    for batch in dataset:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        chunks.append(np.asarray(images))
+        n += len(chunks[-1])
+        if n >= num_images:
+            break
+    if not chunks:
+        raise ConfigError("the validation dataset is empty: no images for Grad-CAM")
+    return np.concatenate(chunks)[:num_images]
+
+
+class GradCAMCallback(keras.callbacks.Callback):
+    """Every `every` epochs, write a grid of Grad-CAM overlays to TensorBoard (tf.summary.image) in `output_dir`.
+
+    validation_data: (images, labels or None) as model inputs (tf-explain's convention), or a tf.data dataset of
+    batches (the first `max_images` are taken once). class_index: an output index, a label name, a list of them
+    (one grid per class), or None: each image's highest-scoring class.
+    """
+
+    def __init__(self, validation_data, class_index, output_dir, layer_name=None, method="gradcam",
+                 use_guided_grads=False, every=1, max_images=8, image_weight=0.6, colormap="jet"):
+        super().__init__()
+        if isinstance(validation_data, (tuple, list)):
+            images = np.asarray(validation_data[0])
+        elif hasattr(validation_data, "element_spec"):
+            images = take_images(validation_data, max_images)
+        else:
+            images = np.asarray(validation_data)
+        if images.ndim != 4 or len(images) == 0:
+            raise ConfigError(f"GradCAMCallback needs a batch of images (N, height, width, channels), got shape "
+                              f"{images.shape}")
+        if int(every) < 1:
+            raise ConfigError(f"GradCAMCallback every must be >= 1 epoch, got {every}")
+        self.images = images[:max_images].astype(np.float32)
+        self.class_index = class_index
+        self.output_dir = output_dir
+        self.layer_name = layer_name
+        self.method = method
+        self.use_guided_grads = use_guided_grads
+        self.every = int(every)
+        self.image_weight = image_weight
+        self.colormap = colormap
+        self._engine = None
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        import tensorflow as tf
+
+        from cxrkeras.explain.gradcam import HeatmapEngine
+
+        # checked now, not at the first epoch's end, so a bad layer/class fails before any training time is spent
+        self._engine = HeatmapEngine(self.model, self.layer_name, self.method, self.use_guided_grads)
+        self._classes()
+        self._writer = tf.summary.create_file_writer(self.output_dir)
+
+    def _classes(self):
+        from cxrkeras.explain.target import resolve_classes
+
+        if self.class_index is None:
+            return None
+        classes, _ = resolve_classes(self.model, self.class_index, self._engine.num_outputs)
+        return classes
+
+    def _label(self, index):
+        from cxrkeras.explain.target import model_labels
+
+        labels = model_labels(self.model)
+        return labels[index] if labels else f"class_{index}"
+
+    def grids(self):
+        """{tag: uint8 grid [H, W, 3]} of the current model (one per explained class, or one for top-1 classes)."""
+        from cxrkeras.explain.overlay import blend, grid_display
+
+        shown = display_images(self.model, self.images)
+        classes = self._classes()
+        if classes is None:
+            probs = np.asarray(self.model(self.images, training=False))
+            top = probs.argmax(axis=1)
+            uniq = sorted(set(int(t) for t in top))
+            maps, _ = self._engine(self.images, uniq)
+            picked = maps[np.arange(len(top)), [uniq.index(int(t)) for t in top]]
+            tiles = [blend(img, m, self.colormap, self.image_weight) for img, m in zip(shown, picked)]
+            return {"gradcam/top1": grid_display(np.stack(tiles))}
+        maps, _ = self._engine(self.images, classes)
+        out = {}
+        for k, index in enumerate(classes):
+            tiles = [blend(img, m, self.colormap, self.image_weight) for img, m in zip(shown, maps[:, k])]
+            out[f"gradcam/{self._label(index)}"] = grid_display(np.stack(tiles))
+        return out
+
+    def on_epoch_end(self, epoch, logs=None):
+        import tensorflow as tf
+
+        if (epoch + 1) % self.every:
+            return
+        with self._writer.as_default():
+            for tag, grid in self.grids().items():
+                tf.summary.image(tag, grid[None], step=epoch)
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()

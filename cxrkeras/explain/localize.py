@@ -1,0 +1,254 @@
+"""Localisation score of Grad-CAM on NIH's boxes: pointing game and IoU, per label, beside a seeded random baseline."""
+
+import csv
+import math
+import os
+from collections import OrderedDict, defaultdict
+
+import numpy as np
+
+from cxrkeras.errors import ConfigError, DataError
+
+BOX_FRAME = 1024  # NIH's box coordinates are in the 1024x1024 original images
+
+
+# --- scoring one map against one box (pure NumPy) ---
+
+
+def box_mask(boxes, height, width, frame=BOX_FRAME):
+    """Boolean [height, width] mask of the pixels whose centres lie in any (x, y, w, h) box given in the
+    frame x frame original, scaled to this image's size."""
+    mask = np.zeros((int(height), int(width)), bool)
+    sx, sy = width / float(frame), height / float(frame)
+    for x, y, w, h in boxes:
+        x0, x1 = x * sx, (x + w) * sx
+        y0, y1 = y * sy, (y + h) * sy
+        c0, c1 = int(math.ceil(x0 - 0.5)), int(math.ceil(x1 - 0.5))
+        r0, r1 = int(math.ceil(y0 - 0.5)), int(math.ceil(y1 - 0.5))
+        # a box thinner than a pixel still covers the pixel it falls in
+        c1, r1 = max(c1, c0 + 1), max(r1, r0 + 1)
+        mask[max(r0, 0):min(r1, height), max(c0, 0):min(c1, width)] = True
+    return mask
+
+
+def score_map(heatmap, mask, threshold=0.5):
+    """(pointing hit, IoU) of a map at the mask's size: hit = the map's maximum lies in the mask; IoU of
+    {map >= threshold * max} with the mask. A map with no positive value scores (False, 0.0)."""
+    heatmap = np.asarray(heatmap, np.float32)
+    peak = float(heatmap.max()) if heatmap.size else 0.0
+    if not peak > 0 or not np.isfinite(peak):
+        return False, 0.0
+    hit = bool(mask.flat[int(np.argmax(heatmap))])
+    region = heatmap >= threshold * peak
+    union = np.logical_or(region, mask).sum()
+    iou = float(np.logical_and(region, mask).sum() / union) if union else 0.0
+    return hit, iou
+
+
+def random_maps(rng, shape, draws):
+    """`draws` uniform random maps at the heatmap's own resolution: after the same bilinear upsampling they are
+    smooth blobs of the same size as Grad-CAM's, so the baseline differs from Grad-CAM only in where it points."""
+    return rng.random((int(draws),) + tuple(shape), dtype=np.float32)
+
+
+# --- the box file ---
+
+
+def read_boxes(path):
+    """(boxes, bad_rows): boxes = [{image, label, box=(x, y, w, h), row}] with NIH's label aliases applied;
+    bad_rows = ["file:row: reason"] for rows that were skipped."""
+    from cxrkeras.labels import LABEL_ALIASES
+
+    if not os.path.isfile(path):
+        raise DataError(f"box file {path!r} not found (NIH's BBox_List_2017.csv)")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows or not rows[0] or rows[0][0].strip() != "Image Index":
+        raise DataError(f"{path}: first row must be NIH's header 'Image Index,Finding Label,Bbox [x,y,w,h],...'; "
+                        f"got {rows[0][:3] if rows else 'an empty file'}")
+    boxes, bad = [], []
+    for number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) < 6:
+            bad.append(f"{path}:{number}: expected 6 fields (image, label, x, y, w, h), got {len(row)}")
+            continue
+        try:
+            x, y, w, h = (float(v) for v in row[2:6])
+        except ValueError:
+            bad.append(f"{path}:{number}: box values {row[2:6]} are not numbers")
+            continue
+        if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+            bad.append(f"{path}:{number}: box {row[2:6]} has a non-finite value or no area")
+            continue
+        label = row[1].strip()
+        boxes.append(dict(image=row[0].strip(), label=LABEL_ALIASES.get(label, label), box=(x, y, w, h),
+                          row=number))
+    return boxes, bad
+
+
+def find_images(images_dir):
+    """{file name: path} of every file under images_dir (recursive); the first of duplicate names wins."""
+    if not os.path.isdir(images_dir):
+        raise DataError(f"images folder {images_dir!r} not found")
+    found = {}
+    for root, dirs, files in os.walk(images_dir):
+        dirs.sort()
+        for name in sorted(files):
+            found.setdefault(name, os.path.join(root, name))
+    return found
+
+
+# --- the whole score ---
+
+
+def _summarise(rows, labels):
+    def stats(sel):
+        n = len(sel)
+        if not n:
+            return None
+        return OrderedDict(
+            boxes=n,
+            pointing=float(np.mean([r["hit"] for r in sel])),
+            iou=float(np.mean([r["iou"] for r in sel])),
+            iou_ge_0_5=float(np.mean([r["iou"] >= 0.5 for r in sel])),
+            random_pointing=float(np.mean([r["random_hit"] for r in sel])),
+            random_iou=float(np.mean([r["random_iou"] for r in sel])),
+            box_area_fraction=float(np.mean([r["box_fraction"] for r in sel])),
+        )
+
+    per_label = OrderedDict()
+    for label in labels:
+        s = stats([r for r in rows if r["label"] == label])
+        if s:
+            per_label[label] = s
+    return per_label, stats(rows)
+
+
+def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=10, layer_name=None,
+             method="gradcam", batch_size=8, progress=False):
+    """Score Grad-CAM of `model` (a keras.Model, a .keras file or a run folder) on every boxed image found.
+
+    Returns a dict: settings, per_label and overall scores (pointing game, mean IoU, fraction with IoU >= 0.5, and the
+    same for `random_draws` seeded random maps per box), rows (one per image and label; several boxes of one label
+    in one image are scored as their union), and the boxes left out (image not found, unreadable, unknown label).
+    """
+    import tensorflow as tf
+
+    from cxrkeras.data.images import ImageError, read_image
+    from cxrkeras.data.preprocess import preprocess_for_eval
+    from cxrkeras.explain.files import central_square, load_model, model_inputs_spec
+    from cxrkeras.explain.gradcam import HeatmapEngine
+    from cxrkeras.explain.overlay import to_original_frame
+
+    if not 0.0 < float(threshold) <= 1.0:
+        raise ConfigError(f"threshold must be in (0, 1] (a fraction of each heatmap's maximum), got {threshold}")
+    if int(random_draws) < 1:
+        raise ConfigError(f"random_draws must be >= 1, got {random_draws}")
+    model_path = model if isinstance(model, str) else None
+    if model_path:
+        model = load_model(model_path)
+    size, mode, labels = model_inputs_spec(model)
+    engine = HeatmapEngine(model, layer_name, method)
+    boxes, bad_rows = read_boxes(boxes_csv)
+    files = find_images(images_dir)
+
+    by_image = OrderedDict()
+    not_found, unknown_label = [], []
+    for b in boxes:
+        if b["label"] not in labels:
+            unknown_label.append(f"{b['image']} ({b['label']}, row {b['row']})")
+        elif b["image"] not in files:
+            not_found.append(b["image"])
+        else:
+            by_image.setdefault(b["image"], defaultdict(list))[b["label"]].append(b["box"])
+    # images sorted by their labels so that a batch mostly asks for one class (K small in the backward pass)
+    order = sorted(by_image, key=lambda name: (tuple(sorted(by_image[name])), name))
+
+    rng = np.random.default_rng(seed)
+    rows, unreadable = [], []
+    iterator = range(0, len(order), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="localize", unit="batch")
+    for start in iterator:
+        names, arrays = [], []
+        for name in order[start:start + batch_size]:
+            try:
+                arrays.append(read_image(files[name], channels=1))
+                names.append(name)
+            except ImageError as exc:
+                unreadable.append(f"{files[name]}: {exc.reason}")
+        if not names:
+            continue
+        x = np.stack([preprocess_for_eval(tf.constant(a[..., None], tf.float32), size, mode).numpy() for a in arrays])
+        wanted = sorted({labels.index(lbl) for n in names for lbl in by_image[n]})
+        maps, probs = engine(x, wanted, batch_size=batch_size)
+        for i, (name, arr) in enumerate(zip(names, arrays)):
+            height, width = arr.shape[:2]
+            region = central_square(height, width)  # what preprocess_for_eval showed the model
+            for label, label_boxes in sorted(by_image[name].items()):
+                k = wanted.index(labels.index(label))
+                mask = box_mask(label_boxes, height, width)
+                hit, iou = score_map(to_original_frame(maps[i, k], height, width, region), mask, threshold)
+                rand = [score_map(to_original_frame(r, height, width, region), mask, threshold)
+                        for r in random_maps(rng, maps.shape[2:], random_draws)]
+                rows.append(OrderedDict(
+                    image=name, label=label, boxes=len(label_boxes), height=height, width=width,
+                    probability=round(float(probs[i, labels.index(label)]), 6), hit=int(hit), iou=round(iou, 6),
+                    random_hit=float(np.mean([r[0] for r in rand])),
+                    random_iou=round(float(np.mean([r[1] for r in rand])), 6),
+                    box_fraction=round(float(mask.mean()), 6), path=files[name]))
+    per_label, overall = _summarise(rows, labels)
+    return OrderedDict(
+        settings=OrderedDict(model=model_path or model.name, layer=engine.layer_name, method=method,
+                             threshold=float(threshold), seed=int(seed), random_draws=int(random_draws),
+                             image_size=size, preprocessing=mode, boxes_csv=os.path.abspath(boxes_csv),
+                             images_dir=os.path.abspath(images_dir)),
+        boxes_in_file=len(boxes), boxed_images_in_file=len({b["image"] for b in boxes}),
+        images_scored=len({r["image"] for r in rows}), overall=overall, per_label=per_label,
+        not_found=sorted(set(not_found)), unreadable=unreadable, unknown_label=unknown_label, bad_rows=bad_rows,
+        rows=rows)
+
+
+def format_table(result):
+    """A plain-text table: Grad-CAM against the random baseline, per label and overall."""
+    head = f"{'label':<20}{'boxes':>6}{'pointing':>10}{'random':>8}{'IoU':>8}{'random':>8}{'IoU>=.5':>9}{'box%':>7}"
+    lines = [head, "-" * len(head)]
+
+    def line(name, s):
+        return (f"{name:<20}{s['boxes']:>6}{s['pointing']:>10.3f}{s['random_pointing']:>8.3f}{s['iou']:>8.3f}"
+                f"{s['random_iou']:>8.3f}{s['iou_ge_0_5']:>9.3f}{100 * s['box_area_fraction']:>7.1f}")
+
+    for label, s in result["per_label"].items():
+        lines.append(line(label, s))
+    if result["overall"]:
+        lines += ["-" * len(head), line("overall", result["overall"])]
+    else:
+        lines.append("(no boxed image was scored)")
+    st = result["settings"]
+    lines.append(f"layer {st['layer']}, {st['method']}, threshold {st['threshold']} x max, random baseline: "
+                 f"{st['random_draws']} uniform maps per box at the heatmap's resolution, seed {st['seed']}")
+    lines.append(f"boxed images: {result['boxed_images_in_file']} in the file, {result['images_scored']} scored, "
+                 f"{len(result['not_found'])} not found under the images folder, {len(result['unreadable'])} "
+                 f"unreadable; boxes with a label the model lacks: {len(result['unknown_label'])}; bad rows: "
+                 f"{len(result['bad_rows'])}")
+    return "\n".join(lines)
+
+
+def write_result(result, out_dir):
+    """localization.json (everything) and localization.csv (one row per image and label); returns both paths."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, "localization.json")
+    csv_path = os.path.join(out_dir, "localization.csv")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    fields = list(result["rows"][0]) if result["rows"] else ["image", "label"]
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(result["rows"])
+    return json_path, csv_path

@@ -1,0 +1,164 @@
+"""`predict(model, files)`: per-label probabilities and findings for image/DICOM files, from an export, a run or
+a .keras file; an unreadable file is reported and the others are still predicted."""
+
+import json
+import os
+
+import numpy as np
+
+from cxrkeras.errors import CxrError
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class FileError(Exception):
+    """A file that cannot be predicted; the message says why."""
+
+
+def read_file_bytes(path):
+    """PNG/JPEG bytes of one input file: PNG/JPEG as they are (exactly what TF Serving would receive); DICOM and
+    other formats through build-records' reader (cxrkeras.data.images.read_image), re-encoded as lossless PNG."""
+    from cxrkeras.data import images as imglib
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as exc:
+        raise FileError("file not found") from exc
+    except OSError as exc:
+        raise FileError(f"cannot be read ({exc.strerror or exc})") from exc
+    if not data:
+        raise FileError("empty file (0 bytes)")
+    if data.startswith(_PNG_MAGIC) or data.startswith(_JPEG_MAGIC):
+        return data
+    try:
+        return imglib.encode_png(imglib.read_image(path, channels=1))
+    except imglib.ImageError as exc:
+        raise FileError(exc.reason) from exc
+
+
+class _SavedModelPredictor:
+    def __init__(self, version_dir):
+        import tensorflow as tf
+
+        self.path = version_dir
+        self.fn = tf.saved_model.load(version_dir).signatures["serving_default"]
+        assets = os.path.join(version_dir, "assets")
+        with open(os.path.join(assets, "labels.txt"), encoding="utf-8") as f:
+            self.labels = [ln.strip() for ln in f if ln.strip()]
+        with open(os.path.join(assets, "thresholds.json"), encoding="utf-8") as f:
+            doc = json.load(f)
+        self.thresholds = np.asarray(doc["thresholds"], dtype=np.float64)
+        self.warning = doc.get("warning")
+
+    def __call__(self, blobs):
+        import tensorflow as tf
+
+        out = self.fn(image_bytes=tf.constant(blobs))
+        return out["probabilities"].numpy().astype(np.float64), out["findings"].numpy()
+
+
+class _KerasPredictor:
+    def __init__(self, target, log):
+        from cxrkeras.evaluation.source import resolve
+        from cxrkeras.export.savedmodel import resolve_thresholds
+
+        self.source = resolve(target)
+        self.path = self.source.model_path
+        self.labels = self.source.labels
+        thresholds, info = resolve_thresholds(self.source, None, log=lambda *_: None)
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.warning = info.get("warning")
+
+    def __call__(self, blobs):
+        import tensorflow as tf
+
+        from cxrkeras.export.serving import bytes_to_inputs
+
+        s = self.source
+        x = bytes_to_inputs(tf.constant(blobs), s.image_size, s.preprocessing, s.equalize)
+        probs = np.asarray(s.model(x, training=False), dtype=np.float64)
+        return probs, probs >= self.thresholds.astype(np.float32)
+
+
+def load_predictor(model, log=print):
+    """An export folder (numbered versions: the highest), a SavedModel version folder, a run folder or a .keras."""
+    from cxrkeras.export.savedmodel import version_dirs
+
+    if os.path.isdir(model):
+        if os.path.isfile(os.path.join(model, "saved_model.pb")):
+            return _SavedModelPredictor(model)
+        versions = {v: p for v, p in version_dirs(model).items() if os.path.isfile(os.path.join(p, "saved_model.pb"))}
+        if versions:
+            return _SavedModelPredictor(versions[max(versions)])
+    elif not os.path.isfile(model):
+        raise CxrError(f"--model {model!r} does not exist: give an export folder (exports/<name>), a run folder or "
+                       f"a .keras file")
+    return _KerasPredictor(model, log)
+
+
+def predict(model, files, batch_size=16, log=print):
+    """[{file, probabilities: {label: p}, findings: [labels], error}] in the order of `files`."""
+    if not files:
+        raise CxrError("no input files: give one or more PNG/JPEG/DICOM paths")
+    import tensorflow as tf
+
+    predictor = load_predictor(model, log)
+    if predictor.warning:
+        log(f"warning: {predictor.warning}")
+    results = [{"file": f, "probabilities": None, "findings": None, "error": None} for f in files]
+    ready = []
+    for i, path in enumerate(files):
+        try:
+            ready.append((i, read_file_bytes(path)))
+        except FileError as exc:
+            results[i]["error"] = str(exc)
+
+    def store(i, probs, found):
+        results[i]["probabilities"] = {lbl: float(p) for lbl, p in zip(predictor.labels, probs)}
+        results[i]["findings"] = [lbl for lbl, f in zip(predictor.labels, found) if f]
+
+    from cxrkeras.export.serving import error_summary
+
+    for start in range(0, len(ready), batch_size):
+        chunk = ready[start:start + batch_size]
+        try:
+            probs, found = predictor([b for _, b in chunk])
+            for (i, _), p, f in zip(chunk, probs, found):
+                store(i, p, f)
+        except tf.errors.InvalidArgumentError:
+            for i, blob in chunk:  # one bad file must not cost the others their prediction
+                try:
+                    probs, found = predictor([blob])
+                    store(i, probs[0], found[0])
+                except tf.errors.InvalidArgumentError as exc:
+                    results[i]["error"] = error_summary(exc.message).replace("image_bytes[0]: ", "")
+    return {"model": predictor.path, "labels": predictor.labels, "thresholds": predictor.thresholds.tolist(),
+            "warning": predictor.warning, "results": results}
+
+
+def format_table(prediction):
+    """Labels as rows, files as columns (#1, #2, ...); a finding is marked with '*'; errors listed below."""
+    labels, results = prediction["labels"], prediction["results"]
+    ok = [(n + 1, r) for n, r in enumerate(results) if r["error"] is None]
+    width = max(len(lbl) for lbl in labels + ["threshold"])
+    lines = []
+    for n, r in enumerate(results, 1):
+        lines.append(f"#{n}: {r['file']}" + (f"  -- ERROR: {r['error']}" if r["error"] else ""))
+    if ok:
+        lines.append("")
+        head = f"{'label':<{width}}  thresh " + " ".join(f"{'#' + str(n):>8}" for n, _ in ok)
+        lines.append(head)
+        lines.append("-" * len(head))
+        for j, lbl in enumerate(labels):
+            cells = []
+            for _, r in ok:
+                p = r["probabilities"][lbl]
+                cells.append(f"{p:>7.4f}{'*' if lbl in r['findings'] else ' '}")
+            lines.append(f"{lbl:<{width}}  {prediction['thresholds'][j]:.4f} " + " ".join(cells))
+        lines.append("")
+        lines.append("* = finding (probability >= threshold)")
+        for n, r in ok:
+            lines.append(f"#{n} findings: {', '.join(r['findings']) or 'none'}")
+    return "\n".join(lines)

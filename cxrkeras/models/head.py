@@ -1,0 +1,34 @@
+"""Classification head (GAP -> dropout -> sigmoid Dense) whose output layer also carries the model's metadata."""
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="cxrkeras")
+class MultiLabelDense(keras.layers.Dense):
+    """Dense(n, sigmoid) that stores the label names and model metadata in its config.
+
+    Keeping them here (instead of a Model subclass) means they survive a .keras save/load and TF export with no
+    custom Model class: `cxrkeras.models.model_info` reads them back from the layer named "predictions".
+    """
+
+    def __init__(self, units, labels=(), variant=None, preprocessing=None, feature_layer=None, build_args=None,
+                 activation="sigmoid", **kwargs):
+        super().__init__(units, activation=activation, **kwargs)
+        self.labels = [str(label) for label in labels]
+        self.variant = variant
+        self.preprocessing = preprocessing
+        self.feature_layer = feature_layer
+        self.build_args = dict(build_args or {})
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(labels=list(self.labels), variant=self.variant, preprocessing=self.preprocessing,
+                      feature_layer=self.feature_layer, build_args=dict(self.build_args))
+        return config
+
+
+def apply_head(x, num_classes, dropout, metadata, name="predictions"):
+    """GAP -> Dropout -> MultiLabelDense; float32 output under mixed precision (stable sigmoid and losses)."""
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    return MultiLabelDense(num_classes, dtype="float32", name=name, **metadata)(x)

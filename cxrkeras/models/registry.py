@@ -1,0 +1,67 @@
+"""Named model variants (each only sets build arguments) and `build_model`, the one way to make a model."""
+
+import dataclasses
+
+from cxrkeras.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    backbone: str  # "densenet121" | "vgg16"
+    lka_blocks: object = "none"
+    batch_norm: bool = False  # VGG16 only
+    description: str = ""
+    paper_params: int | None = None  # the paper's trainable parameters at 14 classes (targets of the tests)
+    paper_gflops: float | None = None
+
+    @property
+    def preprocessing(self):
+        """Input normalisation the backbone's ImageNet weights expect ("torch" mean/std, or "caffe" BGR means)."""
+        return "torch" if self.backbone == "densenet121" else "caffe"
+
+    @property
+    def imagenet_available(self):
+        """Keras hosts ImageNet weights for DenseNet121 and plain VGG16, not for VGG16 with batch norm."""
+        return self.backbone == "densenet121" or not self.batch_norm
+
+
+def _variants():
+    out = [
+        Variant("densenet121", "densenet121", "none", description="DenseNet121 (CheXNet backbone)"),
+        Variant("densenet121-lka-after", "densenet121", "after", description="LKA after the final norm (norm5)",
+                paper_params=8_095_630, paper_gflops=2.92),
+        Variant("densenet121-lka-last2", "densenet121", "last2", description="LKA after dense blocks 3 and 4",
+                paper_params=9_223_054, paper_gflops=3.14),
+        Variant("densenet121-lka-full", "densenet121", "full", description="LKA after dense blocks 1-4",
+                paper_params=9_609_870, paper_gflops=3.64),
+        Variant("vgg16-bn", "vgg16", "none", batch_norm=True, description="VGG16 with batch norm"),
+        Variant("vgg16-lka-after", "vgg16", "after", batch_norm=True,
+                description="VGG16-BN, LKA after the feature extractor", paper_params=15_031_886, paper_gflops=15.39),
+        Variant("vgg16-lka-last3", "vgg16", "last3", batch_norm=True,
+                description="VGG16-BN, LKA after conv blocks 3-5 (the paper's best)",
+                paper_params=15_418_702, paper_gflops=15.93),
+        Variant("vgg16-lka-full", "vgg16", "full", batch_norm=True, description="VGG16-BN, LKA after conv blocks 1-5",
+                paper_params=15_453_966, paper_gflops=16.70),
+        Variant("vgg16-plain", "vgg16", "none", description="VGG16 as keras.applications (ImageNet weights)"),
+    ]
+    for placement, where in (("after", "after the feature extractor"), ("last3", "after conv blocks 3-5"),
+                             ("full", "after conv blocks 1-5")):
+        out.append(Variant(f"vgg16-plain-lka-{placement}", "vgg16", placement,
+                           description=f"plain VGG16, LKA {where}"))
+    return {v.name: v for v in out}
+
+
+VARIANTS = _variants()
+
+
+def list_variants():
+    """Names of all registered variants, in table order."""
+    return list(VARIANTS)
+
+
+def get_variant(name):
+    try:
+        return VARIANTS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown model variant {name!r}; valid variants: {', '.join(VARIANTS)}") from None

@@ -1,0 +1,319 @@
+"""Training callbacks whose state survives a resume: exact validation AUC, best/last checkpoints, early stopping,
+reduce-on-plateau, NaN guard, history CSV and the resume snapshot.
+
+Keras's own EarlyStopping/ReduceLROnPlateau/ModelCheckpoint reset their counters in `on_train_begin`, which would
+forget them when training resumes or when the backbone is unfrozen (a second `fit`); these keep their state in
+`get_state()/set_state()`, saved with the weights after every finished epoch.
+"""
+
+import csv
+import glob
+import math
+import os
+import time
+
+import keras
+import numpy as np
+
+MONITOR = "val_auc_mean"
+
+
+def _finite(value):
+    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def current_lr(optimizer):
+    """The learning rate in use now (evaluates a schedule at the current iteration)."""
+    lr = optimizer.learning_rate
+    if callable(lr) and not hasattr(lr, "numpy"):
+        lr = lr(optimizer.iterations)
+    return float(keras.ops.convert_to_numpy(lr))
+
+
+def auc_per_label(y_true, y_score, labels):
+    """Exact ROC AUC per label (NaN where the split has only one class) and their mean over defined labels."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for j, label in enumerate(labels):
+        col = y_true[:, j]
+        out[label] = float(roc_auc_score(col, y_score[:, j])) if 0 < col.sum() < len(col) else float("nan")
+    defined = [v for v in out.values() if math.isfinite(v)]
+    return out, (float(np.mean(defined)) if defined else float("nan"))
+
+
+class Guard:
+    """Shared flag: set when the loss went NaN/inf so the savers keep the last good files untouched."""
+
+    def __init__(self):
+        self.nan_at = None  # (epoch, batch, loss)
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Stop at the first non-finite training loss (TerminateOnNaN that also tells the other callbacks)."""
+
+    def __init__(self, guard):
+        super().__init__()
+        self.guard = guard
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.guard.nan_at = (self._epoch, batch, float(loss))
+            self.model.stop_training = True
+
+
+class ValidationAUC(keras.callbacks.Callback):
+    """After each epoch: predictions over the WHOLE validation split, exact per-label AUC (scikit-learn), their
+    mean and the validation loss, added to the epoch logs (history CSV, TensorBoard, checkpoint monitor)."""
+
+    def __init__(self, dataset, labels, guard, loss_fn=None):
+        super().__init__()
+        self.dataset = dataset
+        self.labels = list(labels)
+        self.guard = guard
+        self.loss_fn = loss_fn
+        self._predict = None
+        self.last = None  # (per-label dict, mean)
+
+    @staticmethod
+    def key(label):
+        return f"val_auc_{label}"
+
+    def predict(self):
+        import tensorflow as tf
+
+        if self._predict is None:
+            model = self.model
+            self._predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        ys, ps = [], []
+        for batch in self.dataset:
+            x, y = batch[0], batch[1]
+            ps.append(np.asarray(self._predict(x), dtype=np.float64))
+            ys.append(np.asarray(y))
+        return np.concatenate(ys), np.concatenate(ps)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or self.guard.nan_at is not None:
+            return
+        y, p = self.predict()
+        logs["learning_rate"] = current_lr(self.model.optimizer)
+        if not np.all(np.isfinite(p)):
+            logs[MONITOR] = float("nan")
+            return
+        per_label, mean = auc_per_label(y, p, self.labels)
+        self.last = (per_label, mean)
+        if self.loss_fn is not None:
+            logs["val_loss"] = float(keras.ops.convert_to_numpy(self.loss_fn(y.astype("float32"), p.astype("float32"))))
+        logs[MONITOR] = mean
+        for label, value in per_label.items():
+            logs[self.key(label)] = value
+
+
+class _Stateful(keras.callbacks.Callback):
+    STATE = ()
+
+    def get_state(self):
+        return {k: getattr(self, k) for k in self.STATE}
+
+    def set_state(self, state):
+        for k in self.STATE:
+            if k in (state or {}):
+                setattr(self, k, state[k])
+
+
+class BestCheckpoint(_Stateful):
+    """Save the whole model to `path` whenever the monitored mean validation AUC improves."""
+
+    STATE = ("best", "best_epoch")
+
+    def __init__(self, path, guard, monitor=MONITOR, enabled=True):
+        super().__init__()
+        self.path, self.guard, self.monitor, self.enabled = path, guard, monitor, enabled
+        self.best, self.best_epoch = -math.inf, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if self.guard.nan_at is not None or not _finite(value) or value <= self.best:
+            return
+        self.best, self.best_epoch = float(value), epoch + 1
+        if self.enabled:
+            save_model(self.model, self.path)
+
+
+class EarlyStop(_Stateful):
+    """Stop when the monitored value has not improved for `patience` epochs (0: never stop early)."""
+
+    STATE = ("best", "wait", "stopped_epoch")
+
+    def __init__(self, patience, monitor=MONITOR):
+        super().__init__()
+        self.patience, self.monitor = patience, monitor
+        self.best, self.wait, self.stopped_epoch = -math.inf, 0, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if not _finite(value):
+            return
+        if value > self.best:
+            self.best, self.wait = float(value), 0
+            return
+        self.wait += 1
+        if self.patience and self.wait >= self.patience:
+            self.stopped_epoch = epoch + 1
+            self.model.stop_training = True
+
+
+class PlateauLR(_Stateful):
+    """Multiply the learning rate by `factor` after `patience` epochs without a better monitored value."""
+
+    STATE = ("best", "wait")
+
+    def __init__(self, factor, patience, min_lr, monitor=MONITOR):
+        super().__init__()
+        self.factor, self.patience, self.min_lr, self.monitor = factor, patience, min_lr, monitor
+        self.best, self.wait = -math.inf, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if not _finite(value):
+            return
+        if value > self.best:
+            self.best, self.wait = float(value), 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            lr = current_lr(self.model.optimizer)
+            new = max(lr * self.factor, self.min_lr)
+            if new < lr:
+                self.model.optimizer.learning_rate.assign(new)
+                print(f"epoch {epoch + 1}: {self.monitor} has not improved for {self.wait} epochs; "
+                      f"learning rate {lr:.3g} -> {new:.3g}")
+            self.wait = 0
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """Append one row per finished epoch to history.csv (columns fixed by the first row)."""
+
+    def __init__(self, path, guard):
+        super().__init__()
+        self.path, self.guard = path, guard
+        self._t0 = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.nan_at is not None:
+            return
+        row = {"epoch": epoch + 1, "seconds": round(time.time() - (self._t0 or time.time()), 2)}
+        row.update({k: v for k, v in (logs or {}).items()})
+        exists = os.path.isfile(self.path) and os.path.getsize(self.path) > 0
+        if exists:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                columns = next(csv.reader(f))
+        else:
+            columns = ["epoch", "seconds", "loss", "val_loss", "learning_rate", MONITOR]
+            columns += sorted(k for k in row if k not in columns)
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            if not exists:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One short line per epoch (the per-label AUCs go to history.csv and TensorBoard, not the console)."""
+
+    def __init__(self, epochs, log=print):
+        super().__init__()
+        self.epochs, self.log = epochs, log
+        self._t0 = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        parts = [f"epoch {epoch + 1}/{self.epochs}", f"{time.time() - (self._t0 or time.time()):.1f}s"]
+        for key in ("loss", "val_loss", MONITOR, "learning_rate"):
+            if key in logs:
+                parts.append(f"{key} {logs[key]:.4g}")
+        self.log(" - ".join(parts))
+
+
+def read_history(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def truncate_history(path, epochs):
+    """Keep the header and the rows of the first `epochs` epochs (a kill between CSV and snapshot wrote more)."""
+    rows = read_history(path)
+    if not rows:
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        columns = next(csv.reader(f))
+    keep = [r for r in rows if int(r["epoch"]) <= epochs]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(keep)
+    os.replace(tmp, path)
+
+
+def save_model(model, path):
+    """model.save via a temporary file, so a kill mid-save keeps the previous file whole."""
+    tmp = path[: -len(".keras")] + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+class ResumeSnapshot(keras.callbacks.Callback):
+    """Last in the list: after each good epoch write last.keras and resume/epoch_NNNN.weights.h5 (weights and
+    optimiser state, learning rate and iteration count included), then resume/state.json pointing at it."""
+
+    def __init__(self, resume_dir, last_path, guard, stateful, extra_state, enabled=True):
+        super().__init__()
+        self.resume_dir, self.last_path, self.guard = resume_dir, last_path, guard
+        self.stateful = stateful  # {name: _Stateful}
+        self.extra_state = extra_state  # callable(epoch) -> dict
+        self.enabled = enabled
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.nan_at is not None or not self.enabled:
+            return
+        from cxrkeras.training.rundir import write_json
+
+        save_model(self.model, self.last_path)
+        os.makedirs(self.resume_dir, exist_ok=True)
+        weights = os.path.join(self.resume_dir, f"epoch_{epoch + 1:04d}.weights.h5")
+        self.model.save_weights(weights)
+        state = {"epoch": epoch + 1, "weights": os.path.basename(weights),
+                 "callbacks": {name: cb.get_state() for name, cb in self.stateful.items()}}
+        state.update(self.extra_state(epoch))
+        write_json(os.path.join(self.resume_dir, "state.json"), state)
+        for old in glob.glob(os.path.join(self.resume_dir, "epoch_*.weights.h5")):
+            if os.path.basename(old) != state["weights"]:
+                os.remove(old)
+
+
+def load_resume_state(resume_dir):
+    """The snapshot written by ResumeSnapshot, or None (with the weights path made absolute)."""
+    from cxrkeras.training.rundir import read_json
+
+    path = os.path.join(resume_dir, "state.json")
+    if not os.path.isfile(path):
+        return None
+    state = read_json(path)
+    state["weights"] = os.path.join(resume_dir, state["weights"])
+    if not os.path.isfile(state["weights"]):
+        return None
+    return state

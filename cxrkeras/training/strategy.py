@@ -1,0 +1,96 @@
+"""Device setup: the tf.distribute strategy (default / Mirrored / MultiWorkerMirrored) and mixed precision."""
+
+import json
+import os
+
+from cxrkeras.errors import ConfigError
+
+
+def tf_config():
+    """The parsed TF_CONFIG environment variable, or None when unset/empty."""
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({exc}); see the TensorFlow multi-worker guide") from exc
+    if not isinstance(value, dict) or "cluster" not in value or "task" not in value:
+        raise ConfigError("TF_CONFIG must have 'cluster' and 'task' keys, e.g. "
+                          '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}')
+    return value
+
+
+def is_chief():
+    """True on the one process that writes the run folder (worker 0, or the chief, or a single process)."""
+    cfg = tf_config()
+    if cfg is None:
+        return True
+    task = cfg["task"]
+    if task.get("type") == "chief":
+        return True
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0 and "chief" not in cfg["cluster"]
+
+
+def choose_strategy(kind="auto"):
+    """auto: MultiWorkerMirroredStrategy when TF_CONFIG is set, MirroredStrategy on >= 2 GPUs, else the default."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if kind == "auto":
+        kind = "multi_worker" if tf_config() else "mirrored" if len(gpus) >= 2 else "default"
+    if kind == "multi_worker":
+        if tf_config() is None:
+            raise ConfigError("train.strategy multi_worker needs the TF_CONFIG environment variable (cluster + task)")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if kind == "default":
+        return tf.distribute.get_strategy()
+    raise ConfigError(f"unknown train.strategy {kind!r}")
+
+
+def describe_devices(strategy=None):
+    """Device facts for run_info.json: visible GPUs/CPUs, strategy class and replica count."""
+    import tensorflow as tf
+
+    info = {
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "cpus": [d.name for d in tf.config.list_logical_devices("CPU")],
+    }
+    if strategy is not None:
+        info["strategy"] = type(strategy).__name__
+        info["replicas"] = int(strategy.num_replicas_in_sync)
+    cfg = tf_config()
+    if cfg:
+        info["tf_config"] = {"workers": sum(len(v) for v in cfg["cluster"].values()), "task": cfg["task"]}
+    return info
+
+
+def resolve_mixed_precision(setting):
+    """auto -> on when a GPU is visible; "on" on CPU is allowed (slow) but said in the log."""
+    import tensorflow as tf
+
+    if setting == "auto":
+        return bool(tf.config.list_physical_devices("GPU"))
+    return setting == "on"
+
+
+class precision_policy:
+    """Context manager: set Keras's global dtype policy (mixed_float16 or float32), restore it on exit."""
+
+    def __init__(self, mixed):
+        self.mixed = mixed
+
+    def __enter__(self):
+        import keras
+
+        self._old = keras.mixed_precision.global_policy().name
+        keras.mixed_precision.set_global_policy("mixed_float16" if self.mixed else "float32")
+        return self
+
+    def __exit__(self, *exc):
+        import keras
+
+        keras.mixed_precision.set_global_policy(self._old)
+        return False

@@ -1,0 +1,138 @@
+"""Evaluation metrics against values computed by hand on a small fixed prediction set."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from cxrkeras.evaluation import metrics as M
+from cxrkeras.evaluation import published
+
+# Ten images, three labels. A: positives score .9 .7 .6 among seven negatives; C: positives .9 and .3 with three
+# negatives (.8 .7 .6) between them; E: no positive at all.
+A_S = [0.9, 0.8, 0.7, 0.3, 0.2, 0.6, 0.15, 0.1, 0.05, 0.01]
+A_Y = [1, 0, 1, 0, 0, 1, 0, 0, 0, 0]
+C_S = [0.9, 0.8, 0.7, 0.6, 0.3, 0.2, 0.1, 0.05, 0.04, 0.03]
+C_Y = [1, 0, 0, 0, 1, 0, 0, 0, 0, 0]
+E_S = [0.7, 0.1, 0.2, 0.1, 0.3, 0.2, 0.1, 0.2, 0.4, 0.1]
+E_Y = [0] * 10
+LABELS = ["A", "C", "E"]
+Y = np.array([A_Y, C_Y, E_Y], dtype=float).T
+P = np.array([A_S, C_S, E_S]).T
+PATIENTS = [f"p{i}" for i in range(10)]
+
+
+def test_auc_hand_values_and_excluded_label():
+    r = M.auc_with_ci(Y, P, PATIENTS, LABELS, n_boot=300, seed=1)
+    # A: .9 beats 7 negatives, .7 and .6 beat 6 each -> 19/21.  C: .9 beats 8, .3 beats 5 -> 13/16.
+    assert r["per_label"]["A"]["auc"] == pytest.approx(19 / 21)
+    assert r["per_label"]["C"]["auc"] == pytest.approx(13 / 16)
+    assert r["per_label"]["E"]["auc"] is None
+    assert r["per_label"]["E"]["reason"] == "no positive images in this split"
+    assert r["mean"]["auc"] == pytest.approx((19 / 21 + 13 / 16) / 2)
+    assert r["mean"]["labels_used"] == ["A", "C"] and "E" in r["mean"]["excluded"]
+    for entry in (r["per_label"]["A"], r["per_label"]["C"], r["mean"]):
+        assert entry["ci_low"] <= entry["auc"] <= entry["ci_high"]
+        assert entry["ci_high"] - entry["ci_low"] > 0.01
+    # with 2-3 positives among 10 patients some resamples lack a class: skipped, counted, CI still defined
+    assert 0 < r["per_label"]["C"]["n_boot_valid"] < 300
+    assert r["mean"]["n_boot_valid"] <= min(r["per_label"]["A"]["n_boot_valid"], r["per_label"]["C"]["n_boot_valid"])
+
+
+def test_bootstrap_is_seeded():
+    a = M.auc_with_ci(Y, P, PATIENTS, LABELS, n_boot=50, seed=3)
+    b = M.auc_with_ci(Y, P, PATIENTS, LABELS, n_boot=50, seed=3)
+    c = M.auc_with_ci(Y, P, PATIENTS, LABELS, n_boot=50, seed=4)
+    assert a == b and a["mean"]["ci_low"] != c["mean"]["ci_low"]
+
+
+def test_weighted_auc_matches_sklearn_with_ties(rng):
+    y = (rng.random(300) < 0.3).astype(float)
+    s = np.round(rng.random(300) * 0.6 + 0.3 * y, 1)  # heavy ties
+    w = rng.integers(0, 4, size=(6, 300)).astype(float)
+    ours = M._SortedLabel(y, s).auc(w)
+    ref = [roc_auc_score(y, s, sample_weight=wi) for wi in w]
+    np.testing.assert_allclose(ours, ref, rtol=1e-12)
+
+
+def test_resampling_groups_images_by_patient(rng):
+    groups = np.array(["a", "a", "a", "b", "c", "c", "d"])
+    for w in M.patient_bootstrap_weights(groups, 40, rng):
+        assert np.all(w[:, 0] == w[:, 1]) and np.all(w[:, 1] == w[:, 2]) and np.all(w[:, 4] == w[:, 5])
+        # four patients drawn with replacement: patient counts sum to 4
+        np.testing.assert_allclose(w[:, [0, 3, 4, 6]].sum(axis=1), 4)
+
+
+def test_patient_bootstrap_ignores_duplicated_images(rng):
+    """Ten copies of each image under one patient give exactly the CI of the originals; image-wise is narrower."""
+    y = (rng.random(60) < 0.3).astype(float)
+    s = rng.random(60) * 0.7 + 0.3 * y
+    ids = [f"p{i}" for i in range(60)]
+    base = M.auc_with_ci(y, s, ids, ["x"], n_boot=200, seed=7)["per_label"]["x"]
+    yd, sd = np.repeat(y, 10), np.repeat(s, 10)
+    by_patient = M.auc_with_ci(yd, sd, np.repeat(ids, 10), ["x"], n_boot=200, seed=7)["per_label"]["x"]
+    by_image = M.auc_with_ci(yd, sd, np.arange(600), ["x"], n_boot=200, seed=7)["per_label"]["x"]
+    assert by_patient["auc"] == pytest.approx(base["auc"])
+    assert (by_patient["ci_low"], by_patient["ci_high"]) == pytest.approx((base["ci_low"], base["ci_high"]))
+    assert (by_image["ci_high"] - by_image["ci_low"]) < 0.6 * (by_patient["ci_high"] - by_patient["ci_low"])
+
+
+def test_average_precision_hand_values():
+    r = M.average_precision(Y, P, LABELS)
+    # A: positives ranked 1, 3, 4 -> (1 + 2/3 + 3/4) / 3.  C: ranked 1 and 5 -> (1 + 2/5) / 2.
+    assert r["per_label"]["A"]["ap"] == pytest.approx(29 / 36)
+    assert r["per_label"]["C"]["ap"] == pytest.approx(0.7)
+    assert r["per_label"]["E"]["ap"] is None
+    assert r["map"] == pytest.approx((29 / 36 + 0.7) / 2)
+
+
+def test_thresholds_hand_values():
+    t = M.choose_thresholds(Y, P, LABELS)
+    # A: J = 1/3, 2/3-1/7, 1-1/7 at .9/.7/.6 -> .6; F1 = 6/7 at .6 is the best.
+    assert t["youden"]["A"]["threshold"] == pytest.approx(0.6)
+    assert t["f1"]["A"]["threshold"] == pytest.approx(0.6)
+    # C: J(.9) = .5, J(.3) = 1 - 3/8 -> .3; F1(.9) = 2/3 > F1(.3) = 4/7 -> .9
+    assert t["youden"]["C"]["threshold"] == pytest.approx(0.3)
+    assert t["f1"]["C"]["threshold"] == pytest.approx(0.9)
+    assert t["youden"]["E"]["threshold"] == 0.5 and "no positive" in t["youden"]["E"]["reason"]
+
+
+def test_binary_metrics_at_fixed_thresholds():
+    r = M.binary_metrics(Y, P, [0.6, 0.9, 0.5], LABELS)
+    a, c, e = (r["per_label"][k] for k in LABELS)
+    assert (a["tp"], a["fp"], a["fn"], a["tn"]) == (3, 1, 0, 6)
+    assert a["sensitivity"] == 1.0 and a["specificity"] == pytest.approx(6 / 7) and a["f1"] == pytest.approx(6 / 7)
+    assert c["sensitivity"] == 0.5 and c["specificity"] == 1.0 and c["f1"] == pytest.approx(2 / 3)
+    assert e["sensitivity"] is None and e["specificity"] == pytest.approx(0.9)
+    assert r["micro_f1"] == pytest.approx(8 / 11)  # TP 4, FP 2, FN 1
+    assert r["macro_f1"] == pytest.approx((6 / 7 + 2 / 3) / 2)  # E has no positives: not in the macro mean
+    assert r["hamming_loss"] == pytest.approx(3 / 30)
+
+
+def test_expected_calibration_error_hand_value():
+    y, p = [1, 0, 1, 0], [0.95, 0.05, 0.55, 0.45]
+    assert M.expected_calibration_error(y, p, 10) == pytest.approx((0.05 + 0.05 + 0.45 + 0.45) / 4)
+    bins = M.reliability_bins(y, p, 10)
+    assert [b["count"] for b in bins] == [1, 0, 0, 0, 1, 1, 0, 0, 0, 1]
+    assert M.expected_calibration_error([1, 0], [1.0, 0.0]) == 0.0
+
+
+def test_compute_all_is_strict_json_and_comparison_table():
+    r = M.compute_all(Y, P, PATIENTS, LABELS, y_val=Y, p_val=P, n_boot=50)
+    json.dumps(M.to_jsonable(r), allow_nan=False)
+    assert r["at_thresholds"]["f1"]["per_label"]["C"]["threshold"] == pytest.approx(0.9)
+    md = published.comparison_markdown(r["auc"], LABELS)
+    assert "CheXNet" not in md and "| C | 0.8125 (" in md and "E: not evaluable" in md
+
+
+def test_published_table_has_nih_labels():
+    from cxrkeras.labels import NIH_LABELS
+
+    columns, table = published.load_published()
+    assert set(table) == set(NIH_LABELS) | {"Mean"}
+    assert table["Hernia"]["paper (2)"] == pytest.approx(0.954) and table["Mean"]["CheXNet"] == pytest.approx(0.841)
+    auc = {"per_label": {k: {"auc": 0.8, "ci_low": 0.7, "ci_high": 0.9, "positives": 5} for k in NIH_LABELS},
+           "mean": {"auc": 0.8, "ci_low": 0.75, "ci_high": 0.85, "excluded": {}, "labels_used": list(NIH_LABELS)}}
+    header, rows = published.comparison_rows(auc, list(NIH_LABELS))
+    assert header[3:] == columns and rows[-1][-1] == "0.8818" and rows[0][1] == "0.8000 (0.7000–0.9000)"
