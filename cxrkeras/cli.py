@@ -249,6 +249,84 @@ def predict_cmd(model, files, as_json, batch_size):
         raise click.ClickException("no file could be predicted")
 
 
+@cli.command("build-records")
+@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False),
+              help="Labels CSV: NIH Data_Entry_2017(_v2020).csv, or a generic path/labels/patient CSV.")
+@click.option("--images", type=click.Path(file_okay=False),
+              help="Image folder, searched recursively [default: <CSV folder>/images, else the CSV's folder].")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Records folder [default: tfrecords/nih-<size> for the NIH CSV, tfrecords/<csv name>-<size> else].")
+@click.option("--split-lists", "split_list", metavar="FILE [FILE [FILE]]", multiple=True,
+              help="2 files: official train_val_list.txt test_list.txt (val carved out patient-wise, stratified); "
+                   "3 files: train val test lists.")
+@click.argument("more_split_lists", nargs=-1, type=click.Path(dir_okay=False), metavar="")
+@click.option("--split-fractions", default="0.7,0.1,0.2", show_default=True,
+              help="train,val,test fractions of images (with 2 split lists: only train:val matters).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Split and shard-order seed.")
+@click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=8),
+              help="Images are resized once to SIZE x SIZE and stored as lossless PNG.")
+@click.option("--channels", default="1", show_default=True, type=click.Choice(["1", "3"]),
+              help="1 = grayscale (X-rays), 3 = RGB.")
+@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Maximum records per shard.")
+@click.option("--workers", default=None, type=click.IntRange(min=1), help="Encoding processes [default: all cores].")
+@click.option("--dry-run", is_flag=True, help="Split from the CSV alone (no image read); write manifest.json only.")
+@click.option("--strict", is_flag=True, help="Stop on a missing or unreadable image instead of skipping it.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "nih", "generic", "dicom"]),
+              help="auto: NIH when the CSV has 'Image Index' and 'Finding Labels', else generic. dicom: generic "
+                   "CSV of DICOM files; patient ids from --patient-column, else a hash of the DICOM PatientID.")
+@click.option("--labels", help="Label list for a generic CSV: 'A,B,C' or a file with one label per line.")
+@click.option("--path-column", default="path", show_default=True, help="Generic CSV: image path column.")
+@click.option("--labels-column", default="labels", show_default=True,
+              help="Generic CSV: '|'-separated label names (empty or 'No Finding' = none).")
+@click.option("--patient-column", default="patient_id", show_default=True, help="Generic CSV: patient id column.")
+@click.option("--id-salt", default="", help="Secret mixed into hashed DICOM PatientIDs (not stored anywhere).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split_fractions, seed, image_size,
+                      channels, shard_size, workers, dry_run, strict, fmt, labels, path_column, labels_column,
+                      patient_column, id_salt, no_progress):
+    """Labels CSV + images -> patient-wise stratified train/val/test TFRecord shards and manifest.json."""
+    split_lists = [p for item in split_list for p in item.split(",") if p] + list(more_split_lists)
+    if more_split_lists and not split_list:
+        raise click.UsageError(f"unexpected argument(s) {' '.join(more_split_lists)}: did you mean --split-lists?")
+    from cxrkeras.data.inspect import format_manifest
+    from cxrkeras.data.records import build_records
+
+    report = build_records(
+        csv_path, images, out, split_lists=split_lists, split_fractions=split_fractions, seed=seed,
+        image_size=image_size, channels=int(channels), shard_size=shard_size, workers=workers, dry_run=dry_run,
+        strict=strict, format=fmt, labels=labels, path_column=path_column, labels_column=labels_column,
+        patient_column=patient_column, id_salt=id_salt, progress=not no_progress)
+    m = report.manifest
+    click.echo(format_manifest(m))
+    if not m["patient_overlap"]["ok"]:
+        raise click.ClickException(f"patients shared between splits: {m['patient_overlap']['pairs']}")
+    action = ("dry run" if dry_run else
+              f"{report.shards_written} shard(s) written, {report.shards_kept} already complete and kept")
+    state = "manifest written" if report.manifest_written else "nothing changed"
+    click.echo(f"{report.out}: {action}; {state} ({report.seconds:.1f} s)")
+
+
+@cli.command("inspect-records")
+@click.argument("records_dir", type=click.Path(file_okay=False))
+def inspect_records_cmd(records_dir):
+    """Print a records folder as tables; verify every shard's sha256, record count, stats and patient disjointness."""
+    from cxrkeras.data.inspect import format_manifest, inspect_records
+
+    result = inspect_records(records_dir)
+    click.echo(format_manifest(result.manifest))
+    if result.manifest.get("dry_run"):
+        click.echo("dry-run manifest: no shards to verify")
+        return
+    if result.problems:
+        for problem in result.problems:
+            click.echo(f"MISMATCH: {problem}", err=True)
+        raise click.ClickException(f"{len(result.problems)} problem(s) in {records_dir}: it does not match its "
+                                   f"manifest; re-run `cxrkeras build-records` with the same options")
+    click.echo(f"OK: {result.shards} shards, {result.records} records match the manifest; no patient in two splits")
+
+
 def main(argv=None):
     return cli.main(args=argv, prog_name="cxrkeras")
 

@@ -15,6 +15,11 @@ SCHEDULES = ("plateau", "cosine", "constant")
 MIXED_PRECISION = ("auto", "on", "off")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 EQUALIZE = ("hist", "clahe")
+# Names other tools use for our keys: suggested when difflib finds nothing close.
+KEY_ALIASES = {"learning_rate": "lr", "optimiser": "optimizer", "wd": "weight_decay", "img_size": "image_size",
+               "input_size": "image_size", "batch": "batch_size", "num_epochs": "epochs", "backbone": "variant",
+               "arch": "variant", "scheduler": "schedule", "lr_schedule": "schedule", "focal_gamma": "gamma",
+               "focal_alpha": "alpha", "amp": "mixed_precision", "jit_compile": "xla"}
 
 
 @dataclass
@@ -145,7 +150,9 @@ def _coerce(value, tp, where):
             except ValueError:
                 pass
     elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads on/off as booleans (train.mixed_precision: off)
+            return "on" if value else "off"
+        if isinstance(value, (str, int, float)):
             return str(value)
     elif tp is dict:
         if isinstance(value, dict):
@@ -158,6 +165,8 @@ def _apply(section_obj, updates, prefix, source):
     for key, value in updates.items():
         if key not in names:
             match = difflib.get_close_matches(str(key), list(names), n=1, cutoff=0.5)
+            if KEY_ALIASES.get(str(key)) in names:
+                match = [KEY_ALIASES[str(key)]]
             hint = f" (did you mean '{prefix}{match[0]}'?)" if match else ""
             raise ConfigError(f"{source}: unknown config key '{prefix}{key}'{hint}; "
                               f"valid keys in {prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")

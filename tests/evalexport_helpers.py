@@ -25,6 +25,14 @@ def tiny_model(size=32, labels=None, seed=0):
     rng = np.random.default_rng(seed)
     model.set_weights([rng.normal(0, 1.5 / np.sqrt(np.prod(w.shape[:-1])), w.shape).astype("float32")
                        if len(w.shape) > 1 else w for w in model.get_weights()])
+    # LKA multiplies features by their attention, which shrinks them at random init: rescale the head so the
+    # logits spread over a few units and the probabilities differ between images
+    probe = rng.normal(0, 1, (16, size, size, 3)).astype("float32")
+    probe[8:] += np.linspace(-2, 2, size)[None, :, None, None].astype("float32")
+    feats = np.asarray(keras.Model(inputs, model.get_layer("avg_pool").output)(probe), dtype=np.float64)
+    head = model.get_layer("predictions")
+    kernel = rng.normal(0, 1, head.kernel.shape) / (feats.std(axis=0).mean() * np.sqrt(feats.shape[1]) + 1e-12)
+    head.set_weights([(2 * kernel).astype("float32"), (-2 * feats.mean(axis=0) @ kernel).astype("float32")])
     return model
 
 

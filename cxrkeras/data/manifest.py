@@ -8,6 +8,12 @@ Schema (keys every reader may rely on):
   patient_overlap: {pairs: {"train/val": 0, ...}, ok: bool}
   skipped: [{image, row, reason}]; unlabelled_images: int (image files with no CSV row)
   dry_run: bool (true: statistics only, no shards)
+Also written by build-records (informative): record_format, fingerprint (sha256 of everything that decides the
+bytes), csv.rows, csv.format, split_method, split_lists ({files: [{path, sha256}], csv_rows_in_no_list,
+listed_images_without_csv_row} or null), whole (the splits' stats summed), shard "bytes", skipped[].split,
+unlabelled_examples, no_finding_label, warnings ([str]: empty splits, labels with no positive in a split).
+Beside it: index.csv (split, shard, image_id, patient_id + every input CSV column, one row per record) and
+.receipts/ (one JSON per finished shard, used to resume and to skip up-to-date shards).
 """
 
 import json

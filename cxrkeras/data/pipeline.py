@@ -29,12 +29,15 @@ DEFAULT_SHUFFLE_BUFFER = 2048
 _ERROR_MARK = "cxrkeras DataError: "
 
 
-def _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy):
+def _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy, fill_mode, crop_scale):
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}: use 1 (images with at least one positive label; "
                           f"'No Finding' rows removed) or 2 (all images)")
     preprocess.check_mode(preprocessing)
     preprocess.check_equalize(equalize)
+    if fill_mode not in preprocess.FILL_MODES:
+        raise ConfigError(f"unknown fill_mode {fill_mode!r}: choose one of {', '.join(preprocess.FILL_MODES)}")
+    preprocess.check_crop_scale(crop_scale)
     if int(batch_size) < 1 or int(image_size) < 1:
         raise ConfigError(f"batch_size and image_size must be positive, got {batch_size!r}, {image_size!r}")
     if strategy is not None and int(batch_size) % strategy.num_replicas_in_sync:
@@ -126,7 +129,8 @@ def data_error_from(exc):
 def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False, image_size=224,
                   preprocessing="torch", shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, cache=False, seed=None,
                   deterministic=None, drop_remainder=None, repeat=False, strategy=None, equalize=None,
-                  return_ids=False, max_rotation=10.0, crop_scale=(0.8, 1.0), flip=True, fill_mode="reflect"):
+                  return_ids=False, max_rotation=10.0, crop_scale=(0.8, 1.0), flip=True, fill_mode="reflect",
+                  jit=True):
     """A tf.data.Dataset of (images float32 [B,S,S,3], labels float32 [B,L]) (+ {"image_id","patient_id"} string
     [B] with return_ids) from the shards of `split` of a records folder.
 
@@ -141,8 +145,10 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
     seed: fixes shard order, shuffle and augmentation (each epoch still differs, reproducibly).
     deterministic: element order; default True unless training without a seed.
     repeat: repeat forever (then pass steps_per_epoch). equalize: None | "hist" | "clahe".
+    jit: XLA-compile the batch augmentation + normalisation (default; False: plain TF kernels, same results
+      up to float rounding).
     """
-    _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy)
+    _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy, fill_mode, crop_scale)
     manifest = manifest_lib.load_manifest(records_dir)
     paths, counts = _shard_table(manifest, records_dir, split)
     num_labels = len(manifest["labels"])
@@ -177,13 +183,20 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         # one int64 per batch from a seeded stream that differs per epoch (rerandomize) but not per run.
         randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
 
+        # XLA fuses the gathers of the warp with the channel copy and the normalisation (several times faster on
+        # CPU than the same ops one kernel at a time); jit=False runs them unfused. The random transforms are
+        # drawn outside the compiled function (XLA draws other numbers from the same seed).
+        transform = tf.function(
+            lambda images, t: preprocess.normalize(
+                preprocess.to_rgb(preprocess.warp_in_range(images, t, image_size, fill_mode)), preprocessing),
+            jit_compile=bool(jit))
+
         def augment(batch, r):
             images, labels, image_id, patient_id = batch
-            warped = preprocess.random_augment(images, tf.stack([r, r // 7 + 1]), image_size,
-                                               max_rotation=max_rotation, crop_scale=crop_scale, flip=flip,
-                                               fill_mode=fill_mode)
-            return finish(preprocess.normalize(preprocess.to_rgb(warped), preprocessing), labels, image_id,
-                          patient_id)
+            shape = tf.shape(images)
+            t = preprocess.augment_transforms(shape[0], shape[1], shape[2], image_size, tf.stack([r, r // 7 + 1]),
+                                              max_rotation=max_rotation, crop_scale=crop_scale, flip=flip)
+            return finish(transform(images, t), labels, image_id, patient_id)
 
         ds = tf.data.Dataset.zip((ds, randoms)).map(augment, num_parallel_calls=tf.data.AUTOTUNE,
                                                     deterministic=deterministic)

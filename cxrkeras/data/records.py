@@ -94,7 +94,7 @@ def _encode_task(task):
         return None, 0, 0, 0, f"cannot be decoded ({type(exc).__name__}: {exc})"
 
 
-def _resolve_inputs(csv_path, images, fmt):
+def _resolve_inputs(csv_path, images):
     if images is None:
         guess = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "images")
         images = guess if os.path.isdir(guess) else os.path.dirname(os.path.abspath(csv_path))
@@ -165,7 +165,8 @@ def _load_receipt(out, fname, plan_hash):
         return None
     if receipt.get("plan") != plan_hash or not os.path.isfile(shard) or os.path.getsize(shard) != receipt.get("bytes"):
         return None
-    return receipt
+    # re-hash: a damaged shard of the right size must be rewritten, not kept (~1 GB/s, seconds for all of NIH)
+    return receipt if sources.sha256_file(shard) == receipt.get("sha256") else None
 
 
 def _clean_folder(out, planned_files):
@@ -292,7 +293,7 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
     workers = int(workers or os.cpu_count() or 1)
     label_list = labels if isinstance(labels, (tuple, list)) or labels is None else sources.read_label_list(labels)
     label_list = tuple(label_list) if label_list else None
-    images = _resolve_inputs(csv, images, format)
+    images = _resolve_inputs(csv, images)
 
     table, index = _read_inputs(csv, images, format, label_list, path_column, labels_column, patient_column, id_salt)
     out = out or default_out(csv, table.format, image_size)
@@ -339,6 +340,7 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
         manifest["whole"] = _split_stats(table, selected)
         manifest["patient_overlap"] = _overlap(assign, table.patient_id)
         manifest.update(skipped=[], unlabelled_images=None, dry_run=True)
+        manifest["warnings"] = _warnings(manifest, fractions)
         path = os.path.join(out, MANIFEST_NAME)
         same = _same_manifest(path, manifest)
         if not same:
@@ -347,14 +349,15 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
 
     if index is None:
         index = sources.ImageIndex(images, by_name=(table.format == "nih"))
-    paths = [index.resolve(p) if assign[j] >= 0 else None for j, p in enumerate(table.path)]
+    all_paths = [index.resolve(p) for p in table.path]
+    unlabelled = index.unlabelled(p for p in all_paths if p)  # rows outside the split lists still have a row
+    paths = [p if assign[j] >= 0 else None for j, p in enumerate(all_paths)]
     sizes = np.array([imglib.file_size(p) if p else -1 for p in paths], dtype=np.int64)
     missing = [j for j in np.flatnonzero(assign >= 0) if paths[j] is None]
     if missing and strict:
         listed = ", ".join(f"{table.path[j]} (line {int(table.rows[j])})" for j in missing[:_MAX_LISTED])
         raise DataError(f"{len(missing)} image file(s) named in {csv} are not under {images}: {listed}; "
                         f"add them, fix --images, or run without --strict to skip them")
-    unlabelled = index.unlabelled(p for p in paths if p)
 
     plan = _plan_shards(table, assign, int(shard_size), int(seed), fingerprint, paths, sizes, os.path.abspath(images))
     planned = {fname for shards in plan.values() for fname, _, _ in shards}
@@ -400,6 +403,7 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
     manifest["unlabelled_images"] = len(unlabelled)
     manifest["unlabelled_examples"] = [os.path.relpath(p, images) for p in unlabelled[:_MAX_LISTED]]
     manifest["dry_run"] = False
+    manifest["warnings"] = _warnings(manifest, fractions)
     if not written.any():
         raise DataError(f"no image could be written: all {int((assign >= 0).sum())} selected images were skipped "
                         f"(first: {manifest['skipped'][0]['image']}: {manifest['skipped'][0]['reason']}); "
@@ -411,6 +415,20 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
         _write_index(out, table, split_name_of_row, shard_of_row, written)
         _write_json(path, manifest)
     return BuildReport(manifest, out, len(todo), kept, not same, time.perf_counter() - started)
+
+
+def _warnings(manifest, fractions):
+    """Empty splits and labels with no positive in a split: legal, but the user should know before training."""
+    out = []
+    whole = manifest["whole"]["positives"]
+    for (name, info), fraction in zip(manifest["splits"].items(), fractions):
+        if fraction > 0 and info["images"] == 0:
+            out.append(f"split {name} is empty: too few patients for --split-fractions")
+        elif info["images"]:
+            absent = [label for label, n in info["positives"].items() if n == 0 and whole.get(label)]
+            if absent:
+                out.append(f"split {name} has no positive of: {', '.join(absent)}")
+    return out
 
 
 def _overlap(assign, patient_ids):

@@ -93,6 +93,30 @@ def load_keras_model(path):
         raise CxrError(f"{path}: cannot be loaded as a Keras model ({type(exc).__name__}: {exc})") from exc
 
 
+def _float32_config(obj):
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "DTypePolicy" and isinstance(obj.get("config"), dict):
+            return {**obj, "config": {**obj["config"], "name": "float32"}}
+        return {k: _float32_config(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_float32_config(v) for v in obj]
+    return obj
+
+
+def as_float32(model):
+    """(model, original policy): a float32 copy, same weights, of a model built under mixed precision.
+
+    A GPU run saves its layers with the mixed_float16 policy; evaluation and a CPU SavedModel should compute in
+    float32 (float16 on CPU is slow, and a served model should not depend on where it was trained).
+    """
+    policies = {getattr(layer.dtype_policy, "name", "float32") for layer in model.layers}
+    if policies <= {"float32"}:
+        return model, "float32"
+    clone = model.__class__.from_config(_float32_config(model.get_config()))
+    clone.set_weights(model.get_weights())
+    return clone, ",".join(sorted(policies - {"float32"}))
+
+
 def resolve(model_or_run):
     """A ModelSource for a keras.Model, a .keras file, a run folder or a stage folder."""
     from cxrkeras.models import model_info
@@ -115,6 +139,7 @@ def resolve(model_or_run):
         sha = sha256_file(model_path)
     else:
         model = model_or_run
+    model, _ = as_float32(model)
     info = model_info(model)
     config = _read_yaml(os.path.join(stage_dir, "config.yaml")) if stage_dir else None
     run_info = _read_json(os.path.join(stage_dir, "run_info.json")) if stage_dir else None

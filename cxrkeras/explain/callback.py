@@ -70,10 +70,10 @@ class GradCAMCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         import tensorflow as tf
 
-        from cxrkeras.explain.gradcam import HeatmapEngine
+        from cxrkeras.explain.gradcam import get_engine
 
         # checked now, not at the first epoch's end, so a bad layer/class fails before any training time is spent
-        self._engine = HeatmapEngine(self.model, self.layer_name, self.method, self.use_guided_grads)
+        self._engine = get_engine(self.model, self.layer_name, self.method, self.use_guided_grads)
         self._classes()
         self._writer = tf.summary.create_file_writer(self.output_dir)
 

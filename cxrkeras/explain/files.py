@@ -76,7 +76,7 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
     Classes: `class_names` (names or indices) for every image, else each image's `top_k` most probable labels.
     One backward pass per batch covers all classes asked for in that batch.
     """
-    from cxrkeras.explain.gradcam import HeatmapEngine
+    from cxrkeras.explain.gradcam import get_engine
     from cxrkeras.explain.overlay import overlay_figure
     from cxrkeras.explain.target import resolve_classes
 
@@ -86,14 +86,14 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
     if isinstance(model, str):
         model = load_model(model)
     size, mode, labels = model_inputs_spec(model)
-    engine = HeatmapEngine(model, layer_name, method)
+    engine = get_engine(model, layer_name, method)
     fixed = None
     if class_names:
         fixed, _ = resolve_classes(model, list(class_names), engine.num_outputs)
     elif not 1 <= int(top_k) <= len(labels):
         raise ConfigError(f"top_k must be between 1 and {len(labels)} (the model's labels), got {top_k}")
     os.makedirs(out_dir, exist_ok=True)
-    entries = []
+    entries, stems = [], set()
     for start in range(0, len(images), batch_size):
         paths = list(images[start:start + batch_size])
         originals, x = load_inputs(paths, size, mode)
@@ -106,6 +106,9 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
         maps, probs = engine(x, wanted, batch_size=batch_size)
         for i, (path, original) in enumerate(zip(paths, originals)):
             stem = _safe(os.path.splitext(os.path.basename(path))[0])
+            if stem in stems:  # same file name from another folder: keep both
+                stem = f"{stem}-{start + i + 1}"
+            stems.add(stem)
             region = central_square(*original.shape[:2])
             for rank, index in enumerate(chosen[i], start=1):
                 label = labels[int(index)]

@@ -2,6 +2,7 @@
 
 import os
 import warnings
+import weakref
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class HeatmapEngine:
         if len(model.outputs) != 1 or len(model.outputs[0].shape) != 2:
             raise ConfigError(f"Grad-CAM needs a model with one (batch, classes) output; {model.name!r} has "
                               f"outputs {[tuple(t.shape) for t in model.outputs]}")
-        self.model = model
+        self._model_ref = weakref.ref(model)  # weak: engines are cached per model (get_engine)
         self.layer_name = resolve_layer(model, layer_name)
         self.method = method
         self.use_guided_grads = bool(use_guided_grads)
@@ -59,10 +60,15 @@ class HeatmapEngine:
             score = model.outputs[0]
         inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
         self._grad_model = keras.Model(inputs, [feature, score], name=f"gradcam_{self.layer_name}")
+
         def step(images, classes):  # a fresh function per engine: engines do not share tf.function traces
             return self._batch(images, classes)
 
         self._step = tf.function(step, reduce_retracing=True)
+
+    @property
+    def model(self):
+        return self._model_ref()
 
     def _logits(self, x):
         import tensorflow as tf
@@ -138,6 +144,22 @@ def _normalise(cams, grad_max, layer_name):
     return np.clip(out, 0.0, 1.0)
 
 
+_ENGINES = weakref.WeakKeyDictionary()
+
+
+def get_engine(model, layer_name=None, method="gradcam", use_guided_grads=False):
+    """The cached HeatmapEngine of this model and settings: repeated calls reuse its traced graph."""
+    layer = resolve_layer(model, layer_name)
+    key = (layer, method, bool(use_guided_grads))
+    try:
+        per_model = _ENGINES.setdefault(model, {})
+    except TypeError:  # a model that cannot be weakly referenced: no cache
+        return HeatmapEngine(model, layer, method, use_guided_grads)
+    if key not in per_model:
+        per_model[key] = HeatmapEngine(model, layer, method, use_guided_grads)
+    return per_model[key]
+
+
 def compute_heatmaps(model, images, class_index, layer_name=None, method="gradcam", use_guided_grads=False,
                      batch_size=16, return_probabilities=False):
     """Raw Grad-CAM maps in [0, 1] at the layer's resolution.
@@ -145,7 +167,7 @@ def compute_heatmaps(model, images, class_index, layer_name=None, method="gradca
     class_index: an output index or label name → [N, h, w]; a list of them → [N, K, h, w] (one backward pass per
     batch for all K). With return_probabilities, also the model's outputs [N, classes].
     """
-    engine = HeatmapEngine(model, layer_name, method, use_guided_grads)
+    engine = get_engine(model, layer_name, method, use_guided_grads)
     classes, single = resolve_classes(model, class_index, engine.num_outputs)
     maps, probs = engine(images, classes, batch_size=batch_size)
     if single:
@@ -160,15 +182,9 @@ class GradCAM:
     use_guided_grads defaults to False (the original Grad-CAM); method="gradcam++" gives Grad-CAM++.
     """
 
-    def __init__(self):
-        self._engines = {}
-
-    def engine(self, model, layer_name=None, method="gradcam", use_guided_grads=False):
-        layer = resolve_layer(model, layer_name)
-        key = (id(model), layer, method, bool(use_guided_grads))
-        if key not in self._engines or self._engines[key].model is not model:
-            self._engines[key] = HeatmapEngine(model, layer, method, use_guided_grads)
-        return self._engines[key]
+    @staticmethod
+    def engine(model, layer_name=None, method="gradcam", use_guided_grads=False):
+        return get_engine(model, layer_name, method, use_guided_grads)
 
     def heatmaps(self, images, model, class_index, layer_name=None, use_guided_grads=False, method="gradcam",
                  batch_size=16):
@@ -184,10 +200,10 @@ class GradCAM:
         from cxrkeras.explain.overlay import blend, grid_display, to_display
 
         images = np.asarray(validation_data[0] if isinstance(validation_data, (tuple, list)) else validation_data)
-        maps = self.heatmaps(images, model, class_index, layer_name, use_guided_grads, method, batch_size)
-        if maps.ndim == 4:
+        if isinstance(class_index, (list, tuple)) or np.ndim(class_index) != 0:
             raise ConfigError("explain() draws one class per grid; pass a single class index or name "
                               "(use heatmaps() or compute_heatmaps() for several classes)")
+        maps = self.heatmaps(images, model, class_index, layer_name, use_guided_grads, method, batch_size)
         tiles = [blend(to_display(img), cam, colormap=colormap, image_weight=image_weight)
                  for img, cam in zip(images, maps)]
         return grid_display(np.stack(tiles))

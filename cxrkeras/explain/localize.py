@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import zlib
 from collections import OrderedDict, defaultdict
 
 import numpy as np
@@ -32,7 +33,8 @@ def box_mask(boxes, height, width, frame=BOX_FRAME):
 
 
 def score_map(heatmap, mask, threshold=0.5):
-    """(pointing hit, IoU) of a map at the mask's size: hit = the map's maximum lies in the mask; IoU of
+    """(pointing hit, IoU) of a map at the mask's size: hit = the map's maximum (the first, in raster order, of a
+    plateau) lies in the mask; IoU of
     {map >= threshold * max} with the mask. A map with no positive value scores (False, 0.0)."""
     heatmap = np.asarray(heatmap, np.float32)
     peak = float(heatmap.max()) if heatmap.size else 0.0
@@ -108,13 +110,15 @@ def _summarise(rows, labels):
         if not n:
             return None
         return OrderedDict(
-            boxes=n,
+            cases=n,
+            boxes=int(sum(r["boxes"] for r in sel)),
             pointing=float(np.mean([r["hit"] for r in sel])),
             iou=float(np.mean([r["iou"] for r in sel])),
             iou_ge_0_5=float(np.mean([r["iou"] >= 0.5 for r in sel])),
             random_pointing=float(np.mean([r["random_hit"] for r in sel])),
             random_iou=float(np.mean([r["random_iou"] for r in sel])),
             box_area_fraction=float(np.mean([r["box_fraction"] for r in sel])),
+            zero_maps=int(sum(r["zero_map"] for r in sel)),
         )
 
     per_label = OrderedDict()
@@ -123,6 +127,22 @@ def _summarise(rows, labels):
         if s:
             per_label[label] = s
     return per_label, stats(rows)
+
+
+def _score_case(heatmap, image_shape, boxes, threshold, rng, draws):
+    """Grad-CAM and random maps of one image and label, scored in the image's own pixel frame."""
+    from cxrkeras.explain.files import central_square
+    from cxrkeras.explain.overlay import to_original_frame
+
+    height, width = image_shape
+    region = central_square(height, width)  # the part preprocess_for_eval showed the model
+    mask = box_mask(boxes, height, width)
+    hit, iou = score_map(to_original_frame(heatmap, height, width, region), mask, threshold)
+    rand = [score_map(to_original_frame(r, height, width, region), mask, threshold)
+            for r in random_maps(rng, heatmap.shape, draws)]
+    return OrderedDict(hit=int(hit), iou=round(iou, 6), zero_map=int(not heatmap.max() > 0), random_hit=float(np.mean([r[0] for r in rand])),
+                       random_iou=round(float(np.mean([r[1] for r in rand])), 6),
+                       box_fraction=round(float(mask.mean()), 6))
 
 
 def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=10, layer_name=None,
@@ -137,9 +157,8 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
 
     from cxrkeras.data.images import ImageError, read_image
     from cxrkeras.data.preprocess import preprocess_for_eval
-    from cxrkeras.explain.files import central_square, load_model, model_inputs_spec
-    from cxrkeras.explain.gradcam import HeatmapEngine
-    from cxrkeras.explain.overlay import to_original_frame
+    from cxrkeras.explain.files import load_model, model_inputs_spec
+    from cxrkeras.explain.gradcam import get_engine
 
     if not 0.0 < float(threshold) <= 1.0:
         raise ConfigError(f"threshold must be in (0, 1] (a fraction of each heatmap's maximum), got {threshold}")
@@ -149,7 +168,7 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
     if model_path:
         model = load_model(model_path)
     size, mode, labels = model_inputs_spec(model)
-    engine = HeatmapEngine(model, layer_name, method)
+    engine = get_engine(model, layer_name, method)
     boxes, bad_rows = read_boxes(boxes_csv)
     files = find_images(images_dir)
 
@@ -165,7 +184,6 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
     # images sorted by their labels so that a batch mostly asks for one class (K small in the backward pass)
     order = sorted(by_image, key=lambda name: (tuple(sorted(by_image[name])), name))
 
-    rng = np.random.default_rng(seed)
     rows, unreadable = [], []
     iterator = range(0, len(order), batch_size)
     if progress:
@@ -186,20 +204,13 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
         wanted = sorted({labels.index(lbl) for n in names for lbl in by_image[n]})
         maps, probs = engine(x, wanted, batch_size=batch_size)
         for i, (name, arr) in enumerate(zip(names, arrays)):
-            height, width = arr.shape[:2]
-            region = central_square(height, width)  # what preprocess_for_eval showed the model
             for label, label_boxes in sorted(by_image[name].items()):
-                k = wanted.index(labels.index(label))
-                mask = box_mask(label_boxes, height, width)
-                hit, iou = score_map(to_original_frame(maps[i, k], height, width, region), mask, threshold)
-                rand = [score_map(to_original_frame(r, height, width, region), mask, threshold)
-                        for r in random_maps(rng, maps.shape[2:], random_draws)]
-                rows.append(OrderedDict(
-                    image=name, label=label, boxes=len(label_boxes), height=height, width=width,
-                    probability=round(float(probs[i, labels.index(label)]), 6), hit=int(hit), iou=round(iou, 6),
-                    random_hit=float(np.mean([r[0] for r in rand])),
-                    random_iou=round(float(np.mean([r[1] for r in rand])), 6),
-                    box_fraction=round(float(mask.mean()), 6), path=files[name]))
+                index = labels.index(label)
+                row = _score_case(maps[i, wanted.index(index)], arr.shape[:2], label_boxes, threshold,
+                                  np.random.default_rng([int(seed), zlib.crc32(name.encode()), index]), random_draws)
+                rows.append(OrderedDict(image=name, label=label, boxes=len(label_boxes), height=arr.shape[0],
+                                        width=arr.shape[1], probability=round(float(probs[i, index]), 6), **row,
+                                        path=files[name]))
     per_label, overall = _summarise(rows, labels)
     return OrderedDict(
         settings=OrderedDict(model=model_path or model.name, layer=engine.layer_name, method=method,
@@ -214,20 +225,25 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
 
 def format_table(result):
     """A plain-text table: Grad-CAM against the random baseline, per label and overall."""
-    head = f"{'label':<20}{'boxes':>6}{'pointing':>10}{'random':>8}{'IoU':>8}{'random':>8}{'IoU>=.5':>9}{'box%':>7}"
+    head = f"{'label':<20}{'cases':>6}{'pointing':>10}{'random':>8}{'IoU':>8}{'random':>8}{'IoU>=.5':>9}{'box%':>7}"
     lines = [head, "-" * len(head)]
 
     def line(name, s):
-        return (f"{name:<20}{s['boxes']:>6}{s['pointing']:>10.3f}{s['random_pointing']:>8.3f}{s['iou']:>8.3f}"
+        return (f"{name:<20}{s['cases']:>6}{s['pointing']:>10.3f}{s['random_pointing']:>8.3f}{s['iou']:>8.3f}"
                 f"{s['random_iou']:>8.3f}{s['iou_ge_0_5']:>9.3f}{100 * s['box_area_fraction']:>7.1f}")
 
     for label, s in result["per_label"].items():
         lines.append(line(label, s))
     if result["overall"]:
         lines += ["-" * len(head), line("overall", result["overall"])]
+        zero = result["overall"]["zero_maps"]
+        if zero:
+            lines.append(f"{zero} of {result['overall']['cases']} Grad-CAM maps are all zero (no positive evidence "
+                         "at this layer): scored as misses with IoU 0")
     else:
         lines.append("(no boxed image was scored)")
     st = result["settings"]
+    lines.append("cases: boxed (image, label) pairs; several boxes of one label in an image count as their union")
     lines.append(f"layer {st['layer']}, {st['method']}, threshold {st['threshold']} x max, random baseline: "
                  f"{st['random_draws']} uniform maps per box at the heatmap's resolution, seed {st['seed']}")
     lines.append(f"boxed images: {result['boxed_images_in_file']} in the file, {result['images_scored']} scored, "

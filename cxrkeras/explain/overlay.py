@@ -84,31 +84,41 @@ def overlay_figure(image, heatmap, path, label, probability=None, alpha=0.4, col
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
     rgb = to_display(image)
     h, w = rgb.shape[:2]
     heat = to_original_frame(heatmap, h, w, region)
     scale = max(1.0, min_side / max(h, w))
     dpi = 100.0
-    band, bar = 0.12 * max(h, w) * scale, 0.06 * w * scale  # title band height, colour bar width (pixels)
-    fig_w, fig_h = w * scale + bar * 1.8, h * scale + band
+    side = max(h, w) * scale
+    band, bar = 0.12 * side, 0.045 * side  # title band height, colour bar width (pixels)
+    fig_w, fig_h = w * scale + bar * 3.2, h * scale + band
     fig = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
     FigureCanvasAgg(fig)
     ax = fig.add_axes([0, 0, w * scale / fig_w, h * scale / fig_h])
     ax.imshow(rgb, interpolation="bilinear")
-    ax.imshow(heat, cmap=colormap, vmin=0.0, vmax=1.0, alpha=alpha, interpolation="bilinear")
+    opacity = np.full((h, w), float(alpha), np.float32)
+    if region is not None:  # only the part the model saw is coloured; its outline is drawn
+        top, left, ch, cw = region
+        opacity[:] = 0.0
+        opacity[top:top + ch, left:left + cw] = float(alpha)
+        if (ch, cw) != (h, w):
+            ax.add_patch(Rectangle((left - 0.5, top - 0.5), cw, ch, fill=False, edgecolor="white",
+                                   linestyle="--", linewidth=1.0))
+    ax.imshow(heat, cmap=colormap, vmin=0.0, vmax=1.0, alpha=opacity, interpolation="bilinear")
     ax.set_axis_off()
-    cax = fig.add_axes([(w * scale + bar * 0.3) / fig_w, 0.05 * h * scale / fig_h, bar * 0.5 / fig_w,
+    cax = fig.add_axes([(w * scale + bar * 0.4) / fig_w, 0.05 * h * scale / fig_h, bar * 0.6 / fig_w,
                         0.9 * h * scale / fig_h])
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
     cbar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), colormap), cax=cax)  # opaque, unlike the overlay
     font = max(7.0, band * 0.28 * 72.0 / dpi)
     cbar.ax.tick_params(labelsize=font * 0.6)
     title = label if probability is None else f"{label}: p = {float(probability):.3f}"
     fig.text(0.02, 1.0 - band * 0.38 / fig_h, title, fontsize=font, va="center", ha="left", weight="bold")
     if note:
-        fig.text(0.02, 1.0 - band * 0.78 / fig_h, note, fontsize=font * 0.55, va="center", ha="left", color="0.3")
+        fig.text(0.02, 1.0 - band * 0.78 / fig_h, note, fontsize=max(6.0, font * 0.55), va="center", ha="left", color="0.3")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=dpi, facecolor="white")
     return path

@@ -1,5 +1,9 @@
 """What Grad-CAM explains: the feature layer (default from model_info) and the class indices (ints or label names)."""
 
+import operator
+
+import numpy as np
+
 from cxrkeras.errors import ConfigError, CxrError
 
 
@@ -72,8 +76,8 @@ def resolve_classes(model, class_index, num_outputs):
     """Map an int, a label name or a list of them to a list of output indices; aliases like Infiltrate accepted."""
     from cxrkeras.labels import LABEL_ALIASES
 
-    single = isinstance(class_index, (int, str)) or hasattr(class_index, "__index__")
-    items = [class_index] if single else list(class_index)
+    single = isinstance(class_index, str) or np.ndim(class_index) == 0
+    items = [class_index] if single else list(class_index)  # a NumPy array gives NumPy scalars: fine below
     if not items:
         raise ConfigError("no class to explain: pass a class index or a label name")
     labels = None
@@ -90,7 +94,10 @@ def resolve_classes(model, class_index, num_outputs):
                 raise ConfigError(f"class {item!r} is not one of the model's labels: {', '.join(labels)}")
             out.append(labels.index(name))
         else:
-            idx = int(item)
+            try:
+                idx = operator.index(item)
+            except TypeError:
+                raise ConfigError(f"class {item!r} is neither an output index nor a label name") from None
             if not 0 <= idx < num_outputs:
                 raise ConfigError(f"class index {idx} is out of range: the model has {num_outputs} outputs "
                                   f"(0..{num_outputs - 1})")

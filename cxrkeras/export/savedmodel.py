@@ -133,6 +133,13 @@ def export(run_or_model, out_base, records_dir=None, threshold_method="youden", 
     from cxrkeras.export.serving import build_archive
     from cxrkeras.export.verify import TOLERANCE, run_fresh, write_case
 
+    if os.path.exists(out_base) and not os.path.isdir(out_base):
+        raise CxrError(f"--out {out_base!r} is a file: give a folder (exports/<name>); versions go in its numbered "
+                       f"subfolders")
+    if re.fullmatch(r"\d+", os.path.basename(os.path.normpath(out_base))) and \
+            os.path.isfile(os.path.join(out_base, "saved_model.pb")):
+        raise CxrError(f"--out {out_base!r} is a version folder of an export: give its parent (the model base "
+                       f"folder); the next version number is chosen there")
     source = resolve(run_or_model)
     thresholds, thr_info = resolve_thresholds(source, records_dir, threshold_method, val_split, batch_size, log)
     os.makedirs(out_base, exist_ok=True)

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -121,12 +122,14 @@ def assign_by_name(model, arrays_by_name, source, strict_missing=False):
             failed.append(f"{layer.name}: model {expected} vs file {got}")
         else:
             matched.append((layer, arrays))
+    listing = "; ".join(failed[:20]) + (" ..." if len(failed) > 20 else "")
+    if not matched:
+        raise ConfigError(f"no layer of weights file {source} fits the model {model.name}: it was made for another "
+                          f"architecture (file layers: {', '.join(list(arrays_by_name)[:8])} ...)"
+                          + (f"; {len(failed)} layer(s) share a name but not the shapes: {listing}" if failed else ""))
     if failed:
         raise ConfigError(f"weights file {source} does not match the model {model.name}: {len(failed)} layer(s) "
-                          "failed: " + "; ".join(failed[:20]) + (" ..." if len(failed) > 20 else ""))
-    if not matched:
-        raise ConfigError(f"weights file {source} shares no layer names with the model {model.name} (file layers: "
-                          f"{', '.join(list(arrays_by_name)[:8])} ...): it was made for another architecture")
+                          f"failed: {listing}")
     if missing and strict_missing:
         raise ConfigError(f"weights file {source} lacks layers {', '.join(missing)} of the model {model.name}")
     for layer, arrays in matched:
@@ -140,7 +143,10 @@ def assign_by_name(model, arrays_by_name, source, strict_missing=False):
 def _load_keras3_weights(model, path):
     """Keras 3 .weights.h5 files are addressed by structure, not layer names: the architecture must match."""
     try:
-        model.load_weights(path)
+        with warnings.catch_warnings():
+            # Keras 3.15 warns about the functional graph's internal bookkeeping container, which holds no weights.
+            warnings.filterwarnings("ignore", message="Skipping nested container at '_operations_by_depth")
+            model.load_weights(path)
     except Exception as exc:  # noqa: BLE001
         detail = _structure_mismatch(model, path) or str(exc)
         raise ConfigError(f"weights file {path} does not match the model {model.name} (a .weights.h5 file only fits "

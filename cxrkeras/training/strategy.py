@@ -94,3 +94,54 @@ class precision_policy:
 
         keras.mixed_precision.set_global_policy(self._old)
         return False
+
+
+def is_multi_worker(strategy):
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
+        strategy.extended._num_workers > 1  # noqa: SLF001  (no public accessor for the worker count)
+
+
+def _patch_keras_multi_worker_reduce():
+    """Keras 3's fit reduces per-replica scalar logs with strategy.reduce("MEAN", v, axis=0), which fails under a
+    multi-worker MultiWorkerMirroredStrategy (keras-team/keras#20585, tensorflow/tensorflow#72388). Reduce them
+    with axis=None (a mean over replicas) instead; gradients are all-reduced by the optimizer as usual."""
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    if getattr(tf_trainer, "_cxrkeras_patched", False):
+        return
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction="auto"):
+        if reduction == "auto" and tf_trainer._collective_all_reduce_multi_worker(strategy):  # noqa: SLF001
+            import tensorflow as tf
+
+            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy, reduction)
+
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    tf_trainer._cxrkeras_patched = True  # noqa: SLF001
+
+
+class fit_scope:
+    """Context for model.fit. Multi-worker: work around Keras 3 (#20585): its symbolic build reduces a data batch
+    across workers and fails, so the model forgets its strategy (`_distribute_strategy = None`) and fit runs inside
+    `strategy.scope()`, where Keras picks the same strategy up through tf.distribute.get_strategy()."""
+
+    def __init__(self, model, strategy):
+        self.model, self.strategy = model, strategy
+        self._scope = None
+
+    def __enter__(self):
+        if is_multi_worker(self.strategy):
+            _patch_keras_multi_worker_reduce()
+            self.model._distribute_strategy = None  # noqa: SLF001
+            self._scope = self.strategy.scope()
+            self._scope.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._scope is not None:
+            self._scope.__exit__(*exc)
+        return False

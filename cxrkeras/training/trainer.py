@@ -152,6 +152,18 @@ def set_backbone_trainable(model, trainable):
         layer.trainable = trainable
 
 
+def weights_fingerprint(model):
+    """sha256 over all weights in model order: shows which weights a stage really started from."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
 def _tensorboard_available():
     import importlib.util
 
@@ -228,8 +240,8 @@ def train(config, stage, init=None, callbacks=(), log=print):
 
 def _run(config, stage, variant, manifest, labels, counts, positives, manifest_sha, init_path, init_info,
          stage_dir, out_dir, state, chief, extra_callbacks, log):
-    from cxrkeras.training.strategy import choose_strategy, describe_devices, precision_policy, \
-        resolve_mixed_precision
+    from cxrkeras.training.strategy import (choose_strategy, describe_devices, fit_scope, precision_policy,
+                                            resolve_mixed_precision)
 
     # The strategy first: MultiWorkerMirroredStrategy must exist before other TensorFlow work starts.
     strategy = choose_strategy(config.train.strategy)
@@ -299,9 +311,13 @@ def _run(config, stage, variant, manifest, labels, counts, positives, manifest_s
                     raise CxrError(f"cannot initialise stage 2 from {init_path}: its architecture differs from "
                                    f"this config's model ({exc}); use the same model settings as stage 1") from exc
         if init_path and not resume:
+            info["init"]["weights_fingerprint"] = weights_fingerprint(model)
+            if chief:
+                rundir.write_json(info_path, info)
             log(f"stage 2: initialised from {init_path}"
                 + (f" (stage 1 best epoch {init_info.get('best_epoch')}, mean val AUC "
-                   f"{init_info.get('val_auc_mean', float('nan')):.4f})" if init_info.get("best_epoch") else ""))
+                   f"{init_info.get('val_auc_mean', float('nan')):.4f})" if init_info.get("best_epoch") else "")
+                + f", weights fingerprint {info['init']['weights_fingerprint'][:16]}")
 
         loss = make_loss(config, stage)
         auc_cb = ValidationAUC(val_ds, labels, guard, loss_fn=loss)
@@ -361,8 +377,9 @@ def _run(config, stage, variant, manifest, labels, counts, positives, manifest_s
             log(f"epochs {begin + 1}-{end}: backbone {'frozen' if frozen else 'trainable'}, "
                 f"{_count(model.trainable_variables):,} trainable parameters")
             try:
-                model.fit(train_ds, epochs=end, initial_epoch=begin, steps_per_epoch=steps, callbacks=cbs,
-                          shuffle=False, verbose=1 if config.train.verbose == 1 else 0)
+                with fit_scope(model, strategy):
+                    model.fit(train_ds, epochs=end, initial_epoch=begin, steps_per_epoch=steps, callbacks=cbs,
+                              shuffle=False, verbose=1 if config.train.verbose == 1 else 0)
             except tf.errors.InvalidArgumentError as exc:
                 err = data_error_from(exc)
                 if err is not None:

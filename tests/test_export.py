@@ -1,0 +1,159 @@
+"""`export` (TF Serving SavedModel) and `predict`: fresh-process equality, input formats, bad bytes, versions."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from evalexport_helpers import jpeg_bytes, png_bytes, sample_gray, tiny_model, write_dicom
+
+
+@pytest.fixture(scope="module")
+def run_and_export(tiny_records, tmp_path_factory):
+    """A run folder (stage2/best.keras + config + run_info), its evaluation, and its export (checked on write)."""
+    from cxrkeras.evaluation.evaluate import evaluate
+    from cxrkeras.export.savedmodel import export
+
+    root = tmp_path_factory.mktemp("export")
+    stage = root / "runs" / "tiny" / "stage2"
+    stage.mkdir(parents=True)
+    model = tiny_model()
+    model.save(str(stage / "best.keras"))
+    (stage / "config.yaml").write_text(yaml.safe_dump({"data": {"records": tiny_records, "image_size": 32,
+                                                                "equalize": None}, "model": {"variant": "tiny"}}))
+    (stage / "run_info.json").write_text(json.dumps({"records": tiny_records, "image_size": 32}))
+    run = str(root / "runs" / "tiny")
+    evaluation = evaluate(run, n_boot=20, figures_on=False, log=lambda *_: None)
+    base = str(root / "exports" / "tiny")
+    result = export(run, base, log=lambda *_: None)
+    return {"run": run, "base": base, "result": result, "evaluation": evaluation, "model": model, "root": root}
+
+
+@pytest.fixture(scope="module")
+def loaded(run_and_export):
+    import tensorflow as tf
+
+    return tf.saved_model.load(run_and_export["result"]["path"]).signatures["serving_default"]
+
+
+def _keras_probs(model, blobs, size=32):
+    import tensorflow as tf
+
+    from cxrkeras.data.preprocess import decode_image, preprocess_for_eval
+
+    x = np.stack([preprocess_for_eval(decode_image(tf.constant(b)), size, "torch").numpy() for b in blobs])
+    return np.asarray(model(x, training=False))
+
+
+def test_export_matches_keras_in_a_fresh_process(run_and_export):
+    r = run_and_export["result"]
+    check = r["verification"]
+    assert r["version"] == 1 and r["path"].endswith(os.path.join("tiny", "1"))
+    assert check["max_abs_diff_bytes"] <= 1e-5 and check["max_abs_diff_images"] <= 1e-5
+    assert check["findings_ok"] and check["after_bad_max_abs_diff"] <= 1e-5 and check["batch"] == 4
+    assert "image_bytes[1]: not a PNG or JPEG image" in check["bad_bytes_error"]
+    sig = check["signatures"]
+    assert "signature_def['serving_default']" in sig and "inputs['image_bytes']" in sig and "DT_STRING" in sig
+    assert "signature_def['predict_images']" in sig and "shape: (-1, 32, 32, 3)" in sig and "DT_BOOL" in sig
+
+
+def test_assets_and_thresholds_from_the_runs_evaluation(run_and_export):
+    r = run_and_export["result"]
+    assets = os.path.join(r["path"], "assets")
+    assert sorted(os.listdir(assets)) == ["config.yaml", "export_info.json", "labels.txt", "test_metrics.json",
+                                          "thresholds.json"]
+    labels = open(os.path.join(assets, "labels.txt")).read().split()
+    assert labels == run_and_export["evaluation"]["labels"]
+    thr = json.load(open(os.path.join(assets, "thresholds.json")))
+    assert thr["source"] == "evaluation" and thr["method"] == "youden" and r["warning"] is None
+    chosen = run_and_export["evaluation"]["thresholds"]["youden"]
+    assert thr["thresholds"] == pytest.approx([chosen[lbl]["threshold"] for lbl in labels])
+    assert json.load(open(os.path.join(assets, "test_metrics.json")))["split"] == "test"
+
+
+def test_png_jpeg_rgba_16bit_inputs(loaded, run_and_export):
+    import tensorflow as tf
+
+    gray = sample_gray()[40:440, 90:390]  # 400x300, not square: the central square is used
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 255)])
+    la = np.dstack([gray, np.full_like(gray, 255)])
+    blobs = [png_bytes(gray), png_bytes(gray.astype(np.uint16) * 257), png_bytes(rgba), png_bytes(la),
+             jpeg_bytes(np.dstack([gray] * 3))]
+    out = loaded(image_bytes=tf.constant(blobs))
+    probs = out["probabilities"].numpy()
+    assert probs.shape == (5, 14) and out["findings"].dtype == tf.bool
+    # 16-bit (v*257), RGBA and gray+alpha versions of one image are the same image to the model
+    np.testing.assert_allclose(probs[1:4], np.repeat(probs[:1], 3, axis=0), atol=1e-6)
+    np.testing.assert_allclose(probs, _keras_probs(run_and_export["model"], blobs), atol=1e-5)
+    assert np.ptp(probs[:, :]) > 0.05  # the tiny model's outputs really differ across labels
+
+
+def test_bad_bytes_are_invalid_argument_and_the_model_keeps_serving(loaded, run_and_export):
+    import tensorflow as tf
+
+    good = png_bytes(sample_gray()[:200, :200])
+    jpg = jpeg_bytes(sample_gray()[:200, :200])
+    expected = loaded(image_bytes=tf.constant([good]))["probabilities"].numpy()
+    cases = [(b"<html>oops</html>", r"image_bytes\[1\]: not a PNG or JPEG image"),
+             (good[: len(good) // 2], "Invalid PNG data"),
+             (jpg[: len(jpg) // 2], "Invalid JPEG data"),
+             (b"", r"image_bytes\[1\]: empty string")]
+    for bad, pattern in cases:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
+            loaded(image_bytes=tf.constant([good, bad]))
+        again = loaded(image_bytes=tf.constant([good, good]))["probabilities"].numpy()
+        np.testing.assert_allclose(again, np.repeat(expected, 2, axis=0), atol=1e-6)
+
+
+def test_version_numbering_and_default_thresholds_warning(run_and_export, tmp_path):
+    from cxrkeras.export.savedmodel import export, next_version
+
+    assert next_version(str(tmp_path / "none")) == 1
+    for d in ("1", "3", "notes", ".export-abc"):
+        (tmp_path / d).mkdir()
+    assert next_version(str(tmp_path)) == 4
+    # a bare .keras with no evaluation and no records: version 2 beside the fixture's 1, thresholds 0.5 + warning
+    keras_path = os.path.join(run_and_export["run"], "stage2", "best.keras")
+    copy = str(tmp_path / "model.keras")
+    with open(keras_path, "rb") as src, open(copy, "wb") as dst:
+        dst.write(src.read())
+    r = export(copy, run_and_export["base"], verify=False, log=lambda *_: None)
+    assert r["version"] == 2 and os.path.isdir(os.path.join(run_and_export["base"], "1"))
+    assert set(r["thresholds"].values()) == {0.5} and "threshold 0.5" in r["warning"]
+    info = json.load(open(os.path.join(r["path"], "assets", "export_info.json")))
+    assert info["thresholds_source"] == "default" and info["warning"]
+    assert not [d for d in os.listdir(run_and_export["base"]) if d.startswith(".export-")]
+
+
+def test_predict_reports_bad_files_and_predicts_the_others(run_and_export, loaded, tmp_path):
+    import tensorflow as tf
+
+    from cxrkeras.cli import cli
+    from cxrkeras.data.images import encode_png, read_image
+
+    gray = sample_gray()
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(gray))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not an image")
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(png_bytes(gray)[:5000])
+    dcm = write_dicom(str(tmp_path / "scan.dcm"), gray[:300, :300].astype(np.uint16) * 16, window=(2048, 4096))
+    files = [str(good), str(bad), str(trunc), dcm, str(tmp_path / "missing.png")]
+    res = CliRunner().invoke(cli, ["predict", "--model", run_and_export["base"], "--json", *files])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output[res.output.index("{"):])
+    by_file = {os.path.basename(r["file"]): r for r in doc["results"]}
+    assert "not an image" in by_file["bad.png"]["error"]
+    assert "Invalid PNG data" in by_file["trunc.png"]["error"]
+    assert by_file["missing.png"]["error"] == "file not found"
+    assert doc["model"].endswith(os.path.join("tiny", "2")) or doc["model"].endswith(os.path.join("tiny", "1"))
+    served = loaded(image_bytes=tf.constant([good.read_bytes(), encode_png(read_image(dcm))]))
+    for row, name in enumerate(("good.png", "scan.dcm")):
+        probs = [by_file[name]["probabilities"][lbl] for lbl in doc["labels"]]
+        np.testing.assert_allclose(probs, served["probabilities"].numpy()[row], atol=1e-5)
+    table = CliRunner().invoke(cli, ["predict", "--model", os.path.join(run_and_export["run"], "stage2",
+                                                                        "best.keras"), str(good), str(bad)])
+    assert table.exit_code == 0 and "#2: " in table.output and "ERROR" in table.output and "Atelectasis" in table.output

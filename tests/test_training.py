@@ -1,0 +1,222 @@
+"""Two-stage training end to end on the tiny real-sample records: CLI, run folder, stage-2 init, resume, NaN."""
+
+import csv
+import hashlib
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cxrkeras.cli import cli
+from cxrkeras.config import load_config
+from cxrkeras.errors import ConfigError, CxrError
+
+THIN = "{blocks: [1, 1, 1, 1], width_multiplier: 0.125}"
+
+
+def tiny_args(records, root, name, epochs=2):
+    return ["--records", records, "--run-dir", root, "--name", name, "--epochs", str(epochs), "--image-size", "32",
+            "--batch-size", "4", "--weights", "none", "--variant", "densenet121-lka-last2",
+            "--set", f"model.overrides={THIN}", "--set", "train.steps_per_epoch=2", "--set", "data.shuffle_buffer=64"]
+
+
+def tiny_config(records, root, name, epochs=2, **sections):
+    overrides = {"data": {"records": records, "image_size": 32, "batch_size": 4, "shuffle_buffer": 64},
+                 "model": {"variant": "densenet121-lka-last2", "weights": None,
+                           "overrides": {"blocks": [1, 1, 1, 1], "width_multiplier": 0.125}},
+                 "train": {"epochs": epochs, "steps_per_epoch": 2, "verbose": 0},
+                 "run": {"root": root, "name": name}}
+    for section, values in sections.items():
+        overrides.setdefault(section, {}).update(values)
+    return load_config(overrides=overrides)
+
+
+def history(stage_dir):
+    with open(os.path.join(stage_dir, "history.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def two_stage(tiny_records, tmp_path_factory):
+    """Stage 1 then stage 2 of one run through the CLI (2 epochs each)."""
+    root = str(tmp_path_factory.mktemp("runs"))
+    runner = CliRunner()
+    out = {}
+    for stage in ("1", "2"):
+        res = runner.invoke(cli, ["train", "--stage", stage] + tiny_args(tiny_records, root, "e2e"))
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        out[stage] = res.output
+    return root, os.path.join(root, "e2e"), out
+
+
+def test_two_stages_through_the_cli(two_stage, tiny_records):
+    from cxrkeras.data.manifest import load_manifest
+    from cxrkeras.training.rundir import best_model_path
+
+    root, run, out = two_stage
+    manifest = load_manifest(tiny_records)
+    train_info = manifest["splits"]["train"]
+    for stage in (1, 2):
+        d = os.path.join(run, f"stage{stage}")
+        for name in ("config.yaml", "run_info.json", "history.csv", "best.keras", "last.keras", "tensorboard"):
+            assert os.path.exists(os.path.join(d, name)), (stage, name)
+        rows = history(d)
+        assert [r["epoch"] for r in rows] == ["1", "2"]
+        for r in rows:  # exact per-label AUC columns and their mean, every epoch
+            aucs = [float(r[f"val_auc_{label}"]) for label in manifest["labels"]]
+            defined = [a for a in aucs if np.isfinite(a)]
+            assert defined and np.isclose(float(r["val_auc_mean"]), np.mean(defined))
+        info = json.load(open(os.path.join(d, "run_info.json")))
+        assert info["finished"] and info["stage"] == stage and info["variant"] == "densenet121-lka-last2"
+        assert info["manifest_sha256"] == sha(os.path.join(tiny_records, "manifest.json"))
+        assert info["labels"] == manifest["labels"] and info["image_size"] == 32
+        assert info["preprocessing"] == "torch" and info["versions"]["keras"] == keras.__version__
+        assert info["devices"]["replicas"] == 1
+        expected = train_info["images"] - (train_info["no_finding"] if stage == 1 else 0)
+        assert info["train_images"] == expected  # stage 1 = images with a finding only
+        assert f"stage {stage} summary" in out[str(stage)] and "best epoch" in out[str(stage)]
+    info2 = json.load(open(os.path.join(run, "stage2", "run_info.json")))
+    stage1_best = os.path.join(run, "stage1", "best.keras")
+    assert info2["init"]["path"] == os.path.abspath(stage1_best)
+    assert "initialised from" in out["2"] and stage1_best in out["2"]
+    assert best_model_path(run) == os.path.join(run, "stage2", "best.keras")
+    model = keras.saving.load_model(best_model_path(run), compile=False)
+    assert model.output_shape == (None, len(manifest["labels"]))
+
+
+def test_rerun_refusal_and_finished(two_stage, tiny_records):
+    root, run, _ = two_stage
+    runner = CliRunner()
+    args = ["train", "--stage", "1"] + tiny_args(tiny_records, root, "e2e")
+    before = sha(os.path.join(run, "stage1", "best.keras"))
+    res = runner.invoke(cli, args + ["--lr", "0.5"])
+    assert res.exit_code != 0 and "different config" in res.output and "optim.lr" in res.output
+    assert "--overwrite" in res.output
+    res = runner.invoke(cli, args)  # same command again: nothing retrained
+    assert res.exit_code == 0 and "already finished" in res.output and "stage 1 summary" in res.output
+    assert sha(os.path.join(run, "stage1", "best.keras")) == before
+
+
+def test_bad_input_messages(tiny_records, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", "--stage", "2"] + tiny_args(tiny_records, str(tmp_path), "nostage1"))
+    assert res.exit_code != 0 and "--stage 1" in res.output and "best.keras" in res.output
+    res = runner.invoke(cli, ["train", "--stage", "1"] + tiny_args(str(tmp_path / "none"), str(tmp_path), "x"))
+    assert res.exit_code != 0 and "does not exist" in res.output and "build-records" in res.output
+    res = runner.invoke(cli, ["train", "--stage", "1", "--set", "optim.learning_rate=0.1"])
+    assert res.exit_code != 0 and "did you mean 'optim.lr'" in res.output
+    res = runner.invoke(cli, ["train", "--stage", "1", "--variant", "densenet121-lka-lst2"])
+    assert res.exit_code != 0 and "densenet121-lka-last2" in res.output
+
+
+class WeightsProbe(keras.callbacks.Callback):
+    """Records the weights and optimiser iteration count when fit starts."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = None
+
+    def on_train_begin(self, logs=None):
+        if self.weights is None:
+            self.weights = [np.array(w) for w in self.model.get_weights()]
+            self.iterations = int(self.model.optimizer.iterations.numpy())
+
+
+def test_stage2_starts_from_stage1_weights_and_checks_its_origin(two_stage, tiny_records):
+    from cxrkeras.training import train
+    from cxrkeras.training.trainer import weights_fingerprint
+
+    root, run, out = two_stage
+    stage1_best = os.path.join(run, "stage1", "best.keras")
+    stage1 = keras.saving.load_model(stage1_best, compile=False)
+    stage2_last = keras.saving.load_model(os.path.join(run, "stage2", "last.keras"), compile=False)
+    # the weights stage 2 had before its first step are exactly stage 1's best (fingerprint taken after loading)
+    info2 = json.load(open(os.path.join(run, "stage2", "run_info.json")))
+    assert info2["init"]["weights_fingerprint"] == weights_fingerprint(stage1)
+    assert weights_fingerprint(stage1)[:16] in out["2"]
+    assert weights_fingerprint(stage2_last) != weights_fingerprint(stage1)  # and then it trained
+    other = tiny_config(tiny_records, root, "init-other")
+    other.model.variant = "densenet121-lka-after"
+    with pytest.raises(ConfigError, match="refuses to start.*variant 'densenet121-lka-last2' there"):
+        train(other, 2, init=stage1_best)
+
+
+def test_stage_datasets(tiny_records):
+    from cxrkeras.training.trainer import make_datasets
+
+    cfg = tiny_config(tiny_records, "unused", "unused")
+    for stage in (1, 2):
+        train_ds, val_ds = make_datasets(cfg, stage)
+        train_rows = np.concatenate([y.numpy() for _, y in train_ds.take(30)])
+        val_rows = np.concatenate([y.numpy() for _, y in val_ds])
+        assert train_rows.shape[1] == 14 and len(train_rows) == 120
+        if stage == 1:  # no 'No Finding' image reaches stage 1, in training or validation
+            assert train_rows.sum(axis=1).min() >= 1 and val_rows.sum(axis=1).min() >= 1
+        else:
+            assert (val_rows.sum(axis=1) == 0).any() and (train_rows.sum(axis=1) == 0).any()
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._current == self.epoch:
+            raise KeyboardInterrupt("simulated kill in the middle of an epoch")
+
+
+def test_resume_after_interruption_continues_epochs_and_schedule(tiny_records, tmp_path):
+    from cxrkeras.training import train
+
+    cfg = tiny_config(tiny_records, str(tmp_path), "resume", epochs=2)
+    cfg.optim.schedule, cfg.optim.cosine_alpha = "cosine", 0.1
+    stage_dir = os.path.join(str(tmp_path), "resume", "stage1")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, 1, callbacks=[Interrupt(epoch=1)], log=lambda *_: None)
+    assert [r["epoch"] for r in history(stage_dir)] == ["1"]
+    after_epoch1 = keras.saving.load_model(os.path.join(stage_dir, "last.keras"), compile=False).get_weights()
+
+    probe = WeightsProbe()
+    result = train(cfg, 1, callbacks=[probe], log=lambda *_: None)
+    assert result.resumed_from == 1 and result.epochs_run == 2
+    assert [r["epoch"] for r in history(stage_dir)] == ["1", "2"]
+    assert probe.iterations == 2  # optimiser state restored: 1 epoch x 2 steps
+    assert all(np.array_equal(a, b) for a, b in zip(after_epoch1, probe.weights))
+    schedule = keras.optimizers.schedules.CosineDecay(1e-4, decay_steps=4, alpha=0.1)
+    expected = [float(schedule(step)) for step in (2, 4)]
+    logged = [float(r["learning_rate"]) for r in history(stage_dir)]
+    assert np.allclose(logged, expected, rtol=1e-5)  # the cosine schedule continues from step 2, not 0
+    info = json.load(open(os.path.join(stage_dir, "run_info.json")))
+    assert info["finished"] and info["resumes"][0]["from_epoch"] == 1
+
+
+class PoisonWeights(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            layer = self.model.get_layer("predictions")
+            layer.kernel.assign(np.full(layer.kernel.shape, np.nan, dtype="float32"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_records, tmp_path):
+    from cxrkeras.training import train
+
+    cfg = tiny_config(tiny_records, str(tmp_path), "nan", epochs=2)
+    stage_dir = os.path.join(str(tmp_path), "nan", "stage1")
+    with pytest.raises(CxrError) as exc:
+        train(cfg, 1, callbacks=[PoisonWeights()], log=lambda *_: None)
+    msg = str(exc.value)
+    assert "became nan at epoch 2" in msg and "best.keras (epoch 1)" in msg and "--lr" in msg
+    assert [r["epoch"] for r in history(stage_dir)] == ["1"]
+    kept = keras.saving.load_model(os.path.join(stage_dir, "best.keras"), compile=False)
+    assert all(np.isfinite(w).all() for w in kept.get_weights())
