@@ -144,7 +144,8 @@ def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alph
     entries = explain_files(model_path, list(images), out, top_k=top_k, class_names=list(class_names) or None,
                             layer_name=layer, method=method, alpha=alpha)
     for e in entries:
-        click.echo(f"{e['image']}  {e['label']:<20} p={e['probability']:.3f}  -> {e['overlay']}")
+        zero = "  (all-zero heatmap: no positive evidence at this layer)" if e["heatmap_max"] <= 0 else ""
+        click.echo(f"{e['image']}  {e['label']:<20} p={e['probability']:.3f}  -> {e['overlay']}{zero}")
     click.echo(f"{len(entries)} overlays and gradcam.json written to {out}")
 
 

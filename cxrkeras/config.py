@@ -226,7 +226,8 @@ def validate(config):
     """Range and choice checks that do not need TensorFlow; raises ConfigError naming the key."""
     def choice(key, value, choices):
         if value not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}{_closest(str(value), choices)}")
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, "
+                              f"got {value!r}{_closest(str(value), choices)}")
 
     choice("optim.optimizer", config.optim.optimizer, OPTIMIZERS)
     choice("optim.schedule", config.optim.schedule, SCHEDULES)

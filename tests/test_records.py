@@ -106,13 +106,16 @@ def test_rerun_writes_nothing_and_resume_after_interruption(tmp_path, sample64, 
     assert inspect_records(out).problems == []
 
 
-def test_parallel_build_equals_serial(tmp_path, sample64):
+def test_parallel_build_equals_serial(tmp_path, sample64, monkeypatch):
+    monkeypatch.setattr(rec, "MIN_TASKS_PER_WORKER", 1)  # use the process pool even for 30 images
+    contexts, get_context = [], rec.multiprocessing.get_context
+    monkeypatch.setattr(rec.multiprocessing, "get_context", lambda method: contexts.append(method) or get_context(method))
     csv_path, images, _ = small_nih(tmp_path, sample64, n=30)
     serial = rec.build_records(csv_path, images, str(tmp_path / "s"), image_size=48, shard_size=6, workers=1,
                                progress=False)
     parallel = rec.build_records(csv_path, images, str(tmp_path / "p"), image_size=48, shard_size=6, workers=2,
                                  progress=False)
-    assert parallel.manifest["splits"] == serial.manifest["splits"]
+    assert contexts == ["spawn"] and parallel.manifest["splits"] == serial.manifest["splits"]
 
 
 def test_inspect_detects_tampering(tiny_records, tmp_path):

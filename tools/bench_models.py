@@ -42,23 +42,20 @@ def main():
     parser.add_argument("--variants", default=None, help="comma-separated LKA variants (default: the paper's six)")
     args = parser.parse_args()
     wanted = set(args.variants.split(",")) if args.variants else None
-    rows = []
+    import tensorflow as tf
+
+    print(f"training step, batch {args.batch}, {args.steps} timed steps, {args.size}x{args.size}, float32, "
+          f"CPU ({os.cpu_count()} cores, TF {tf.__version__}); ratios vs the no-LKA baseline above each group")
+    print(f"{'variant':24s} {'GFLOPs':>7s} {'FLOP ratio':>10s} {'img/s':>7s} {'time ratio':>10s}", flush=True)
     for baseline, variants in PAIRS:
         variants = [v for v in variants if wanted is None or v in wanted]
         if not variants:
             continue
         base_ips, base_gflops = measure(baseline, args.batch, args.steps, args.size)
-        rows.append((baseline, base_gflops, 1.0, base_ips, 1.0))
+        print(f"{baseline:24s} {base_gflops:7.2f} {1.0:10.3f} {base_ips:7.2f} {1.0:10.3f}", flush=True)
         for variant in variants:
             ips, gf = measure(variant, args.batch, args.steps, args.size)
-            rows.append((variant, gf, gf / base_gflops, ips, base_ips / ips))
-    import tensorflow as tf
-
-    print(f"training step, batch {args.batch}, {args.steps} timed steps, {args.size}x{args.size}, float32, "
-          f"CPU ({os.cpu_count()} cores, TF {tf.__version__}); ratios vs the no-LKA baseline above each group")
-    print(f"{'variant':24s} {'GFLOPs':>7s} {'FLOP ratio':>10s} {'img/s':>7s} {'time ratio':>10s}")
-    for name, gf, flop_ratio, ips, time_ratio in rows:
-        print(f"{name:24s} {gf:7.2f} {flop_ratio:10.3f} {ips:7.2f} {time_ratio:10.3f}")
+            print(f"{variant:24s} {gf:7.2f} {gf / base_gflops:10.3f} {ips:7.2f} {base_ips / ips:10.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def main(argv=None):
 
     from cxrkeras.data.preprocess import decode_image, preprocess_for_eval
     from cxrkeras.export.savedmodel import export
-    from cxrkeras.models import build_model
+    from cxrkeras.models import build_model, get_variant
 
     size = args.image_size
     model = build_model(args.variant, weights=None, input_shape=(size, size, 3))
@@ -77,7 +77,7 @@ def main(argv=None):
         images_fn = loaded.signatures["predict_images"]
 
         png = _png_1024()
-        x1 = preprocess_for_eval(decode_image(tf.constant(png)), size, "torch")[None]
+        x1 = preprocess_for_eval(decode_image(tf.constant(png)), size, get_variant(args.variant).preprocessing)[None]
         bytes1, bytes32 = tf.constant([png]), tf.constant([png] * 32)
         x32 = tf.repeat(x1, 32, axis=0)
         keras_fn = tf.function(lambda x: model(x, training=False))

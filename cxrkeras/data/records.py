@@ -25,6 +25,7 @@ RECEIPTS = ".receipts"  # one JSON per finished shard: what makes re-runs idempo
 INDEX_NAME = "index.csv"
 SHARD_RE = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$")
 _MAX_LISTED = 10
+MIN_TASKS_PER_WORKER = 100  # below this, starting a process costs more than the images it would encode
 
 
 @dataclass
@@ -198,9 +199,10 @@ def _write_shards(out, todo, table, assign_names, paths, image_size, channels, w
     tasks = [(paths[j], (image_size, image_size), channels) for _, rows, _ in todo for j in rows]
     receipts = {}
     pool = None
-    if workers > 1 and len(tasks) > 1:
+    workers = min(workers, max(1, len(tasks) // MIN_TASKS_PER_WORKER))
+    if workers > 1:
         # spawn: workers import only PIL/numpy (never TF), safe whatever threads the parent has started
-        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)))
+        pool = multiprocessing.get_context("spawn").Pool(workers)
         results = pool.imap(_encode_task, tasks, chunksize=4)
     else:
         results = map(_encode_task, tasks)

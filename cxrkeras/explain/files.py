@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 
@@ -103,7 +104,9 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
         else:
             chosen = [list(fixed) for _ in paths]
         wanted = sorted({int(c) for cs in chosen for c in cs})
-        maps, probs = engine(x, wanted, batch_size=batch_size)
+        with warnings.catch_warnings():  # zero maps are flagged in the entries (heatmap_max 0) instead
+            warnings.simplefilter("ignore", UserWarning)
+            maps, probs = engine(x, wanted, batch_size=batch_size)
         for i, (path, original) in enumerate(zip(paths, originals)):
             stem = _safe(os.path.splitext(os.path.basename(path))[0])
             if stem in stems:  # same file name from another folder: keep both

@@ -88,8 +88,13 @@ class HeatmapEngine:
             feats, pre = self._grad_model(images, training=False)
             logits = self._logits(pre)
             selected = tf.gather(logits, classes, axis=1)  # [N, K]
-        # batch_jacobian vectorises the K cotangents: one backward pass for all classes of the batch
-        grads = tf.cast(tape.batch_jacobian(selected, feats), tf.float32)  # [N, K, h, w, c]
+            one_class = selected.shape[1] == 1
+            total = tf.reduce_sum(selected) if one_class else None
+        if one_class:  # images are independent in inference mode: the batch sum's gradient is per-image
+            grads = tf.cast(tape.gradient(total, feats, unconnected_gradients="zero"), tf.float32)[:, None]
+        else:  # batch_jacobian vectorises the K cotangents: one backward pass for all classes of the batch
+            grads = tf.cast(tape.batch_jacobian(selected, feats, unconnected_gradients="zero"),
+                            tf.float32)  # [N, K, h, w, c]
         feats = tf.cast(feats, tf.float32)
         if self.use_guided_grads:
             grads = grads * tf.cast(feats[:, None] > 0, tf.float32) * tf.cast(grads > 0, tf.float32)

@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import warnings
 import zlib
 from collections import OrderedDict, defaultdict
 
@@ -140,7 +141,8 @@ def _score_case(heatmap, image_shape, boxes, threshold, rng, draws):
     hit, iou = score_map(to_original_frame(heatmap, height, width, region), mask, threshold)
     rand = [score_map(to_original_frame(r, height, width, region), mask, threshold)
             for r in random_maps(rng, heatmap.shape, draws)]
-    return OrderedDict(hit=int(hit), iou=round(iou, 6), zero_map=int(not heatmap.max() > 0), random_hit=float(np.mean([r[0] for r in rand])),
+    return OrderedDict(hit=int(hit), iou=round(iou, 6), zero_map=int(not heatmap.max() > 0),
+                       random_hit=float(np.mean([r[0] for r in rand])),
                        random_iou=round(float(np.mean([r[1] for r in rand])), 6),
                        box_fraction=round(float(mask.mean()), 6))
 
@@ -202,7 +204,9 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
             continue
         x = np.stack([preprocess_for_eval(tf.constant(a[..., None], tf.float32), size, mode).numpy() for a in arrays])
         wanted = sorted({labels.index(lbl) for n in names for lbl in by_image[n]})
-        maps, probs = engine(x, wanted, batch_size=batch_size)
+        with warnings.catch_warnings():  # zero maps are counted in the result (zero_maps) instead
+            warnings.simplefilter("ignore", UserWarning)
+            maps, probs = engine(x, wanted, batch_size=batch_size)
         for i, (name, arr) in enumerate(zip(names, arrays)):
             for label, label_boxes in sorted(by_image[name].items()):
                 index = labels.index(label)

@@ -1,4 +1,4 @@
-"""Heatmap display: bilinear upsampling into the original image's frame, colour maps, blends, grids, labelled figures."""
+"""Heatmap display: bilinear upsampling into the original image's frame, colour maps, blends, grids, figures."""
 
 import math
 import os
@@ -118,7 +118,8 @@ def overlay_figure(image, heatmap, path, label, probability=None, alpha=0.4, col
     title = label if probability is None else f"{label}: p = {float(probability):.3f}"
     fig.text(0.02, 1.0 - band * 0.38 / fig_h, title, fontsize=font, va="center", ha="left", weight="bold")
     if note:
-        fig.text(0.02, 1.0 - band * 0.78 / fig_h, note, fontsize=max(6.0, font * 0.55), va="center", ha="left", color="0.3")
+        fig.text(0.02, 1.0 - band * 0.78 / fig_h, note, fontsize=max(6.0, font * 0.55), va="center", ha="left",
+                 color="0.3")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=dpi, facecolor="white")
     return path

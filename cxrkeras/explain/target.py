@@ -62,7 +62,8 @@ def resolve_layer(model, layer_name=None):
     rank = _output_rank(model.get_layer(layer_name))
     if rank != 4:
         raise ConfigError(f"layer {layer_name!r} has no spatial dimensions (output rank {rank}, Grad-CAM needs "
-                          f"(batch, height, width, channels)); pass one of the {_candidates_text(spatial_layers(model))}")
+                          "(batch, height, width, channels)); pass one of the "
+                          f"{_candidates_text(spatial_layers(model))}")
     return layer_name
 
 

@@ -17,7 +17,8 @@ def tf_config():
         raise ConfigError(f"TF_CONFIG is not valid JSON ({exc}); see the TensorFlow multi-worker guide") from exc
     if not isinstance(value, dict) or "cluster" not in value or "task" not in value:
         raise ConfigError("TF_CONFIG must have 'cluster' and 'task' keys, e.g. "
-                          '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}')
+                          '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                          '"task": {"type": "worker", "index": 0}}')
     return value
 
 

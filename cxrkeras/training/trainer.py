@@ -222,6 +222,11 @@ def train(config, stage, init=None, callbacks=(), log=print):
     info_path = os.path.join(out_dir, rundir.RUN_INFO_FILE)
     history_path = os.path.join(out_dir, rundir.HISTORY_FILE)
 
+    if stage == 2 and state != "new" and os.path.isfile(info_path):
+        started_from = (rundir.read_json(info_path).get("init") or {}).get("sha256")
+        if started_from and started_from != rundir.file_sha256(init_path):
+            raise ConfigError(f"{stage_dir} was trained from a different stage-1 checkpoint than {init_path} is now "
+                              f"(stage 1 was retrained?): pass --overwrite to train stage 2 again from it")
     if state == "finished":
         info = rundir.read_json(info_path)
         log(f"stage {stage} of run {config.run.name!r} already finished ({stage_dir}); "
@@ -315,8 +320,8 @@ def _run(config, stage, variant, manifest, labels, counts, positives, manifest_s
             if chief:
                 rundir.write_json(info_path, info)
             log(f"stage 2: initialised from {init_path}"
-                + (f" (stage 1 best epoch {init_info.get('best_epoch')}, mean val AUC "
-                   f"{init_info.get('val_auc_mean', float('nan')):.4f})" if init_info.get("best_epoch") else "")
+                + (f" (stage 1 best epoch {init_info['best_epoch']}, mean val AUC {init_info['val_auc_mean']:.4f})"
+                   if init_info.get("best_epoch") and init_info.get("val_auc_mean") is not None else "")
                 + f", weights fingerprint {info['init']['weights_fingerprint'][:16]}")
 
         loss = make_loss(config, stage)
