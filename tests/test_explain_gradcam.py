@@ -203,16 +203,21 @@ def test_callback_writes_images_to_tensorboard(toy, tmp_path):
     top1 = GradCAMCallback(tf.data.Dataset.from_tensor_slices((x, y)).batch(3), None, str(tmp_path / "tb1"),
                            max_images=4)
     clone.fit(x, y, epochs=2, batch_size=6, verbose=0, callbacks=[callback, top1])
-    tags, steps = set(), set()
-    for name in os.listdir(logdir):
-        for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
-            for value in event.summary.value:
-                tags.add(value.tag)
-                steps.add(event.step)
-                shape = tf.make_ndarray(value.tensor)
-                assert shape[:2].tolist() == [b"64", b"64"]  # width, height of a 2x2 grid of 32 px tiles
-    assert tags == {"gradcam/class_0", "gradcam/class_1"} and steps == {0, 1}
-    assert os.listdir(str(tmp_path / "tb1"))
+
+    def read(folder):
+        out = []
+        for name in os.listdir(folder):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name)):
+                out += [(event.step, v.tag, tf.make_ndarray(v.tensor)) for v in event.summary.value]
+        return out
+
+    events = read(logdir)
+    assert {tag for _, tag, _ in events} == {"gradcam/class_0", "gradcam/class_1"}
+    assert {step for step, _, _ in events} == {0, 1}
+    for _, _, tensor in events:
+        assert tensor[:2].tolist() == [b"64", b"64"]  # width, height of a 2x2 grid of 32 px tiles
+    top1 = read(str(tmp_path / "tb1"))
+    assert top1 and all(tag.startswith("gradcam/top1/class_") for _, tag, _ in top1)
     with pytest.raises(ConfigError, match="out of range"):
         bad = GradCAMCallback((x[:2], None), 5, str(tmp_path / "bad"))
         clone.fit(x[:4], y[:4], epochs=1, verbose=0, callbacks=[bad])

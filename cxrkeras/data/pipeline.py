@@ -66,42 +66,61 @@ def _work_size(manifest, image_size, training):
     return target if min(stored) > target else None
 
 
-def _read_shard(path, count, num_labels, channels, stage, equalize, work_size):
-    """One shard -> (image uint8 HxWxC, labels int64[L], image_id, patient_id, keep), with the integrity check."""
-    spec = features.feature_spec(num_labels)
-    name = tf.strings.regex_replace(path, r"^.*[/\\]", "")
+def _read_records(paths, counts, shuffle, seed, deterministic):
+    """(shard number, record number, serialized, is_end) of every record of `paths`; each shard read with
+    `ignore_errors` (a CRC error ends that shard) and closed by a sentinel carrying the manifest's record count."""
+    files = tf.data.Dataset.from_tensor_slices((tf.constant(paths), tf.constant(counts, tf.int64),
+                                                tf.range(len(paths), dtype=tf.int64)))
+    if shuffle:
+        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
 
-    def parse_decode(index, serialized):
+    def one_shard(path, count, shard):
+        records = tf.data.TFRecordDataset(path).enumerate().ignore_errors()
+        records = records.map(lambda i, r: (shard, i, r, tf.constant(False)))
+        return records.concatenate(tf.data.Dataset.from_tensors((shard, count, tf.constant(b""), tf.constant(True))))
+
+    return files.interleave(one_shard, cycle_length=min(len(paths), 8), block_length=1,
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+
+def _decoder(num_labels, channels, stage, equalize, work_size):
+    """(shard, index, serialized, is_end) -> (shard, index, is_end, keep, image uint8 HxWxC, labels, ids)."""
+    spec = features.feature_spec(num_labels)
+    placeholder = (tf.zeros([1, 1, channels], tf.uint8), tf.zeros([num_labels], tf.int64), tf.constant(""),
+                   tf.constant(""), tf.constant(False))
+
+    def decode(image_bytes):
+        image = tf.io.decode_image(image_bytes, channels=channels, dtype=tf.uint8, expand_animations=False)
+        image = preprocess.equalize_image(tf.ensure_shape(image, [None, None, channels]), equalize)
+        if work_size is not None:
+            image = tf.cast(tf.round(tf.image.resize(image, [work_size, work_size], antialias=True)), tf.uint8)
+        return image
+
+    def parse_decode(serialized):
         ex = tf.io.parse_single_example(serialized, spec)
         labels = ex[features.LABELS]
         keep = tf.reduce_any(labels > 0) if stage == 1 else tf.constant(True)
-
-        def decode():
-            image = tf.io.decode_image(ex[features.IMAGE_ENCODED], channels=channels, dtype=tf.uint8,
-                                       expand_animations=False)
-            image = tf.ensure_shape(image, [None, None, channels])
-            image = preprocess.equalize_image(image, equalize)
-            if work_size is not None:
-                image = tf.cast(tf.round(tf.image.resize(image, [work_size, work_size], antialias=True)), tf.uint8)
-            return image
-
         # rows the stage drops are not decoded (cheap placeholder); they still pass the integrity check.
-        image = tf.cond(keep, decode, lambda: tf.zeros([1, 1, channels], tf.uint8))
-        return index, image, labels, ex[features.IMAGE_ID], ex[features.PATIENT_ID], keep
+        image = tf.cond(keep, lambda: decode(ex[features.IMAGE_ENCODED]), lambda: placeholder[0])
+        return image, labels, ex[features.IMAGE_ID], ex[features.PATIENT_ID], keep
 
-    records = tf.data.TFRecordDataset(path).enumerate().ignore_errors()  # CRC error: the shard ends there
-    elements = records.map(parse_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    sentinel = tf.data.Dataset.from_tensors((count, tf.zeros([1, 1, channels], tf.uint8),
-                                             tf.zeros([num_labels], tf.int64), tf.constant(""), tf.constant(""),
-                                             tf.constant(False)))
-    is_end = tf.constant(False)
-    elements = elements.map(lambda *e: (e, is_end)).concatenate(sentinel.map(lambda *e: (e, tf.constant(True))))
+    def fn(shard, index, serialized, end):
+        return (shard, index, end) + tuple(tf.cond(end, lambda: placeholder, lambda: parse_decode(serialized)))
 
-    def check(expected, item):
-        element, end = item
-        index = element[0]
-        ok = tf.logical_or(tf.equal(index, expected), tf.logical_and(end, tf.less(count, 0)))
-        at = tf.strings.as_string(expected)
+    return fn
+
+
+def _integrity_check(names, counts):
+    """scan fn: per-shard record numbers must run 0, 1, 2, ... up to the manifest's count (the sentinel)."""
+    names = tf.constant(names)
+
+    def check(expected, element):
+        shard, index, end = element[0], element[1], element[2]
+        want = expected[shard]
+        count = tf.gather(tf.constant(counts, tf.int64), shard)
+        ok = tf.logical_or(tf.equal(index, want), tf.logical_and(end, tf.less(count, 0)))
+        at = tf.strings.as_string(want)
+        name = tf.gather(names, shard)
         message = tf.where(
             end,
             tf.strings.join([_ERROR_MARK, "shard ", name, ": only ", at, " of the ", tf.strings.as_string(count),
@@ -111,10 +130,10 @@ def _read_shard(path, count, num_labels, channels, stage, equalize, work_size):
                              "(CRC/data-loss) or its image cannot be decoded"]))
         message = tf.strings.join([message, "; re-build the records with `cxrkeras build-records`"])
         with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
-            return index + 1, (tf.identity(end), element)
+            state = tf.tensor_scatter_nd_update(expected, [[shard]], [index + 1])
+        return state, element
 
-    checked = elements.scan(tf.constant(0, tf.int64), check)
-    return checked.filter(lambda end, e: tf.logical_and(tf.logical_not(end), e[5])).map(lambda end, e: e[1:5])
+    return check
 
 
 def data_error_from(exc):
@@ -160,13 +179,16 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         drop_remainder = bool(training)
     work_size = _work_size(manifest, image_size, training)
 
-    files = tf.data.Dataset.from_tensor_slices((paths, tf.constant(counts, tf.int64)))
-    if training:
-        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    ds = files.interleave(
-        lambda p, n: _read_shard(p, n, num_labels, channels, stage, equalize, work_size),
-        cycle_length=min(len(paths), 8), block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=deterministic)
+    ds = _read_records(paths, counts, training, seed, deterministic)
+    # one parallel map decodes for all shards; deterministic so each shard's records stay in order for the check
+    ds = ds.map(_decoder(num_labels, channels, stage, equalize, work_size), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True).ignore_errors()  # a bad image: its element is dropped, the check names it
+    names = [os.path.basename(p) for p in paths]
+    ds = ds.scan(tf.zeros([len(paths)], tf.int64), _integrity_check(names, counts))
+    ds = ds.filter(lambda shard, index, end, image, labels, image_id, patient_id, keep:
+                   tf.logical_and(tf.logical_not(end), keep))
+    ds = ds.map(lambda shard, index, end, image, labels, image_id, patient_id, keep:
+                (image, labels, image_id, patient_id))
     if cache:
         ds = ds.cache(cache if isinstance(cache, str) else "")
     if training and shuffle_buffer and shuffle_buffer > 1:
@@ -183,20 +205,21 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         # one int64 per batch from a seeded stream that differs per epoch (rerandomize) but not per run.
         randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
 
-        # XLA fuses the gathers of the warp with the channel copy and the normalisation (several times faster on
-        # CPU than the same ops one kernel at a time); jit=False runs them unfused. The random transforms are
-        # drawn outside the compiled function (XLA draws other numbers from the same seed).
-        transform = tf.function(
-            lambda images, t: preprocess.normalize(
-                preprocess.to_rgb(preprocess.warp_in_range(images, t, image_size, fill_mode)), preprocessing),
-            jit_compile=bool(jit))
+        # XLA-compiled gathers are several times faster on CPU than ImageProjectiveTransformV3 or the same ops run
+        # one kernel at a time; warp and normalisation are two compiled functions because fused into one, XLA
+        # would redo the 1-channel gathers for each of the 3 output channels. jit=False: plain TF kernels, same
+        # results up to float rounding. The random transforms are drawn outside (XLA draws other numbers).
+        warp = tf.function(lambda images, t: preprocess.warp_in_range(images, t, image_size, fill_mode),
+                           jit_compile=bool(jit))
+        to_input = tf.function(lambda images: preprocess.normalize(preprocess.to_rgb(images), preprocessing),
+                               jit_compile=bool(jit))
 
         def augment(batch, r):
             images, labels, image_id, patient_id = batch
             shape = tf.shape(images)
             t = preprocess.augment_transforms(shape[0], shape[1], shape[2], image_size, tf.stack([r, r // 7 + 1]),
                                               max_rotation=max_rotation, crop_scale=crop_scale, flip=flip)
-            return finish(transform(images, t), labels, image_id, patient_id)
+            return finish(to_input(warp(images, t)), labels, image_id, patient_id)
 
         ds = tf.data.Dataset.zip((ds, randoms)).map(augment, num_parallel_calls=tf.data.AUTOTUNE,
                                                     deterministic=deterministic)

@@ -1,7 +1,9 @@
 """Keras callback writing Grad-CAM overlays of fixed validation images to TensorBoard during training."""
 
-import numpy as np
+import warnings
+
 import keras
+import numpy as np
 
 from cxrkeras.errors import ConfigError
 
@@ -38,7 +40,7 @@ class GradCAMCallback(keras.callbacks.Callback):
 
     validation_data: (images, labels or None) as model inputs (tf-explain's convention), or a tf.data dataset of
     batches (the first `max_images` are taken once). class_index: an output index, a label name, a list of them
-    (one grid per class), or None: each image's highest-scoring class.
+    (one grid per class), or None: each image's highest-scoring class (one grid per such class).
     """
 
     def __init__(self, validation_data, class_index, output_dir, layer_name=None, method="gradcam",
@@ -92,7 +94,7 @@ class GradCAMCallback(keras.callbacks.Callback):
         return labels[index] if labels else f"class_{index}"
 
     def grids(self):
-        """{tag: uint8 grid [H, W, 3]} of the current model (one per explained class, or one for top-1 classes)."""
+        """{tag: uint8 grid [H, W, 3]} of the current model: one per explained class, or per top-1 label."""
         from cxrkeras.explain.overlay import blend, grid_display
 
         shown = display_images(self.model, self.images)
@@ -102,9 +104,12 @@ class GradCAMCallback(keras.callbacks.Callback):
             top = probs.argmax(axis=1)
             uniq = sorted(set(int(t) for t in top))
             maps, _ = self._engine(self.images, uniq)
-            picked = maps[np.arange(len(top)), [uniq.index(int(t)) for t in top]]
-            tiles = [blend(img, m, self.colormap, self.image_weight) for img, m in zip(shown, picked)]
-            return {"gradcam/top1": grid_display(np.stack(tiles))}
+            out = {}
+            for k, index in enumerate(uniq):  # one grid per predicted label, so each tile's class is known
+                tiles = [blend(shown[i], maps[i, k], self.colormap, self.image_weight)
+                         for i in np.flatnonzero(top == index)]
+                out[f"gradcam/top1/{self._label(index)}"] = grid_display(np.stack(tiles))
+            return out
         maps, _ = self._engine(self.images, classes)
         out = {}
         for k, index in enumerate(classes):
@@ -117,8 +122,11 @@ class GradCAMCallback(keras.callbacks.Callback):
 
         if (epoch + 1) % self.every:
             return
+        with warnings.catch_warnings():  # zero maps are common in early epochs; the image shows them anyway
+            warnings.simplefilter("ignore", UserWarning)
+            grids = self.grids()
         with self._writer.as_default():
-            for tag, grid in self.grids().items():
+            for tag, grid in grids.items():
                 tf.summary.image(tag, grid[None], step=epoch)
         self._writer.flush()
 

@@ -78,7 +78,7 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
     One backward pass per batch covers all classes asked for in that batch.
     """
     from cxrkeras.explain.gradcam import get_engine
-    from cxrkeras.explain.overlay import overlay_figure
+    from cxrkeras.explain.overlay import overlay_figure, to_original_frame
     from cxrkeras.explain.target import resolve_classes
 
     if not images:
@@ -120,10 +120,10 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
                 note = f"{os.path.basename(path)} | {method} at {engine.layer_name}"
                 overlay_figure(original, heat, out, label, float(probs[i, index]), alpha=alpha, region=region,
                                note=note)
+                full = to_original_frame(heat, *original.shape[:2], region)
+                peak = [int(v) for v in np.unravel_index(full.argmax(), full.shape)]
                 entries.append(dict(image=path, label=label, probability=round(float(probs[i, index]), 6),
-                                    rank=rank, overlay=out, heatmap_peak=[int(v) for v in
-                                                                          np.unravel_index(heat.argmax(), heat.shape)],
-                                    heatmap_max=float(heat.max())))
+                                    rank=rank, overlay=out, peak_row_col=peak, heatmap_max=float(heat.max())))
     with open(os.path.join(out_dir, "gradcam.json"), "w", encoding="utf-8") as f:
         json.dump(dict(model=model_ref, layer=engine.layer_name, method=method, image_size=size,
                        preprocessing=mode, overlays=entries), f, indent=2)
