@@ -146,8 +146,9 @@ def test_bad_arguments_and_folders(tiny_records, tmp_path):
         build_dataset(str(tmp_path), "train")
     broken = tmp_path / "missing_shard"
     shutil.copytree(tiny_records, broken)
-    os.remove(broken / "val-00000-of-00001.tfrecord")
-    with pytest.raises(DataError, match="val-00000-of-00001.tfrecord.*missing"):
+    name = _manifest(tiny_records)["splits"]["val"]["shards"][0]["file"]
+    os.remove(broken / name)
+    with pytest.raises(DataError, match=f"{name}.*missing"):
         build_dataset(str(broken), "val")
 
 
@@ -158,9 +159,17 @@ def _iterate_error(records, split):
     return data_error_from(info.value)
 
 
+def _shard_with(records, split, at_least):
+    """(file name, records) of the last shard of `split` holding more than `at_least` records."""
+    shards = [s for s in _manifest(records)["splits"][split]["shards"] if s["records"] > at_least]
+    assert shards, f"the tiny records have no {split} shard with more than {at_least} records"
+    return shards[-1]["file"], shards[-1]["records"]
+
+
 def test_crc_corrupt_record_names_shard_and_record(tiny_records, tmp_path):
     shutil.copytree(tiny_records, tmp_path / "r")
-    shard = tmp_path / "r" / "train-00001-of-00005.tfrecord"
+    name, _ = _shard_with(tiny_records, "train", 5)
+    shard = tmp_path / "r" / name
     offsets, offset = [], 0
     for rec in tf.data.TFRecordDataset(str(shard)):
         offsets.append(offset)
@@ -170,19 +179,21 @@ def test_crc_corrupt_record_names_shard_and_record(tiny_records, tmp_path):
     shard.write_bytes(bytes(raw))
     err = _iterate_error(str(tmp_path / "r"), "train")
     assert isinstance(err, DataError)
-    assert "train-00001-of-00005.tfrecord" in str(err) and "record 5 " in str(err)
+    assert f"shard {name}: only 5 of the" in str(err) and "record 5 (0-based)" in str(err)
 
 
 def test_undecodable_image_names_shard_and_record(tiny_records, tmp_path):
     shutil.copytree(tiny_records, tmp_path / "r")
-    shard = str(tmp_path / "r" / "test-00000-of-00003.tfrecord")
+    name, n = _shard_with(tiny_records, "test", 2)
+    bad = n // 2
+    shard = str(tmp_path / "r" / name)
     examples = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(shard)]
-    examples[12].features.feature[features.IMAGE_ENCODED].bytes_list.value[0] = b"\x89PNG broken"
+    examples[bad].features.feature[features.IMAGE_ENCODED].bytes_list.value[0] = b"\x89PNG broken"
     with tf.io.TFRecordWriter(shard) as w:
         for ex in examples:
             w.write(ex.SerializeToString())
     err = _iterate_error(str(tmp_path / "r"), "test")
-    assert "test-00000-of-00003.tfrecord: record 12 " in str(err) and "decoded" in str(err)
+    assert f"shard {name}: record {bad} (0-based)" in str(err) and "decoded" in str(err)
 
 
 def test_label_statistics_from_manifest(tiny_records):
@@ -211,3 +222,10 @@ def test_preview_batch_cli(tiny_records, tmp_path):
         assert img.format == "PNG" and img.size[0] > 200 and np.asarray(img).std() > 10
     bad = CliRunner().invoke(cli, ["preview-batch", tiny_records, "--split", "nope", "--out", str(out)])
     assert bad.exit_code != 0 and "unknown split 'nope'" in bad.output
+
+
+def test_xla_and_plain_augmentation_agree(tiny_records):
+    kwargs = dict(stage=2, batch_size=8, training=True, image_size=S, seed=3)
+    fast = next(iter(build_dataset(tiny_records, "val", jit=True, **kwargs)))[0].numpy()
+    plain = next(iter(build_dataset(tiny_records, "val", jit=False, **kwargs)))[0].numpy()
+    np.testing.assert_allclose(fast, plain, atol=1e-4)

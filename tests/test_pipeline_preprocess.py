@@ -138,3 +138,12 @@ def test_augment_transform_parameters_stay_in_bounds():
     assert np.all(centre[:, 1] - half >= -1e-3) and np.all(centre[:, 1] + half <= h + 1e-3)
     with pytest.raises(ConfigError):
         P.augment_transforms(1, h, w, s, tf.constant([1, 2]), crop_scale=(0.5, 1.2))
+
+
+def test_model_input_from_gray_equals_rgb_path(rng):
+    gray = rng.uniform(0, 255, (2, 6, 5, 1)).astype(np.float32)
+    rgb = np.repeat(gray, 3, axis=-1)
+    for mode in P.MODES:
+        np.testing.assert_allclose(P.to_model_input(gray, mode).numpy(), P.normalize(rgb, mode).numpy(), atol=1e-5)
+    with pytest.raises(ConfigError, match="RGB"):
+        P.normalize(gray, "torch")

@@ -1,17 +1,20 @@
 """The tf.data input pipeline of both training stages (and of evaluation), reading a records folder.
 
-Order of operations (training):
-  shard files (shuffled) -> parallel interleave, per shard: read records with their index -> parse
-  (features.feature_spec) -> stage filter flag -> decode PNG (uint8, the records' channels) -> [equalise]
-  -> record-integrity check -> drop filtered rows -> [cache] -> shuffle -> [repeat] -> batch (GLOBAL batch)
-  -> vectorised augmentation of the whole batch (one projective warp per image, stateless seeds) -> 3 channels
-  -> ImageNet normalisation -> prefetch(AUTOTUNE).
-Evaluation replaces augmentation by `preprocess.preprocess_for_eval` per image, before batching.
+Order of operations:
+  shard files (shuffled in training) -> parallel interleave of the shards' records, each with (shard, record
+  number) -> ONE parallel map: parse (features.feature_spec), stage flag, decode PNG as uint8 in the records'
+  channels, [equalise], bring to one size -> record-integrity check -> drop the rows the stage filters out
+  -> [cache] -> [shuffle] -> [repeat] -> batch (the GLOBAL batch)
+  -> training: vectorised augmentation of the whole batch (random crop + zoom, rotation, flip: one bilinear warp
+     per image, XLA-compiled, seeds from a seeded stream) -> 3 channels + ImageNet normalisation (one matmul)
+  -> evaluation: `preprocess.preprocess_for_eval` on the batch (central square, antialiased resize, normalise)
+  -> prefetch(AUTOTUNE).
+Gray images stay 1-channel until the very end (3x less work); the 3 channels appear in the normalisation.
 
 Corrupt input: a CRC/data-loss error in a shard or an undecodable image does not surface as a bare TF error.
-Each shard is read with `ignore_errors` after `enumerate`, so a bad record leaves a gap in the record numbers
-(a CRC error ends the shard; an undecodable image drops that one element); a sentinel carrying the manifest's
-record count closes each shard, and an in-graph check fails on the first gap with
+Each shard is read with `ignore_errors` after `enumerate`, so a bad record leaves a gap in its shard's record
+numbers (a CRC error ends the shard; an undecodable image drops that one element); a sentinel carrying the
+manifest's record count closes each shard, and an in-graph check fails on the first gap with
 "cxrkeras DataError: shard <file>: record <n> ..." (an InvalidArgumentError whose message names the shard and
 the record number). `data_error_from(exc)` turns such an error into a `DataError`.
 """
@@ -57,13 +60,16 @@ def _shard_table(manifest, records_dir, split):
 
 
 def _work_size(manifest, image_size, training):
-    """Training warps from the stored image; records much larger than the output are first resized (antialiased,
-    before the cache) to 8/7 of the output size so the warp never aliases. None: keep the stored size."""
+    """(height, width) every decoded image is brought to, so images batch before their transform: the stored size,
+    except in training when records are much larger than the output: then 8/7 of the output size (antialiased,
+    before the cache) so the augmentation warp never aliases. None when the manifest does not say."""
     stored = manifest.get("image_size") or [None, None]
-    if not training or not stored[0]:
+    if not stored[0]:
         return None
     target = math.ceil(image_size * 8 / 7)
-    return target if min(stored) > target else None
+    if training and min(stored) > target:
+        return target, target
+    return int(stored[0]), int(stored[1])
 
 
 def _read_records(paths, counts, shuffle, seed, deterministic):
@@ -93,7 +99,12 @@ def _decoder(num_labels, channels, stage, equalize, work_size):
         image = tf.io.decode_image(image_bytes, channels=channels, dtype=tf.uint8, expand_animations=False)
         image = preprocess.equalize_image(tf.ensure_shape(image, [None, None, channels]), equalize)
         if work_size is not None:
-            image = tf.cast(tf.round(tf.image.resize(image, [work_size, work_size], antialias=True)), tf.uint8)
+            # records are one size by construction; a record of another size is resized, never fails the batch
+            image = tf.cond(
+                tf.reduce_all(tf.equal(tf.shape(image)[:2], work_size)),
+                lambda: image,
+                lambda: tf.cast(tf.round(tf.image.resize(image, work_size, antialias=True)), tf.uint8))
+            image = tf.ensure_shape(image, [work_size[0], work_size[1], channels])
         return image
 
     def parse_decode(serialized):
@@ -187,8 +198,14 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
     ds = ds.scan(tf.zeros([len(paths)], tf.int64), _integrity_check(names, counts))
     ds = ds.filter(lambda shard, index, end, image, labels, image_id, patient_id, keep:
                    tf.logical_and(tf.logical_not(end), keep))
+    image_shape = [work_size[0], work_size[1], channels] if work_size else [None, None, channels]
     ds = ds.map(lambda shard, index, end, image, labels, image_id, patient_id, keep:
-                (image, labels, image_id, patient_id))
+                (tf.ensure_shape(image, image_shape), labels, image_id, patient_id))
+    info = manifest["splits"][split]
+    if "no_finding" in info and sum(counts) == int(info["images"]) and min(counts) >= 0:
+        # a known length lets Keras show progress and size epochs (filter/scan make it unknown otherwise);
+        # the manifest's no_finding counts exactly the all-zero label rows stage 1 drops
+        ds = ds.apply(tf.data.experimental.assert_cardinality(count_images(records_dir, split, stage)))
     if cache:
         ds = ds.cache(cache if isinstance(cache, str) else "")
     if training and shuffle_buffer and shuffle_buffer > 1:
@@ -211,7 +228,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         # results up to float rounding. The random transforms are drawn outside (XLA draws other numbers).
         warp = tf.function(lambda images, t: preprocess.warp_in_range(images, t, image_size, fill_mode),
                            jit_compile=bool(jit))
-        to_input = tf.function(lambda images: preprocess.normalize(preprocess.to_rgb(images), preprocessing),
+        to_input = tf.function(lambda images: preprocess.to_model_input(images, preprocessing),
                                jit_compile=bool(jit))
 
         def augment(batch, r):
@@ -224,11 +241,17 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         ds = tf.data.Dataset.zip((ds, randoms)).map(augment, num_parallel_calls=tf.data.AUTOTUNE,
                                                     deterministic=deterministic)
     else:
-        def evaluate(image, labels, image_id, patient_id):
-            return preprocess.preprocess_for_eval(image, image_size, preprocessing), labels, image_id, patient_id
+        def evaluate(images, labels, image_id, patient_id):
+            return finish(preprocess.preprocess_for_eval(images, image_size, preprocessing), labels, image_id,
+                          patient_id)
 
-        ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-        ds = ds.batch(int(batch_size), drop_remainder=drop_remainder).map(finish)
+        if work_size is None:  # sizes unknown: transform each image, then batch
+            ds = ds.map(lambda image, *rest: (preprocess.preprocess_for_eval(image, image_size, preprocessing),)
+                        + rest, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+            ds = ds.batch(int(batch_size), drop_remainder=drop_remainder).map(finish)
+        else:  # one size: batch first, then one vectorised transform per batch
+            ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
+            ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
     options = tf.data.Options()
     options.deterministic = bool(deterministic)

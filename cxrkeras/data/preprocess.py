@@ -8,7 +8,8 @@ Geometry (one rule for train and eval, so the model sees the same scale in both)
     periphery (costophrenic angles, apices) is cut away, which a fixed 87.5 % centre crop would do.
   * train: a random square crop whose side is `crop_scale` (default 0.8–1.0) of the short side, anywhere in
     the image, rotated by ±`max_rotation` degrees and flipped left/right with p=0.5, resampled to `image_size`
-    in ONE bilinear projective warp. A crop of side 1.0 at the centre with no rotation is exactly the eval view.
+    in ONE bilinear warp. A centred crop of side 1.0 without rotation is the eval view (the eval resize also
+    antialiases; with 256 px records and 224 px inputs the two differ only by that slight smoothing).
 """
 
 import math
@@ -40,13 +41,42 @@ def check_equalize(equalize):
     return equalize
 
 
-def normalize(images, mode):
-    """RGB float images in [0, 255] (..., 3) -> the backbone's ImageNet input, as keras.applications' preprocess_input."""
-    check_mode(mode)
-    x = tf.cast(images, tf.float32)
+def _channel_map(mode, channels):
+    """(channels x 3 matrix, 3 bias) with normalize(x) = x @ M + b per pixel; channels=1 also copies gray to RGB."""
+    import numpy as np
+
     if mode == "torch":
-        return (x / 255.0 - tf.constant(_TORCH_MEAN)) / tf.constant(_TORCH_STD)
-    return x[..., ::-1] - tf.constant(_CAFFE_BGR_MEAN)
+        m = np.diag(1.0 / (255.0 * np.array(_TORCH_STD)))
+        b = -np.array(_TORCH_MEAN) / np.array(_TORCH_STD)
+    else:
+        m = np.eye(3)[:, ::-1]  # RGB -> BGR
+        b = -np.array(_CAFFE_BGR_MEAN)
+    if channels == 1:
+        m = m.sum(axis=0, keepdims=True)
+    return tf.constant(m, tf.float32), tf.constant(b, tf.float32)
+
+
+def to_model_input(images, mode):
+    """Images in [0, 255] with 1 (gray) or 3 (RGB) channels -> normalised RGB float32 (..., 3), in one per-pixel
+    matmul + bias (much faster on CPU than broadcasting elementwise ops; equal up to float rounding)."""
+    check_mode(mode)
+    x = tf.cast(tf.convert_to_tensor(images), tf.float32)
+    channels = x.shape[-1]
+    if channels not in (1, 3):
+        x, channels = to_rgb(x), 3
+    m, b = _channel_map(mode, channels)
+    shape = tf.shape(x)
+    y = tf.nn.bias_add(tf.matmul(tf.reshape(x, [-1, channels]), m), b)
+    return tf.reshape(y, tf.concat([shape[:-1], [3]], axis=0))
+
+
+def normalize(images, mode):
+    """RGB float images in [0, 255] (..., 3) -> the backbone's ImageNet input, as keras.applications' preprocess_input
+    ("torch": /255, minus mean, over std; "caffe": RGB->BGR minus the BGR means)."""
+    images = tf.convert_to_tensor(images)
+    if images.shape[-1] is not None and images.shape[-1] != 3:
+        raise ConfigError(f"normalize expects RGB images (..., 3), got shape {images.shape}; use to_model_input")
+    return to_model_input(images, mode)
 
 
 def denormalize(images, mode):
@@ -183,15 +213,31 @@ def _size(image_size):
     return size
 
 
+def _resize_matrix(n_in, n_out):
+    """[n_out, n_in] weights of tf.image.resize(bilinear, antialias) along one axis (the resize is separable)."""
+    eye = tf.eye(n_in, dtype=tf.float32)[:, :, None]
+    return tf.image.resize(eye, [n_out, n_in], method="bilinear", antialias=True)[..., 0]
+
+
 def center_square_resize(image, image_size):
-    """(..., H, W, C) in [0, 255] -> float32 (..., S, S, C): largest central square, bilinear antialiased resize."""
+    """(..., H, W, C) in [0, 255] -> float32 (..., S, S, C): largest central square, bilinear antialiased resize.
+
+    A batch (rank 4) is resized by two matmuls with the resize's own weights: the same values as tf.image.resize
+    (up to float rounding), about twice as fast on CPU; a single image uses tf.image.resize itself.
+    """
     size = _size(image_size)
+    image = tf.convert_to_tensor(image)
     shape = tf.shape(image)
     h, w = shape[-3], shape[-2]
     side = tf.minimum(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    square = image[..., top:top + side, left:left + side, :]
-    out = tf.image.resize(tf.cast(square, tf.float32), [size, size], method="bilinear", antialias=True)
+    square = tf.cast(image[..., top:top + side, left:left + side, :], tf.float32)
+    if image.shape.rank == 4:
+        r = _resize_matrix(side, size)
+        out = tf.einsum("sh,bhwc->bswc", r, square)
+        out = tf.einsum("bswc,tw->bstc", out, r)
+    else:
+        out = tf.image.resize(square, [size, size], method="bilinear", antialias=True)
     return tf.clip_by_value(out, 0.0, 255.0)
 
 
@@ -209,7 +255,7 @@ def preprocess_for_eval(image_0_255, image_size, mode, equalize=None):
                               fn_output_signature=tf.TensorSpec(image.shape[1:], image.dtype))
         else:
             image = equalize_image(image, equalize)
-    return normalize(to_rgb(center_square_resize(image, image_size)), mode)
+    return to_model_input(center_square_resize(image, image_size), mode)
 
 
 # --- training augmentation ---
@@ -319,5 +365,5 @@ def warp_in_range(images, transforms, image_size, fill_mode="reflect"):
 
 
 def augment_and_normalize(images, seed, image_size, mode, **augment_options):
-    """`random_augment` -> 3 channels -> `normalize`: the training transform of a batch, one XLA-fusable function."""
-    return normalize(to_rgb(random_augment(images, seed, image_size, **augment_options)), mode)
+    """`random_augment` -> 3 channels -> `normalize`: the training transform of a batch."""
+    return to_model_input(random_augment(images, seed, image_size, **augment_options), mode)

@@ -58,7 +58,7 @@ def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=
     for ax, img, y, image_id in zip(axes.flat, pixels, labels, image_ids):
         ax.imshow(img, vmin=0, vmax=255)
         ax.set_title(_title(image_id, y, names), fontsize=7)
-    mode = "augmented" if training else "eval view"
+    mode = ("augmented" if training else "eval view") + (f", {equalize}" if equalize else "")
     fig.suptitle(f"{os.path.basename(os.path.normpath(records_dir))} {split} stage {stage} ({mode}, "
                  f"{image_size}px, {preprocessing}, seed {seed})", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.975))
