@@ -76,7 +76,8 @@ def test_assets_and_thresholds_from_the_runs_evaluation(run_and_export):
 def test_png_jpeg_rgba_16bit_inputs(loaded, run_and_export):
     import tensorflow as tf
 
-    gray = sample_gray()[40:440, 90:390]  # 400x300, not square: the central square is used
+    gray = sample_gray()[40:440, 90:390].copy()  # 400x300, not square: the central square is used
+    gray[0, 0], gray[0, 1] = 0, 255  # full range, so its 16-bit copy (stretched to its own range) is the same image
     rgba = np.dstack([gray, gray, gray, np.full_like(gray, 255)])
     la = np.dstack([gray, np.full_like(gray, 255)])
     blobs = [png_bytes(gray), png_bytes(gray.astype(np.uint16) * 257), png_bytes(rgba), png_bytes(la),
@@ -84,7 +85,7 @@ def test_png_jpeg_rgba_16bit_inputs(loaded, run_and_export):
     out = loaded(image_bytes=tf.constant(blobs))
     probs = out["probabilities"].numpy()
     assert probs.shape == (5, 14) and out["findings"].dtype == tf.bool
-    # 16-bit (v*257), RGBA and gray+alpha versions of one image are the same image to the model
+    # 16-bit (v*257, stretched back), RGBA and gray+alpha versions of one image are the same image to the model
     np.testing.assert_allclose(probs[1:4], np.repeat(probs[:1], 3, axis=0), atol=1e-6)
     np.testing.assert_allclose(probs, _keras_probs(run_and_export["model"], blobs), atol=1e-5)
     assert np.ptp(probs[:, :]) > 0.05  # the tiny model's outputs really differ across labels

@@ -8,6 +8,7 @@ import tensorflow as tf
 from PIL import Image
 
 from cxrkeras.data import preprocess as P
+from cxrkeras.data.images import read_image
 from cxrkeras.errors import ConfigError
 
 
@@ -31,7 +32,7 @@ def test_normalize_matches_keras_applications(rng):
         P.normalize(x, "tf")
 
 
-def test_decode_gray_rgb_rgba_la_16bit_jpeg(rng):
+def test_decode_gray_rgb_rgba_la_16bit_jpeg(rng, tmp_path):
     gray = rng.integers(0, 256, (9, 11), dtype=np.uint8)
     out = P.decode_image(_png(gray)).numpy()
     assert out.shape == (9, 11, 3) and out.dtype == np.float32
@@ -46,12 +47,19 @@ def test_decode_gray_rgb_rgba_la_16bit_jpeg(rng):
     la = np.stack([gray, alpha[..., 0]], axis=-1)
     np.testing.assert_array_equal(P.decode_image(_png(la, "LA")).numpy()[..., 1], gray.astype(np.float32))
 
-    levels = np.array([[0, 257, 65535, 32768]], dtype=np.uint16)  # 16-bit: full range onto [0, 255]
+    # 16-bit: a 12-bit X-ray in a 16-bit PNG is stretched to its own range, exactly as build-records stores it
+    levels = rng.integers(100, 4096, (12, 10)).astype(np.uint16)
     img16 = Image.fromarray(levels)
     buf = io.BytesIO()
     img16.save(buf, format="PNG")
-    out16 = P.decode_image(buf.getvalue()).numpy()[0, :, 0]
-    np.testing.assert_allclose(out16, [0.0, 1.0, 255.0, 32768 / 257], atol=1e-4)
+    out16 = P.decode_image(buf.getvalue()).numpy()[..., 0]
+    assert out16.min() == 0.0 and out16.max() == 255.0
+    path = tmp_path / "x16.png"
+    path.write_bytes(buf.getvalue())
+    np.testing.assert_array_equal(out16, read_image(str(path), channels=1).astype(np.float32))
+    flat = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 3000, np.uint16)).save(flat, format="PNG")
+    assert not np.isnan(P.decode_image(flat.getvalue()).numpy()).any()
 
     smooth = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))
     buf = io.BytesIO()

@@ -105,15 +105,38 @@ def to_rgb(image):
     return tf.ensure_shape(rgb, image.shape[:-1].concatenate([3]))
 
 
-def decode_image(contents):
-    """PNG/JPEG bytes (gray, gray+alpha, RGB, RGBA; 8 or 16 bit) -> float32 (H, W, 3) in [0, 255].
+def decode_levels(contents):
+    """PNG/JPEG bytes -> float32 (H, W, C) in [0, 255] with the channels as stored (1-4).
 
-    Decoded as uint16 so 16-bit PNGs keep their precision: 8-bit values v arrive as v*257, and /257 maps both
-    exactly onto [0, 255]. Bad bytes raise InvalidArgumentError (a graph op error).
+    Decoded as uint16 so 16-bit PNGs keep their precision. 8-bit values v arrive as v*257 and /257 maps them back
+    exactly; a 16-bit PNG (X-rays often use 10-14 of its bits) is stretched to its own range, rounded to whole
+    levels, exactly as `build-records` stores it, so a served 16-bit file looks like its training record.
+    Bad bytes raise InvalidArgumentError (a graph op error).
     """
     image = tf.io.decode_image(contents, channels=0, dtype=tf.uint16, expand_animations=False)
-    image = tf.cast(image, tf.float32) / 257.0
-    return to_rgb(tf.ensure_shape(image, [None, None, None]))
+    image = tf.ensure_shape(tf.cast(image, tf.float32), [None, None, None])
+    # PNG: 8-byte signature, IHDR length + type + width + height, then the bit depth byte at offset 24.
+    header = tf.strings.substr(tf.strings.join([contents, _HEADER_PAD]), 0, 25)
+    is_png16 = tf.logical_and(tf.equal(tf.strings.substr(header, 1, 3), b"PNG"),
+                              tf.equal(tf.strings.substr(header, 24, 1), b"\x10"))
+    return tf.cond(is_png16, lambda: _stretch_to_levels(image), lambda: image / 257.0)
+
+
+_HEADER_PAD = b"\0" * 25
+
+
+def _stretch_to_levels(image):
+    """Min-max of the colour channels (alpha excluded) onto 0..255 whole levels; a flat image becomes 0."""
+    channels = tf.shape(image)[-1]
+    colour = image[..., : tf.where(channels <= 2, 1, 3)]
+    lo, hi = tf.reduce_min(colour), tf.reduce_max(colour)
+    scale = tf.where(hi > lo, 255.0 / tf.maximum(hi - lo, 1e-12), 0.0)
+    return tf.round((image - lo) * scale)
+
+
+def decode_image(contents):
+    """PNG/JPEG bytes (gray, gray+alpha, RGB, RGBA; 8 or 16 bit) -> float32 (H, W, 3) in [0, 255]; see decode_levels."""
+    return to_rgb(decode_levels(contents))
 
 
 # --- contrast equalisation (a seed's preprocessing, optional) ---

@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from cxrkeras.data.preprocess import preprocess_for_eval
+from cxrkeras.data.preprocess import decode_levels, preprocess_for_eval
 
 BYTES_SIGNATURE = "serving_default"
 IMAGES_SIGNATURE = "predict_images"
@@ -33,23 +33,13 @@ def check_image_bytes(contents, index):
         return tf.identity(contents)
 
 
-def decode_native_channels(contents):
-    """`preprocess.decode_image` without its RGB expansion: float32 (H, W, C) in [0, 255], C as stored (1-4).
-
-    preprocess_for_eval turns C into 3 channels AFTER its per-channel resize, which gives the same numbers as
-    expanding first (tested against decode_image) while resizing one channel instead of three for gray X-rays.
-    """
-    image = tf.io.decode_image(contents, channels=0, dtype=tf.uint16, expand_animations=False)
-    return tf.ensure_shape(tf.cast(image, tf.float32) / 257.0, [None, None, None])
-
-
 def bytes_to_inputs(image_bytes, image_size, preprocessing, equalize=None):
     """[B] encoded images → [B, S, S, 3] float32 model inputs, exactly the evaluation transform."""
     image_size = int(image_size)
 
     def one(args):
         contents, index = args
-        image = decode_native_channels(check_image_bytes(contents, index))
+        image = decode_levels(check_image_bytes(contents, index))
         return preprocess_for_eval(image, image_size, preprocessing, equalize)
 
     indices = tf.range(tf.shape(image_bytes)[0])
