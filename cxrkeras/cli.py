@@ -1,11 +1,15 @@
 """The `cxrkeras` command line: options → config → one library call; heavy imports happen inside commands."""
 
+import os
 import sys
 
 import click
 
 from cxrkeras import __version__
 from cxrkeras.errors import CxrError
+
+# TensorFlow's C++ start-up chatter (oneDNN, CPU features) hides the commands' own output; users can lower it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 class _Group(click.Group):

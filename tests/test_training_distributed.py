@@ -22,7 +22,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 
     from cxrkeras.config import load_config
     from cxrkeras.models import build_model
-    from cxrkeras.training.trainer import make_loss, make_optimizer
+    from cxrkeras.losses import make_loss
+    from cxrkeras.training.trainer import make_optimizer
 
     cfg = load_config(sets=["optim.optimizer=sgd", "optim.momentum=0.0", "optim.lr=0.5", "optim.schedule=constant"])
     rng = np.random.default_rng(0)

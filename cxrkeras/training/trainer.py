@@ -10,6 +10,7 @@ import time
 import zipfile
 
 from cxrkeras.errors import ConfigError, CxrError, DataError
+from cxrkeras.losses import make_loss
 from cxrkeras.training import rundir
 from cxrkeras.training.callbacks import (MONITOR, BestCheckpoint, EarlyStop, EpochLog, Guard, HistoryCSV, NanGuard,
                                          PlateauLR, ResumeSnapshot, ValidationAUC, current_lr, load_resume_state,
@@ -129,17 +130,6 @@ def make_optimizer(optim, total_steps):
     if optim.optimizer == "adamw":
         return keras.optimizers.AdamW(lr, weight_decay=optim.weight_decay, **kw)
     return keras.optimizers.SGD(lr, momentum=optim.momentum, nesterov=optim.nesterov, **kw)
-
-
-def make_loss(config, stage):
-    """Stage 1: binary cross-entropy. Stage 2: sigmoid focal loss (keras.losses.BinaryFocalCrossentropy)."""
-    import keras
-
-    if stage == 1:
-        return keras.losses.BinaryCrossentropy(label_smoothing=config.loss.label_smoothing)
-    return keras.losses.BinaryFocalCrossentropy(apply_class_balancing=config.loss.apply_class_balancing,
-                                               alpha=config.loss.alpha, gamma=config.loss.gamma,
-                                               label_smoothing=config.loss.label_smoothing)
 
 
 def set_backbone_trainable(model, trainable):
