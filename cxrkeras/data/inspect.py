@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, field
 
 from cxrkeras.data import manifest as mf
-from cxrkeras.data import sources
+from cxrkeras.hashing import sha256_file
 
 _MAX_LISTED = 10
 
@@ -109,7 +109,7 @@ def inspect_records(records_dir):
             if not os.path.isfile(path):
                 problems.append(f"{shard['file']}: listed in the manifest but missing; re-run build-records")
                 continue
-            digest = sources.sha256_file(path)
+            digest = sha256_file(path)
             if digest != shard["sha256"]:
                 problems.append(f"{shard['file']}: sha256 {digest[:12]}… differs from the manifest's "
                                 f"{shard['sha256'][:12]}…; the file changed after it was built (re-run build-records)")

@@ -18,6 +18,7 @@ from cxrkeras.data import images as imglib
 from cxrkeras.data import sources, split
 from cxrkeras.data.manifest import MANIFEST_NAME
 from cxrkeras.errors import ConfigError, DataError
+from cxrkeras.hashing import sha256_file
 from cxrkeras.labels import NO_FINDING
 
 RECORD_FORMAT = 1  # bump when the bytes written for the same inputs change
@@ -127,7 +128,7 @@ def _assign(table, split_lists, fractions, seed):
     in_csv = {os.path.basename(i) for i in table.image_id}
     listed = {os.path.basename(n) for names_ in lists for n in names_}
     info = {
-        "files": [{"path": os.path.abspath(p), "sha256": sources.sha256_file(p)} for p in split_lists],
+        "files": [{"path": os.path.abspath(p), "sha256": sha256_file(p)} for p in split_lists],
         "csv_rows_in_no_list": int((assign < 0).sum()),
         "listed_images_without_csv_row": len(listed - in_csv),
     }
@@ -167,7 +168,7 @@ def _load_receipt(out, fname, plan_hash):
     if receipt.get("plan") != plan_hash or not os.path.isfile(shard) or os.path.getsize(shard) != receipt.get("bytes"):
         return None
     # re-hash: a damaged shard of the right size must be rewritten, not kept (~1 GB/s, seconds for all of NIH)
-    return receipt if sources.sha256_file(shard) == receipt.get("sha256") else None
+    return receipt if sha256_file(shard) == receipt.get("sha256") else None
 
 
 def _clean_folder(out, planned_files):
@@ -231,7 +232,7 @@ def _write_shards(out, todo, table, assign_names, paths, image_size, channels, w
                         view=table.view[j], split=split_name)
                     writer.write(ex.SerializeToString())
                     count += 1
-            digest = sources.sha256_file(tmp)
+            digest = sha256_file(tmp)
             size = os.path.getsize(tmp)
             os.replace(tmp, os.path.join(out, fname))
             tmp = None
@@ -299,7 +300,7 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
 
     table, index = _read_inputs(csv, images, format, label_list, path_column, labels_column, patient_column, id_salt)
     out = out or default_out(csv, table.format, image_size)
-    csv_sha = sources.sha256_file(csv)
+    csv_sha = sha256_file(csv)
     _check_writable(out)
     _refuse_foreign(out, csv, csv_sha, dry_run)
 

@@ -48,14 +48,6 @@ class Table:
                      pick(self.sex), pick(self.view), self.columns, pick(self.raw))
 
 
-def sha256_file(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _rows_text(rows):
     text = ", ".join(str(r) for r in rows[:_MAX_LISTED])
     return text + (f" and {len(rows) - _MAX_LISTED} more" if len(rows) > _MAX_LISTED else "")

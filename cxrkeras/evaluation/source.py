@@ -2,11 +2,11 @@
 plus the run's facts (config, run_info, records folder, eval preprocessing)."""
 
 import dataclasses
-import hashlib
 import json
 import os
 
 from cxrkeras.errors import CxrError
+from cxrkeras.hashing import sha256_file
 
 EVALUATION_DIR = "evaluation"  # <run>/evaluation/<split>/ holds `cxrkeras evaluate --run` results
 
@@ -45,14 +45,6 @@ class ModelSource:
             if os.path.isdir(base):
                 found += [os.path.join(base, d) for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))]
         return sorted(found, key=os.path.getmtime, reverse=True)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_yaml(path):

@@ -12,9 +12,7 @@ from cxrkeras.errors import ConfigError, CxrError, DataError
 
 def load_model(path):
     """A .keras file, or a run folder (its best model: stage 2's, else stage 1's)."""
-    import keras
-
-    import cxrkeras.models  # noqa: F401 - registers LargeKernelAttention and MultiLabelDense for loading
+    from cxrkeras.evaluation.source import load_keras_model
     from cxrkeras.training.rundir import best_model_path
 
     if not os.path.exists(path):
@@ -22,10 +20,7 @@ def load_model(path):
     model_file = best_model_path(path) if os.path.isdir(path) else path
     if not model_file.endswith(".keras"):
         raise CxrError(f"model {path!r} is not a .keras file or a run folder")
-    try:
-        return keras.saving.load_model(model_file, compile=False)
-    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad archive
-        raise CxrError(f"cannot load model {model_file!r} ({type(exc).__name__}: {exc})") from exc
+    return load_keras_model(model_file)
 
 
 def model_inputs_spec(model):

@@ -1,7 +1,6 @@
 """The run folder `<root>/<name>/stage1|stage2/`: config, run_info.json, history, checkpoints, resume state."""
 
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -11,6 +10,7 @@ import subprocess
 import yaml
 
 from cxrkeras.errors import ConfigError, CxrError, DataError
+from cxrkeras.hashing import sha256_file
 
 CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run_info.json"
@@ -66,14 +66,6 @@ def write_json(path, data):
     atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def manifest_sha256(records_dir):
     from cxrkeras.data.manifest import MANIFEST_NAME
 
@@ -81,7 +73,7 @@ def manifest_sha256(records_dir):
     if not os.path.isfile(path):
         raise DataError(f"{records_dir!r} has no {MANIFEST_NAME}: build the records with "
                         f"`cxrkeras build-records --out {records_dir}` first, or pass --records")
-    return file_sha256(path)
+    return sha256_file(path)
 
 
 def git_commit():

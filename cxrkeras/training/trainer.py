@@ -10,6 +10,7 @@ import time
 import zipfile
 
 from cxrkeras.errors import ConfigError, CxrError, DataError
+from cxrkeras.hashing import sha256_file
 from cxrkeras.losses import make_loss
 from cxrkeras.training import rundir
 from cxrkeras.training.callbacks import (MONITOR, BestCheckpoint, EarlyStop, EpochLog, Guard, HistoryCSV, NanGuard,
@@ -214,7 +215,7 @@ def train(config, stage, init=None, callbacks=(), log=print):
 
     if stage == 2 and state != "new" and os.path.isfile(info_path):
         started_from = (rundir.read_json(info_path).get("init") or {}).get("sha256")
-        if started_from and started_from != rundir.file_sha256(init_path):
+        if started_from and started_from != sha256_file(init_path):
             raise ConfigError(f"{stage_dir} was trained from a different stage-1 checkpoint than {init_path} is now "
                               f"(stage 1 was retrained?): pass --overwrite to train stage 2 again from it")
     if state == "finished":
@@ -271,7 +272,7 @@ def _run(config, stage, variant, manifest, labels, counts, positives, manifest_s
         "global_batch_size": batch, "per_replica_batch_size": batch // replicas if batch % replicas == 0 else None,
         "steps_per_epoch": steps, "train_images": counts[config.data.train_split],
         "val_images": counts[config.data.val_split], "epochs_requested": epochs, "finished": False,
-        "init": {"path": os.path.abspath(init_path), "sha256": rundir.file_sha256(init_path),
+        "init": {"path": os.path.abspath(init_path), "sha256": sha256_file(init_path),
                  "stage1_best_epoch": init_info.get("best_epoch")} if init_path else None,
     })
     if resume:
