@@ -67,7 +67,8 @@ def test_lka_matches_numpy_reference():
     attn = attn @ k2[0, 0] + b2
     expected = x * attn
     got = np.asarray(layer(x))
-    assert np.max(np.abs(got - expected)) <= 1e-5 * max(1.0, np.max(np.abs(expected)))
+    assert np.max(np.abs(expected)) > 1.0  # a non-trivial output scale
+    assert np.max(np.abs(got - expected)) <= 1e-5
 
 
 def test_lka_van_form_params_and_shortcut():

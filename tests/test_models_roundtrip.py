@@ -78,9 +78,10 @@ def test_weights_from_keras_file_by_layer_name(tmp_path):
     for name in ("conv1_conv", "conv4_block2_2_conv", "bn", "predictions"):
         for a, b in zip(model.get_layer(name).get_weights(), source.get_layer(name).get_weights()):
             np.testing.assert_array_equal(a, b)
-    with pytest.raises(ConfigError, match=r"1 layer\(s\) failed: predictions: model \[\(\d+, 3\), \(3,\)\] vs file \[\(\d+, 14\)"):
+    head_mismatch = r"1 layer\(s\) failed: predictions: model \[\(\d+, 3\), \(3,\)\] vs file \[\(\d+, 14\)"
+    with pytest.raises(ConfigError, match=head_mismatch):
         tiny("densenet121", num_classes=3, weights=path)
-    with pytest.raises(ConfigError, match="no layer of weights file .* fits the model vgg16_plain: it was made for another"):
+    with pytest.raises(ConfigError, match="no layer of weights file .* fits the model vgg16_plain: it was made for"):
         tiny("vgg16-plain", weights=path)
 
 
