@@ -147,7 +147,7 @@ def resize(arr, image_size):
 
 def encode_png(arr):
     buf = io.BytesIO()
-    # level 3: ~2.5x faster to write than the default 6 for ~14 % larger files; decoding cost is the same
+    # level 3: ~2.5x faster to write than the default 6; files ~14 % larger, decoding ~5 % slower (measured)
     Image.fromarray(arr).save(buf, format="PNG", compress_level=3)
     return buf.getvalue()
 
