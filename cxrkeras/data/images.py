@@ -111,8 +111,8 @@ def _pil_to_array(img, channels):
     return np.asarray(img.convert("RGB"))
 
 
-def read_image(path, channels=1):
-    """uint8 array (H, W) for channels=1 or (H, W, 3); raises ImageError with a precise reason."""
+def read_bytes(path):
+    """The file's bytes; ImageError for a missing, unreadable or empty file."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -122,6 +122,14 @@ def read_image(path, channels=1):
         raise ImageError(f"cannot be read ({exc.strerror or exc})") from exc
     if not data:
         raise ImageError("empty file (0 bytes)")
+    return data
+
+
+def read_image(path, channels=1, data=None):
+    """uint8 array (H, W) for channels=1 or (H, W, 3); raises ImageError with a precise reason.
+    `data`: the file's bytes when the caller has already read them."""
+    if data is None:
+        data = read_bytes(path)
     if _is_dicom(path, data[:132]):
         gray = _read_dicom(data)
         return gray if channels == 1 else np.stack([gray] * 3, axis=-1)

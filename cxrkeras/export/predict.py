@@ -22,18 +22,10 @@ def read_file_bytes(path):
     from cxrkeras.data import images as imglib
 
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError as exc:
-        raise FileError("file not found") from exc
-    except OSError as exc:
-        raise FileError(f"cannot be read ({exc.strerror or exc})") from exc
-    if not data:
-        raise FileError("empty file (0 bytes)")
-    if data.startswith(_PNG_MAGIC) or data.startswith(_JPEG_MAGIC):
-        return data
-    try:
-        return imglib.encode_png(imglib.read_image(path, channels=1))
+        data = imglib.read_bytes(path)
+        if data.startswith(_PNG_MAGIC) or data.startswith(_JPEG_MAGIC):
+            return data
+        return imglib.encode_png(imglib.read_image(path, channels=1, data=data))
     except imglib.ImageError as exc:
         raise FileError(exc.reason) from exc
 

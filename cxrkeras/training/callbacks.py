@@ -145,55 +145,60 @@ class BestCheckpoint(_Stateful):
             save_model(self.model, self.path)
 
 
-class EarlyStop(_Stateful):
-    """Stop when the monitored value has not improved for `patience` epochs (0: never stop early)."""
+class _Patience(_Stateful):
+    """Counts the epochs since the monitored value last improved; the count survives a resume."""
 
-    STATE = ("best", "wait", "stopped_epoch")
+    STATE = ("best", "wait")
 
     def __init__(self, patience, monitor=MONITOR):
         super().__init__()
         self.patience, self.monitor = patience, monitor
-        self.best, self.wait, self.stopped_epoch = -math.inf, 0, None
+        self.best, self.wait = -math.inf, 0
 
-    def on_epoch_end(self, epoch, logs=None):
+    def _stalled(self, logs):
+        """True when this epoch brought no improvement (the wait grows); a non-finite value is not counted."""
         value = (logs or {}).get(self.monitor)
         if not _finite(value):
-            return
+            return False
         if value > self.best:
             self.best, self.wait = float(value), 0
-            return
+            return False
         self.wait += 1
-        if self.patience and self.wait >= self.patience:
+        return True
+
+
+class EarlyStop(_Patience):
+    """Stop when the monitored value has not improved for `patience` epochs (0: never stop early)."""
+
+    STATE = _Patience.STATE + ("stopped_epoch",)
+
+    def __init__(self, patience, monitor=MONITOR):
+        super().__init__(patience, monitor)
+        self.stopped_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._stalled(logs) and self.patience and self.wait >= self.patience:
             self.stopped_epoch = epoch + 1
             self.model.stop_training = True
 
 
-class PlateauLR(_Stateful):
+class PlateauLR(_Patience):
     """Multiply the learning rate by `factor` after `patience` epochs without a better monitored value."""
 
-    STATE = ("best", "wait")
-
     def __init__(self, factor, patience, min_lr, monitor=MONITOR):
-        super().__init__()
-        self.factor, self.patience, self.min_lr, self.monitor = factor, patience, min_lr, monitor
-        self.best, self.wait = -math.inf, 0
+        super().__init__(patience, monitor)
+        self.factor, self.min_lr = factor, min_lr
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if not _finite(value):
+        if not (self._stalled(logs) and self.wait >= self.patience):
             return
-        if value > self.best:
-            self.best, self.wait = float(value), 0
-            return
-        self.wait += 1
-        if self.wait >= self.patience:
-            lr = current_lr(self.model.optimizer)
-            new = max(lr * self.factor, self.min_lr)
-            if new < lr:
-                self.model.optimizer.learning_rate.assign(new)
-                print(f"epoch {epoch + 1}: {self.monitor} has not improved for {self.wait} epochs; "
-                      f"learning rate {lr:.3g} -> {new:.3g}")
-            self.wait = 0
+        lr = current_lr(self.model.optimizer)
+        new = max(lr * self.factor, self.min_lr)
+        if new < lr:
+            self.model.optimizer.learning_rate.assign(new)
+            print(f"epoch {epoch + 1}: {self.monitor} has not improved for {self.wait} epochs; "
+                  f"learning rate {lr:.3g} -> {new:.3g}")
+        self.wait = 0
 
 
 class HistoryCSV(keras.callbacks.Callback):
