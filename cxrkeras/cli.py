@@ -102,8 +102,9 @@ class _VariantType(click.ParamType):
 @click.option("--name", help="run.name: the run folder is <run-dir>/<name>/stage1|stage2")
 @click.option("--variant", type=_VariantType(), help="model.variant (see `cxrkeras models`)")
 @click.option("--weights", help="model.weights: imagenet, none, or a weights file (stage 1)")
-@click.option("--init", type=click.Path(dir_okay=False, exists=True),
-              help="stage 2: start from this .keras instead of stage 1's best.keras of the run")
+@click.option("--init", metavar="PATH|none",
+              help="stage 2: start from this .keras instead of stage 1's best.keras of the run; `none`: skip "
+                   "stage 1 and start from model.weights (one-stage training, single-label tasks)")
 @click.option("--image-size", type=click.IntRange(min=32), help="data.image_size")
 @click.option("--mixed-precision/--no-mixed-precision", default=None,
               help="train.mixed_precision on/off (default auto: on when a GPU is used)")

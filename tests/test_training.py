@@ -239,3 +239,32 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_records, tmp_pat
     assert [r["epoch"] for r in history(stage_dir)] == ["1"]
     kept = keras.saving.load_model(os.path.join(stage_dir, "best.keras"), compile=False)
     assert all(np.isfinite(w).all() for w in kept.get_weights())
+
+
+def test_single_label_task_trains_stage2_alone_with_init_none(tmp_path, sample64):
+    """A binary task (generic CSV, one label): stage 1 would have no negatives, so it points to --init none."""
+    from cxrkeras.data.records import build_records
+
+    csv_path, images = sample64
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    generic = tmp_path / "effusion.csv"
+    generic.write_text("path,finding,subject\n" + "".join(
+        f"{r[0]},{'Effusion' if 'Effusion' in r[1].split('|') else ''},{r[3]}\n" for r in rows))
+    records = str(tmp_path / "rec")
+    build_records(str(generic), images, records, labels="Effusion", path_column="path", labels_column="finding",
+                  patient_column="subject", image_size=32, workers=1, progress=False)
+    root = str(tmp_path / "runs")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", "--stage", "1"] + tiny_args(records, root, "bin", epochs=1))
+    assert res.exit_code != 0 and "--init none" in res.output
+    res = runner.invoke(cli, ["train", "--stage", "2"] + tiny_args(records, root, "bin", epochs=1))
+    assert res.exit_code != 0 and "--init none" in res.output  # no stage 1: says how to go on
+    res = runner.invoke(cli, ["train", "--stage", "2", "--init", "none"] + tiny_args(records, root, "bin", epochs=1))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    stage2 = os.path.join(root, "bin", "stage2")
+    info = json.load(open(os.path.join(stage2, "run_info.json")))
+    assert info["init"] is None and info["labels"] == ["Effusion"]
+    assert len(history(stage2)) == 1 and "val_auc_Effusion" in history(stage2)[0]
+    model = keras.saving.load_model(os.path.join(stage2, "best.keras"), compile=False)
+    assert model.output_shape == (None, 1)

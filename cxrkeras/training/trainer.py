@@ -55,9 +55,11 @@ def _check_data(config, stage):
     positives = {label: int(val.get("positives", {}).get(label, 0)) for label in labels}
     n_val = counts[config.data.val_split]
     if not any(0 < p < n_val for p in positives.values()):
+        hint = (f"with a single label every stage-1 image is positive: train stage 2 alone, "
+                f"`cxrkeras train --stage 2 --init none`" if stage == 1 and len(labels) == 1 else
+                "build the records with a larger validation fraction")
         raise DataError(f"{records}: validation split {config.data.val_split!r} has no label with both positive and "
-                        f"negative images for stage {stage}, so no validation AUC can be computed; build the "
-                        f"records with a larger validation fraction")
+                        f"negative images for stage {stage}, so no validation AUC can be computed; {hint}")
     return manifest, labels, counts, positives
 
 
@@ -74,8 +76,15 @@ def _keras_file_info(path):
     raise CxrError(f"{path}: not a cxrkeras model (no 'predictions' layer); build it with cxrkeras")
 
 
+# --init none: stage 2 without stage 1 (the paper's one-stage ablation; single-label tasks)
+INIT_NONE = "none"
+
+
 def _stage2_init(config, init, manifest_sha, labels, variant):
-    """Path of the stage-2 starting weights, after checking they come from the same records, labels and variant."""
+    """Path of the stage-2 starting weights, after checking they come from the same records, labels and variant;
+    (None, {}) for `init == "none"`: one-stage training from model.weights."""
+    if init == INIT_NONE:
+        return None, {}
     stage1 = rundir.stage_path(config, 1)
     path = init or os.path.join(stage1, rundir.BEST_FILE)
     if not os.path.isfile(path):
@@ -83,7 +92,8 @@ def _stage2_init(config, init, manifest_sha, labels, variant):
             raise CxrError(f"--init {init!r} does not exist")
         raise CxrError(f"stage 2 starts from stage 1's best checkpoint, but {path} does not exist: run "
                        f"`cxrkeras train --config <same config> --stage 1 --name {config.run.name}` first "
-                       f"(same --run-dir/--name), or pass --init PATH to a stage-1 .keras file")
+                       f"(same --run-dir/--name), or pass --init PATH to a stage-1 .keras file, or --init none to "
+                       f"train stage 2 alone from model.weights")
     file_variant, file_labels = _keras_file_info(path)
     problems = []
     if file_variant != variant:
@@ -214,10 +224,13 @@ def train(config, stage, init=None, callbacks=(), log=print):
     history_path = os.path.join(out_dir, rundir.HISTORY_FILE)
 
     if stage == 2 and state != "new" and os.path.isfile(info_path):
-        started_from = (rundir.read_json(info_path).get("init") or {}).get("sha256")
-        if started_from and started_from != sha256_file(init_path):
-            raise ConfigError(f"{stage_dir} was trained from a different stage-1 checkpoint than {init_path} is now "
-                              f"(stage 1 was retrained?): pass --overwrite to train stage 2 again from it")
+        before = (rundir.read_json(info_path).get("init") or {}).get("sha256")
+        now = sha256_file(init_path) if init_path else None
+        if before != now:
+            was = "model.weights (--init none)" if before is None else "another stage-1 checkpoint"
+            given = "model.weights (--init none)" if now is None else init_path
+            raise ConfigError(f"{stage_dir} was started from {was}, not from {given} as now (stage 1 retrained?): "
+                              f"pass --overwrite to train stage 2 again")
     if state == "finished":
         info = rundir.read_json(info_path)
         log(f"stage {stage} of run {config.run.name!r} already finished ({stage_dir}); "
@@ -296,7 +309,7 @@ def _run(config, stage, variant, manifest, labels, counts, positives, manifest_s
         overrides = dict(config.model.overrides)
         if config.model.dropout is not None:
             overrides["dropout"] = config.model.dropout
-        weights = config.model.weights if (stage == 1 and not resume) else None
+        weights = config.model.weights if (init_path is None and not resume) else None
         with strategy.scope():
             model = build_model(variant.name, num_classes=len(labels), weights=weights,
                                 input_shape=(image_size, image_size, 3), label_names=labels, **overrides)
