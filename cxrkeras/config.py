@@ -26,7 +26,7 @@ KEY_ALIASES = {"learning_rate": "lr", "optimiser": "optimizer", "wd": "weight_de
 class DataConfig:
     """Where the records are and how batches are made (`batch_size` is the GLOBAL batch, over all replicas)."""
 
-    records: str = "tfrecords"
+    records: str = "tfrecords/nih-256"
     image_size: int = 224
     batch_size: int = 32
     shuffle_buffer: int = 2048

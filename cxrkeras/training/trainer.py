@@ -55,7 +55,7 @@ def _check_data(config, stage):
     positives = {label: int(val.get("positives", {}).get(label, 0)) for label in labels}
     n_val = counts[config.data.val_split]
     if not any(0 < p < n_val for p in positives.values()):
-        hint = (f"with a single label every stage-1 image is positive: train stage 2 alone, "
+        hint = ("with a single label every stage-1 image is positive: train stage 2 alone, "
                 f"`cxrkeras train --stage 2 --init none`" if stage == 1 and len(labels) == 1 else
                 "build the records with a larger validation fraction")
         raise DataError(f"{records}: validation split {config.data.val_split!r} has no label with both positive and "
