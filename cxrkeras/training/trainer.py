@@ -56,7 +56,7 @@ def _check_data(config, stage):
     n_val = counts[config.data.val_split]
     if not any(0 < p < n_val for p in positives.values()):
         hint = ("with a single label every stage-1 image is positive: train stage 2 alone, "
-                f"`cxrkeras train --stage 2 --init none`" if stage == 1 and len(labels) == 1 else
+                "`cxrkeras train --stage 2 --init none`" if stage == 1 and len(labels) == 1 else
                 "build the records with a larger validation fraction")
         raise DataError(f"{records}: validation split {config.data.val_split!r} has no label with both positive and "
                         f"negative images for stage {stage}, so no validation AUC can be computed; {hint}")
