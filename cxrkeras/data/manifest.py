@@ -68,6 +68,12 @@ def shard_paths(manifest, records_dir, split):
     return [os.path.join(records_dir, shard["file"]) for shard in info["shards"]]
 
 
+def stage_images(info, stage):
+    """Images of one split (its manifest entry) that a training stage reads: stage 1 drops the 'No Finding' rows
+    (the all-zero label rows, counted in `no_finding`), stage 2 reads them all."""
+    return int(info["images"]) - (int(info.get("no_finding", 0)) if stage == 1 else 0)
+
+
 def label_positives(manifest, split):
     """Positives per label of `split`, in manifest label order (for loss weighting and reports)."""
     info = split_info(manifest, split)

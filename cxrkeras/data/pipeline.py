@@ -205,7 +205,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
     if "no_finding" in info and sum(counts) == int(info["images"]) and min(counts) >= 0:
         # a known length lets Keras show progress and size epochs (filter/scan make it unknown otherwise);
         # the manifest's no_finding counts exactly the all-zero label rows stage 1 drops
-        ds = ds.apply(tf.data.experimental.assert_cardinality(count_images(records_dir, split, stage)))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(manifest_lib.stage_images(info, stage)))
     if cache:
         ds = ds.cache(cache if isinstance(cache, str) else "")
     if training and shuffle_buffer and shuffle_buffer > 1:
@@ -264,7 +264,7 @@ def count_images(records_dir, split, stage=2):
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}: use 1 or 2")
     info = manifest_lib.split_info(manifest_lib.load_manifest(records_dir), split, records_dir)
-    return int(info["images"]) - (int(info.get("no_finding", 0)) if stage == 1 else 0)
+    return manifest_lib.stage_images(info, stage)
 
 
 def steps_per_epoch(records_dir, split, batch_size, stage=2, drop_remainder=True):
@@ -285,7 +285,7 @@ def label_statistics(records_dir, stage=2):
     labels = list(manifest["labels"])
     data, images = {}, {}
     for split in manifest["splits"]:
-        n = count_images(records_dir, split, stage)
+        n = manifest_lib.stage_images(manifest["splits"][split], stage)
         pos = manifest_lib.label_positives(manifest, split)
         images[split] = n
         data[split] = pos

@@ -201,21 +201,29 @@ class PlateauLR(_Patience):
         self.wait = 0
 
 
-class HistoryCSV(keras.callbacks.Callback):
+class _EpochTimer(keras.callbacks.Callback):
+    """Times each epoch: `epoch_seconds()` in on_epoch_end is the wall time since the epoch began."""
+
+    _t0 = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.time()
+
+    def epoch_seconds(self):
+        return time.time() - (self._t0 or time.time())
+
+
+class HistoryCSV(_EpochTimer):
     """Append one row per finished epoch to history.csv (columns fixed by the first row)."""
 
     def __init__(self, path, guard):
         super().__init__()
         self.path, self.guard = path, guard
-        self._t0 = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._t0 = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.nan_at is not None:
             return
-        row = {"epoch": epoch + 1, "seconds": round(time.time() - (self._t0 or time.time()), 2)}
+        row = {"epoch": epoch + 1, "seconds": round(self.epoch_seconds(), 2)}
         row.update({k: v for k, v in (logs or {}).items()})
         exists = os.path.isfile(self.path) and os.path.getsize(self.path) > 0
         if exists:
@@ -231,20 +239,16 @@ class HistoryCSV(keras.callbacks.Callback):
             writer.writerow(row)
 
 
-class EpochLog(keras.callbacks.Callback):
+class EpochLog(_EpochTimer):
     """One short line per epoch (the per-label AUCs go to history.csv and TensorBoard, not the console)."""
 
     def __init__(self, epochs, log=print):
         super().__init__()
         self.epochs, self.log = epochs, log
-        self._t0 = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._t0 = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        parts = [f"epoch {epoch + 1}/{self.epochs}", f"{time.time() - (self._t0 or time.time()):.1f}s"]
+        parts = [f"epoch {epoch + 1}/{self.epochs}", f"{self.epoch_seconds():.1f}s"]
         for key in ("loss", "val_loss", MONITOR, "learning_rate"):
             if key in logs:
                 parts.append(f"{key} {logs[key]:.4g}")

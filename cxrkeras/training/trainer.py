@@ -37,7 +37,7 @@ class TrainResult:
 
 def _check_data(config, stage):
     """Manifest, splits and stage image counts; clear errors before any TensorFlow work."""
-    from cxrkeras.data.manifest import load_manifest, split_info
+    from cxrkeras.data.manifest import load_manifest, split_info, stage_images
 
     records = config.data.records
     manifest = load_manifest(records)
@@ -46,8 +46,7 @@ def _check_data(config, stage):
     labels = list(manifest["labels"])
     counts = {}
     for split in (config.data.train_split, config.data.val_split):
-        info = manifest["splits"][split]
-        counts[split] = int(info["images"]) - (int(info.get("no_finding", 0)) if stage == 1 else 0)
+        counts[split] = stage_images(manifest["splits"][split], stage)
         if counts[split] <= 0:
             raise DataError(f"{records}: split {split!r} has no images for stage {stage}"
                             + (" (all its images are 'No Finding')" if stage == 1 else ""))
