@@ -10,7 +10,6 @@ Usage: python tools/bench_pipeline.py [--images ../shared/data/nih-512px] [--sec
 """
 
 import argparse
-import io
 import os
 import shutil
 import sys
@@ -26,49 +25,13 @@ MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224,
 
 
 def build_records_dir(csv_path, images_dir, out):
-    """Records of all images in one 'train' split; via build_records if it is there, else written here."""
+    """Records of all images in one 'train' split, with build_records; (how, seconds)."""
+    from cxrkeras.data.records import build_records
+
     t0 = time.perf_counter()
-    try:
-        from cxrkeras.data.records import build_records
-
-        build_records(csv_path, images_dir, out, split_fractions=(1.0, 0.0, 0.0), image_size=STORED,
-                      shard_size=64, progress=False)
-        how = "cxrkeras.data.records.build_records"
-    except ImportError:
-        _write_records(csv_path, images_dir, out)
-        how = "features.make_example (build_records not available)"
-    return how, time.perf_counter() - t0
-
-
-def _write_records(csv_path, images_dir, out, shard_size=64):
-    import csv
-    import json
-
-    import tensorflow as tf
-    from PIL import Image
-
-    from cxrkeras.data import features
-    from cxrkeras.labels import NIH_LABELS
-
-    with open(csv_path, newline="") as f:
-        rows = [r for r in list(csv.reader(f))[1:] if os.path.isfile(os.path.join(images_dir, r[0]))]
-    shards, n = [], -(-len(rows) // shard_size)
-    for i in range(n):
-        name, chunk = f"train-{i:05d}-of-{n:05d}.tfrecord", rows[i * shard_size:(i + 1) * shard_size]
-        with tf.io.TFRecordWriter(os.path.join(out, name)) as w:
-            for r in chunk:
-                img = Image.open(os.path.join(images_dir, r[0])).convert("L").resize((STORED, STORED), Image.BILINEAR)
-                buf = io.BytesIO()
-                img.save(buf, format="PNG")
-                y = [int(lbl in r[1].split("|")) for lbl in NIH_LABELS]
-                w.write(features.make_example(buf.getvalue(), STORED, STORED, 1, y, r[0], r[3]).SerializeToString())
-        shards.append({"file": name, "records": len(chunk), "sha256": ""})
-    pos = {lbl: sum(lbl in r[1].split("|") for r in rows) for lbl in NIH_LABELS}
-    manifest = {"labels": list(NIH_LABELS), "image_size": [STORED, STORED], "channels": 1, "dry_run": False,
-                "splits": {"train": {"images": len(rows), "no_finding": sum(r[1] == "No Finding" for r in rows),
-                                     "positives": pos, "shards": shards}}}
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+    build_records(csv_path, images_dir, out, split_fractions=(1.0, 0.0, 0.0), image_size=STORED, shard_size=64,
+                  progress=False)
+    return "cxrkeras.data.records.build_records", time.perf_counter() - t0
 
 
 def measure(batches, seconds):

@@ -20,11 +20,9 @@ def spatial_layers(model):
 
 
 def model_metadata(model):
-    """model_info(model) when cxrkeras.models provides it and knows the model, else {} (a plain Keras model)."""
-    try:
-        from cxrkeras.models import model_info
-    except ImportError:
-        return {}
+    """model_info(model) when the model was built by cxrkeras, else {} (a plain Keras model)."""
+    from cxrkeras.models import model_info
+
     try:
         return dict(model_info(model) or {})
     except CxrError:  # a plain Keras model: the caller searches the graph instead
