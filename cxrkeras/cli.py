@@ -35,7 +35,7 @@ def cli():
               help="Square input size the GFLOPs are counted at.")
 @click.option("--num-classes", default=14, show_default=True, type=click.IntRange(min=1))
 def models_cmd(variants, image_size, num_classes):
-    """List model variants (or only VARIANTS) with trainable parameters and GFLOPs (multiply-adds)."""
+    """List model variants (or only VARIANTS): trainable parameters, GMACs and the paper's GFLOPs (fvcore's count)."""
     from cxrkeras.models.summary import format_table, variant_rows
 
     click.echo(format_table(variant_rows(variants or None, image_size, num_classes), image_size))
@@ -51,7 +51,7 @@ def models_cmd(variants, image_size, num_classes):
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--preprocessing", default="torch", show_default=True, type=click.Choice(["torch", "caffe"]),
-              help="The model's normalisation (DenseNet: torch, VGG16: caffe); undone for display.")
+              help="The model's normalisation (torch: ImageNet mean/std; caffe: plain VGG16); undone for display.")
 @click.option("--equalize", default=None, type=click.Choice(["hist", "clahe"]), help="Contrast equalisation.")
 @click.option("--eval-view", is_flag=True, help="Show the deterministic eval transform instead of augmentation.")
 def preview_batch_cmd(records, split, stage, out, n, image_size, seed, preprocessing, equalize, eval_view):
@@ -89,6 +89,26 @@ class _VariantType(click.ParamType):
         return [CompletionItem(n) for n in self._names() if n.startswith(incomplete)]
 
 
+@cli.command("convert-weights")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.option("--variant", required=True, type=_VariantType(),
+              help="The model the checkpoint is for (see `cxrkeras models`).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Keras weights file to write (NAME.h5).")
+@click.option("--num-classes", type=click.IntRange(1, 10_000),
+              help="Outputs of the head [default: the checkpoint's head, else 14].")
+@click.option("--checkpoint-labels", metavar="paper|nih|A,B,...",
+              help="Output order of the checkpoint's head [default: the paper's order for files in its layout].")
+def convert_weights_cmd(src, variant, out, num_classes, checkpoint_labels):
+    """Convert a PyTorch checkpoint SRC (torchvision, timm, the paper's modules, fastai) into a Keras .h5 once;
+    then `--weights FILE.h5` needs no torch. Prints how every tensor was mapped."""
+    from cxrkeras.models.torch_checkpoint import convert_weights, format_report
+
+    report = convert_weights(src, variant, out, num_classes=num_classes, weights_labels=checkpoint_labels)
+    click.echo(format_report(report))
+    click.echo(f"wrote {report['out']}: {len(report['layers'])} layers for {variant} "
+               f"({report['num_classes']} outputs; source sha256 {report['sha256'][:16]}...)")
+
+
 @cli.command("train")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML file overriding the defaults (configs/*.yaml).")
@@ -101,7 +121,8 @@ class _VariantType(click.ParamType):
 @click.option("--run-dir", type=click.Path(file_okay=False), help="run.root (default runs/)")
 @click.option("--name", help="run.name: the run folder is <run-dir>/<name>/stage1|stage2")
 @click.option("--variant", type=_VariantType(), help="model.variant (see `cxrkeras models`)")
-@click.option("--weights", help="model.weights: imagenet, none, or a weights file (stage 1)")
+@click.option("--weights", help="model.weights: imagenet, torchvision, none, a Keras weights file or a PyTorch "
+                                "checkpoint (.pth/.pt/.bin/.safetensors) (stage 1)")
 @click.option("--init", metavar="PATH|none",
               help="stage 2: start from this .keras instead of stage 1's best.keras of the run; `none`: skip "
                    "stage 1 and start from model.weights (one-stage training, single-label tasks)")

@@ -15,6 +15,7 @@ SCHEDULES = ("plateau", "cosine", "constant")
 MIXED_PRECISION = ("auto", "on", "off")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 EQUALIZE = ("hist", "clahe")
+PREPROCESSING = ("torch", "caffe")  # cxrkeras.data.preprocess.MODES (that module needs TensorFlow)
 # Names other tools use for our keys: suggested when difflib finds nothing close.
 KEY_ALIASES = {"learning_rate": "lr", "optimiser": "optimizer", "wd": "weight_decay", "img_size": "image_size",
                "input_size": "image_size", "batch": "batch_size", "num_epochs": "epochs", "backbone": "variant",
@@ -38,11 +39,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Which network: a registered variant, its initial weights and extra `build_model` keyword overrides."""
+    """Which network: a registered variant, its initial weights and extra `build_model` keyword overrides
+    (lka_blocks, lka_form, width_multiplier, blocks, bn_epsilon, bn_momentum, final_relu)."""
 
     variant: str = "densenet121-lka-last2"
-    weights: Optional[str] = "imagenet"  # "imagenet", None, or a weights file
+    weights: Optional[str] = "imagenet"  # "imagenet", "torchvision", None, or a weights file / PyTorch checkpoint
     dropout: Optional[float] = None  # None: the variant's default
+    preprocessing: Optional[str] = None  # None: what the initial weights expect ("torch", or "caffe" for plain VGG16)
     overrides: dict = field(default_factory=dict)
 
 
@@ -235,6 +238,10 @@ def validate(config):
     choice("train.strategy", config.train.strategy, STRATEGIES)
     if config.data.equalize is not None:
         choice("data.equalize", config.data.equalize, EQUALIZE)
+    if config.model.preprocessing is not None:
+        choice("model.preprocessing", config.model.preprocessing, PREPROCESSING)
+    if "preprocessing" in config.model.overrides:
+        raise ConfigError("model.overrides.preprocessing: set model.preprocessing instead")
     positive = {"data.image_size": config.data.image_size, "data.batch_size": config.data.batch_size,
                 "train.epochs": config.train.epochs, "optim.lr": config.optim.lr}
     for key, value in positive.items():

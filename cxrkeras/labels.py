@@ -21,3 +21,21 @@ NO_FINDING = "No Finding"
 
 # NIH's bounding-box file spells one label differently from the label file.
 LABEL_ALIASES = {"Infiltrate": "Infiltration"}
+
+# Output order of the paper's own checkpoints: `disease_labels`, the fastai vocabulary of all its notebooks.
+PAPER_LABEL_ORDER = (
+    "Atelectasis",
+    "Consolidation",
+    "Infiltration",
+    "Pneumothorax",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Effusion",
+    "Pneumonia",
+    "Pleural_Thickening",
+    "Cardiomegaly",
+    "Nodule",
+    "Mass",
+    "Hernia",
+)

@@ -9,8 +9,9 @@ from cxrkeras.models.head import MultiLabelDense, apply_head
 from cxrkeras.models.lka import FORMS
 from cxrkeras.models.registry import get_variant
 
-OVERRIDES = ("lka_blocks", "lka_form", "dropout", "width_multiplier", "blocks", "name")
-DEFAULT_DROPOUT = 0.2  # the paper gives no rate; 0.2 is the common CheXNet-style choice
+OVERRIDES = ("lka_blocks", "lka_form", "dropout", "width_multiplier", "blocks", "name", "preprocessing", "bn_epsilon",
+             "bn_momentum", "final_relu")
+ORIGIN_OPTIONS = ("preprocessing", "bn_epsilon", "bn_momentum")  # None: the default for the initial weights
 
 
 def _check_input_shape(input_shape, variant, minimum):
@@ -39,32 +40,80 @@ def _labels(num_classes, label_names):
     return label_names
 
 
-def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3), label_names=None, **overrides):
-    """Build a registered variant as a functional keras.Model ending in a sigmoid layer named "predictions".
+def build_options(variant, weights=None, **overrides):
+    """The origin-dependent build_model options (preprocessing, bn_epsilon, bn_momentum) that initial `weights` give
+    `variant`, with `overrides` on top. Passing them with weights=None rebuilds the same model, e.g. for stage 2."""
+    from cxrkeras.models.weights import origin_defaults
 
-    overrides: lka_blocks ("none" | "after" | "last2"/"last3" | "full" | list of block numbers and/or "after"),
-    lka_form ("lka" the paper's | "van"), dropout (head rate, default 0.2), width_multiplier (thin test models),
-    blocks (DenseNet layers per dense block), name (model name).
-    weights: None, "imagenet" (DenseNet121 and plain VGG16) or a local .keras / .weights.h5 / .h5 file.
-    """
     spec = get_variant(variant)
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise ConfigError(f"unknown build_model option(s) {', '.join(unknown)}; valid: {', '.join(OVERRIDES)}")
+    given = {k: v for k, v in overrides.items() if v is not None or k not in ORIGIN_OPTIONS}
+    return {**origin_defaults(spec, weights), **given}
+
+
+def _batch_norm(spec, options, overrides):
+    if spec.backbone == "vgg16" and not spec.batch_norm:
+        given = sorted(k for k in ("bn_epsilon", "bn_momentum") if k in overrides)
+        if given:
+            raise ConfigError(f"{', '.join(given)}: {spec.name} has no batch norm (use a vgg16-bn variant)")
+        return None
+    try:
+        epsilon, momentum = float(options["bn_epsilon"]), float(options["bn_momentum"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"bn_epsilon and bn_momentum must be numbers, got {options['bn_epsilon']!r}, "
+                          f"{options['bn_momentum']!r}") from None
+    if not 0.0 < epsilon <= 1.0:
+        raise ConfigError(f"bn_epsilon must be in (0, 1], got {epsilon}")
+    if not 0.0 <= momentum < 1.0:
+        raise ConfigError(f"bn_momentum must be in [0, 1) (Keras' convention: 1 - PyTorch's momentum), got {momentum}")
+    return dict(epsilon=epsilon, momentum=momentum)
+
+
+def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3), label_names=None,
+                weights_labels=None, **overrides):
+    """Build a registered variant as a functional keras.Model ending in a sigmoid layer named "predictions".
+
+    overrides: lka_blocks ("none" | "after" | "last2"/"last3" | "full" | list of block numbers and/or "after"),
+    lka_form ("lka" the paper's | "van"), dropout (head rate; default the variant's: 0.5 as the paper's code for
+    its six variants, 0.2 for the baselines), width_multiplier (thin test models), blocks (DenseNet layers per dense
+    block), name (model name), preprocessing ("torch" | "caffe"), bn_epsilon / bn_momentum (Keras momentum =
+    1 - PyTorch's), final_relu (DenseNet: ReLU after norm5; default only for the `densenet121` baseline).
+    Defaults of preprocessing and batch norm follow the origin of `weights` (see `build_options`); the choices are
+    stored with the model (model_info).
+    weights: None; "imagenet" (keras.applications' DenseNet121 / VGG16 files; for VGG16-BN torchvision's
+    vgg16_bn); "torchvision" (torchvision's ImageNet DenseNet121 / VGG16-BN, as timm's safetensors: the paper's
+    initialisation); a PyTorch checkpoint (.pth/.pt/.bin/.safetensors: torchvision, timm, the paper's modules,
+    fastai files); or a local .keras / .h5 (by layer name) / .weights.h5 (same architecture) file.
+    weights_labels: the output order of a full PyTorch checkpoint's head (a list, "paper" or "nih"); default: the
+    paper's order for files in the paper's layout, else the file's order is taken as `label_names`.
+    """
+    from cxrkeras.data.preprocess import check_mode
+
+    spec = get_variant(variant)
+    options = build_options(spec.name, weights, **overrides)
     labels = _labels(num_classes, label_names)
-    lka_blocks = overrides.get("lka_blocks", spec.lka_blocks)
-    lka_form = overrides.get("lka_form", "lka")
+    lka_blocks = options.get("lka_blocks", spec.lka_blocks)
+    lka_form = options.get("lka_form", "lka")
     if lka_form not in FORMS:
         raise ConfigError(f"unknown lka_form {lka_form!r}; valid: {', '.join(FORMS)}")
-    dropout = float(overrides.get("dropout", DEFAULT_DROPOUT))
+    dropout = float(spec.dropout if options.get("dropout") is None else options["dropout"])
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
-    width = float(overrides.get("width_multiplier", 1.0))
+    width = float(options.get("width_multiplier", 1.0))
     if not 0.0 < width <= 4.0:
         raise ConfigError(f"width_multiplier must be in (0, 4], got {width}")
-    blocks = overrides.get("blocks")
+    blocks = options.get("blocks")
     if blocks is not None and spec.backbone != "densenet121":
         raise ConfigError(f"option 'blocks' applies to DenseNet variants only, not {spec.name}")
+    if "final_relu" in overrides and spec.backbone != "densenet121":
+        raise ConfigError(f"option 'final_relu' applies to DenseNet variants only, not {spec.name}")
+    final_relu = options.get("final_relu", spec.final_relu)
+    if not isinstance(final_relu, bool):
+        raise ConfigError(f"final_relu must be true or false, got {final_relu!r}")
+    preprocessing = check_mode(options["preprocessing"])
+    bn = _batch_norm(spec, options, overrides)
 
     module = densenet if spec.backbone == "densenet121" else vgg
     shape = _check_input_shape(input_shape, spec, module.MIN_INPUT_SIZE)
@@ -75,22 +124,28 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
             raise ConfigError(f"blocks must be four positive layer counts, got {blocks!r}")
         x, feature_layer = densenet.apply_densenet_features(
             inputs, lka_blocks, lka_form, blocks=blocks, growth_rate=max(1, round(32 * width)),
-            stem_filters=max(1, round(64 * width)))
+            stem_filters=max(1, round(64 * width)), final_relu=final_relu, bn=bn)
     else:
         x, feature_layer = vgg.apply_vgg_features(inputs, lka_blocks, lka_form, batch_norm=spec.batch_norm,
-                                                  width_multiplier=width)
+                                                  width_multiplier=width, bn=bn or vgg.TORCH_BN)
     build_args = dict(lka_blocks=list(lka_blocks) if not isinstance(lka_blocks, str) else lka_blocks,
                       lka_form=lka_form, dropout=dropout, width_multiplier=width,
-                      blocks=list(blocks) if blocks else None)
-    metadata = dict(labels=labels, variant=spec.name, preprocessing=spec.preprocessing,
+                      blocks=list(blocks) if blocks else None,
+                      bn_epsilon=bn and bn["epsilon"], bn_momentum=bn and bn["momentum"],
+                      final_relu=final_relu if spec.backbone == "densenet121" else None)
+    metadata = dict(labels=labels, variant=spec.name, preprocessing=preprocessing,
                     feature_layer=feature_layer, build_args=build_args)
     outputs = apply_head(x, len(labels), dropout, metadata)
-    model = keras.Model(inputs, outputs, name=overrides.get("name") or spec.name.replace("-", "_"))
+    model = keras.Model(inputs, outputs, name=options.get("name") or spec.name.replace("-", "_"))
     if weights is not None:
-        from cxrkeras.models.weights import load_weights
+        from cxrkeras.models.weights import load_weights, summary
 
-        load_weights(model, weights, spec, imagenet_ok=(width == 1.0 and blocks in (None, densenet.DENSENET121_BLOCKS)
-                                                      and shape[2] == 3))
+        report = load_weights(model, weights, spec, weights_labels=weights_labels,
+                              imagenet_ok=(width == 1.0 and blocks in (None, densenet.DENSENET121_BLOCKS)
+                                           and shape[2] == 3))
+        model.weights_report = summary(report)  # what was loaded and what kept its initial values (not saved)
+    elif weights_labels is not None:
+        raise ConfigError("weights_labels needs weights (a PyTorch checkpoint)")
     return model
 
 

@@ -1,4 +1,4 @@
-"""Multiply-add count of a model's graph for one image (the paper's "GFLOPs")."""
+"""Operation counts of a model's graph for one image: our multiply-adds, and fvcore's count (the paper's "GFLOPs")."""
 
 import math
 
@@ -6,21 +6,28 @@ import keras
 
 from cxrkeras.models.lka import LargeKernelAttention
 
+CONVENTIONS = ("macs", "fvcore")
+
 
 def _hwc(shape):
     return math.prod(int(v) for v in shape[1:])
 
 
-def layer_multiply_adds(layer, include_bn=False):
-    """Multiply-adds of one layer for one input image.
+def layer_multiply_adds(layer, include_bn=False, convention="macs"):
+    """Operations of one layer for one input image.
 
-    Convention (as torchvision-era counters such as thop report "FLOPs" = MACs): convolutions, depthwise
-    convolutions, dense layers and the LKA gating product count one per multiply-add; biases, activations, pooling
-    and concatenation count nothing; batch norm counts nothing unless `include_bn` (it folds into the preceding
-    convolution at inference), then one per element.
+    "macs": convolutions, depthwise convolutions, dense layers and the LKA gating product count one per
+    multiply-add; biases, activations, pooling and concatenation count nothing; batch norm counts nothing unless
+    `include_bn` (it folds into the preceding convolution at inference), then one per element.
+    "fvcore": what fvcore's FlopCountAnalysis reports for the paper's PyTorch modules in eval mode, the paper's
+    GFLOPs: convolutions and linear layers as multiply-adds, batch norm 2 per element, adaptive average pooling
+    1 per input element; the LKA product (aten::mul), ReLU, max/avg pooling and concatenation are not counted.
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    fvcore = convention == "fvcore"
     if isinstance(layer, LargeKernelAttention):
-        return layer.multiply_adds(layer.input.shape[1:])
+        return layer.multiply_adds(layer.input.shape[1:], elementwise=not fvcore)
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         kh, kw = layer.kernel_size
         return _hwc(layer.output.shape) * kh * kw
@@ -30,18 +37,26 @@ def layer_multiply_adds(layer, include_bn=False):
         return _hwc(layer.output.shape) * kh * kw * cin
     if isinstance(layer, keras.layers.Dense):
         return _hwc(layer.input.shape) * layer.units
-    if include_bn and isinstance(layer, keras.layers.BatchNormalization):
-        return _hwc(layer.output.shape)
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return 2 * _hwc(layer.output.shape) if fvcore else (_hwc(layer.output.shape) if include_bn else 0)
+    if fvcore and isinstance(layer, keras.layers.GlobalAveragePooling2D):
+        return _hwc(layer.input.shape)
     return 0
 
 
-def count_multiply_adds(model, include_bn=False):
-    """Total multiply-adds of a functional model per image (its input shape must be fully defined)."""
-    return sum(layer_multiply_adds(layer, include_bn) for layer in model.layers)
+def count_multiply_adds(model, include_bn=False, convention="macs"):
+    """Total operations of a functional model per image (its input shape must be fully defined)."""
+    return sum(layer_multiply_adds(layer, include_bn, convention) for layer in model.layers)
 
 
 def gflops(model, include_bn=False):
+    """Multiply-adds / 1e9 (convolutions, dense layers and the LKA product)."""
     return count_multiply_adds(model, include_bn) / 1e9
+
+
+def fvcore_flops(model):
+    """fvcore's count / 1e9: the convention of the paper's GFLOPs column (see layer_multiply_adds)."""
+    return count_multiply_adds(model, convention="fvcore") / 1e9
 
 
 def trainable_params(model):

@@ -56,13 +56,16 @@ class LargeKernelAttention(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def multiply_adds(self, input_shape):
-        """Multiply-adds for one image of shape (H, W, C): convolutions plus the gating product."""
+    def multiply_adds(self, input_shape, elementwise=True):
+        """Multiply-adds for one image of shape (H, W, C): convolutions, plus (`elementwise`) the gating product
+        (and VAN's shortcut add); fvcore, the paper's counter, counts the convolutions only."""
         h, w, c = (int(v) for v in input_shape[-3:])
         n = h * w * c
-        macs = n * 25 + n * 49 + n * c + n  # dw 5x5, dw 7x7 (dilation adds no work), 1x1, x * attn
+        macs = n * 25 + n * 49 + n * c  # dw 5x5, dw 7x7 (dilation adds no work), 1x1
         if self.form == "van":
-            macs += 2 * n * c + n  # proj_1, proj_2, shortcut add
+            macs += 2 * n * c  # proj_1, proj_2
+        if elementwise:
+            macs += n * (2 if self.form == "van" else 1)  # x * attn (+ the shortcut add)
         return macs
 
     def get_config(self):

@@ -4,6 +4,8 @@ import dataclasses
 
 from cxrkeras.errors import ConfigError
 
+PAPER_DROPOUT = 0.5  # nn.Dropout(0.5) before the classifier in all six of the paper's modules
+
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
@@ -13,36 +15,42 @@ class Variant:
     batch_norm: bool = False  # VGG16 only
     description: str = ""
     paper_params: int | None = None  # the paper's trainable parameters at 14 classes (targets of the tests)
-    paper_gflops: float | None = None
+    paper_gflops: float | None = None  # the paper's GFLOPs (fvcore's count of its PyTorch modules) at 224x224
+    final_relu: bool = False  # DenseNet: ReLU after norm5, as torchvision's DenseNet.forward (the paper has none)
+    dropout: float = 0.2  # head dropout rate by default (the paper's code: 0.5)
 
     @property
     def preprocessing(self):
-        """Input normalisation the backbone's ImageNet weights expect ("torch" mean/std, or "caffe" BGR means)."""
-        return "torch" if self.backbone == "densenet121" else "caffe"
+        """Input normalisation the initial weights expect: "torch" (RGB, ImageNet mean/std: DenseNet121 and the
+        torchvision VGG16-BN) or "caffe" (BGR, mean-subtracted: keras.applications' plain VGG16)."""
+        return "caffe" if self.backbone == "vgg16" and not self.batch_norm else "torch"
 
     @property
-    def imagenet_available(self):
-        """Keras hosts ImageNet weights for DenseNet121 and plain VGG16, not for VGG16 with batch norm."""
-        return self.backbone == "densenet121" or not self.batch_norm
+    def imagenet_source(self):
+        """Where weights="imagenet" comes from: "keras" (keras.applications files) or "torchvision" (torchvision's
+        vgg16_bn, the only ImageNet VGG16-BN weights, as timm publishes them in safetensors)."""
+        return "torchvision" if self.backbone == "vgg16" and self.batch_norm else "keras"
 
 
 def _variants():
     out = [
-        Variant("densenet121", "densenet121", "none", description="DenseNet121 (CheXNet backbone)"),
+        Variant("densenet121", "densenet121", "none", final_relu=True,
+                description="DenseNet121 (CheXNet backbone, torchvision's forward)"),
         Variant("densenet121-lka-after", "densenet121", "after", description="LKA after the final norm (norm5)",
-                paper_params=8_095_630, paper_gflops=2.92),
+                paper_params=8_095_630, paper_gflops=2.92, dropout=PAPER_DROPOUT),
         Variant("densenet121-lka-last2", "densenet121", "last2", description="LKA after dense blocks 3 and 4",
-                paper_params=9_223_054, paper_gflops=3.14),
+                paper_params=9_223_054, paper_gflops=3.14, dropout=PAPER_DROPOUT),
         Variant("densenet121-lka-full", "densenet121", "full", description="LKA after dense blocks 1-4",
-                paper_params=9_609_870, paper_gflops=3.64),
+                paper_params=9_609_870, paper_gflops=3.64, dropout=PAPER_DROPOUT),
         Variant("vgg16-bn", "vgg16", "none", batch_norm=True, description="VGG16 with batch norm"),
         Variant("vgg16-lka-after", "vgg16", "after", batch_norm=True,
-                description="VGG16-BN, LKA after the feature extractor", paper_params=15_031_886, paper_gflops=15.39),
+                description="VGG16-BN, LKA after the feature extractor", paper_params=15_031_886,
+                paper_gflops=15.39, dropout=PAPER_DROPOUT),
         Variant("vgg16-lka-last3", "vgg16", "last3", batch_norm=True,
                 description="VGG16-BN, LKA after conv blocks 3-5 (the paper's best)",
-                paper_params=15_418_702, paper_gflops=15.93),
+                paper_params=15_418_702, paper_gflops=15.93, dropout=PAPER_DROPOUT),
         Variant("vgg16-lka-full", "vgg16", "full", batch_norm=True, description="VGG16-BN, LKA after conv blocks 1-5",
-                paper_params=15_453_966, paper_gflops=16.70),
+                paper_params=15_453_966, paper_gflops=16.70, dropout=PAPER_DROPOUT),
         Variant("vgg16-plain", "vgg16", "none", description="VGG16 as keras.applications (ImageNet weights)"),
     ]
     for placement, where in (("after", "after the feature extractor"), ("last3", "after conv blocks 3-5"),

@@ -1,7 +1,15 @@
-"""Initial weights for build_model: ImageNet (Keras-hosted files) or a local .keras / .weights.h5 / .h5 file."""
+"""Initial weights for build_model: named ImageNet files, PyTorch checkpoints, or local Keras files; their origin.
 
+The origin of the initial weights ("keras": keras.applications files; "torch": torchvision, timm, the paper's
+checkpoints) decides the defaults a model is built with: batch-norm epsilon / momentum (1.001e-5 / 0.99 for
+keras.applications' DenseNet121, PyTorch's 1e-5 / 0.1, i.e. Keras momentum 0.9, otherwise) and, for VGG16, the
+input preprocessing ("caffe" for keras.applications' plain VGG16, "torch" = ImageNet mean/std RGB otherwise).
+"""
+
+import json
 import logging
 import os
+import re
 import warnings
 import zipfile
 
@@ -12,49 +20,213 @@ from cxrkeras.errors import ConfigError, CxrError
 log = logging.getLogger(__name__)
 
 _BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
-# (file name, URL, md5) of the include_top=False files keras.applications uses.
+_HF = "https://huggingface.co/timm/"
+# (file name in ~/.keras/models, URL, published hash): keras.applications' include_top=False files (md5), and
+# torchvision's ImageNet weights as timm republished them in safetensors (sha256 of the Hub's LFS object), so
+# that no torch is needed to read them.
 IMAGENET_FILES = {
-    "densenet121": ("densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                    _BASE + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                    "30ee3e1110167f948a6b9946edeeb738"),
-    "vgg16": ("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-              _BASE + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-              "6d6bbae143d832006294945121d1f1fc"),
+    ("densenet121", "keras"): ("densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                               _BASE + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                               "30ee3e1110167f948a6b9946edeeb738"),
+    ("vgg16", "keras"): ("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                         _BASE + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                         "6d6bbae143d832006294945121d1f1fc"),
+    ("densenet121", "torchvision"): (
+        "timm_densenet121.tv_in1k.safetensors", _HF + "densenet121.tv_in1k/resolve/main/model.safetensors",
+        "c894c6d9caa317a8ca1942986dee7a16a86c77734a4d691d2abe05389cfef358"),
+    ("vgg16_bn", "torchvision"): (
+        "timm_vgg16_bn.tv_in1k.safetensors",
+        _HF + "vgg16_bn.tv_in1k/resolve/e00c01e7cee168262dcba6428dc4a8f41e27e965/model.safetensors",
+        "88bbedbc8e780413736db38ac4efd41b06fc0e93fd5b8879b584bba63a950129"),
 }
+# torchvision's own .pth files (they need torch to read); the hex in the name is the start of their sha256.
+TORCHVISION_PTH = {"densenet121": "https://download.pytorch.org/models/densenet121-a639ec97.pth",
+                   "vgg16_bn": "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth"}
+NAMED = ("imagenet", "torchvision")
+_TORCHVISION_NAME = re.compile(r"^[A-Za-z0-9_]+-([0-9a-f]{8,64})\.pth$")
+KERAS_BN = dict(bn_epsilon=1.001e-5, bn_momentum=0.99)  # keras.applications' DenseNet121
+TORCH_BN = dict(bn_epsilon=1e-5, bn_momentum=0.9)  # PyTorch's BatchNorm2d defaults (momentum 0.1)
 
 
-def load_weights(model, weights, variant, imagenet_ok=True):
-    """Load `weights` into `model` by layer name; raise ConfigError naming the layers that do not fit."""
+def _family(variant):
+    return "vgg16_bn" if variant.backbone == "vgg16" and variant.batch_norm else variant.backbone
+
+
+def _source(variant, weights):
+    """("keras" | "torchvision") file a named weights value stands for."""
     if weights == "imagenet":
-        path = _imagenet_file(variant, imagenet_ok)
-        return assign_by_name(model, read_legacy_h5(path), path, strict_missing=False)
+        return variant.imagenet_source
+    if (_family(variant), "torchvision") not in IMAGENET_FILES:
+        raise ConfigError(f"weights='torchvision' is for DenseNet121 and VGG16-BN variants, not {variant.name}: "
+                          "use weights='imagenet' (keras.applications' VGG16) or a vgg16-bn variant")
+    return "torchvision"
+
+
+def _local_path(weights):
+    """The weights value as an existing local file path, else None."""
+    if weights is None or weights in NAMED:
+        return None
+    path = os.fspath(weights)
+    return path if os.path.isfile(path) else None
+
+
+def weights_origin(variant, weights):
+    """"keras" or "torch": who made the initial weights (a cxrkeras file's own record where it has one)."""
+    from cxrkeras.models.torch_checkpoint import is_pytorch_file
+
+    if weights in NAMED:
+        return "keras" if _source(variant, weights) == "keras" else "torch"
+    path = _local_path(weights)
+    if path is None or path.endswith(".weights.h5"):  # no file (load_weights reports it), or no record in it
+        return "keras" if _family(variant) == "vgg16" else "torch"
+    if is_pytorch_file(path):
+        return "torch"
+    if zipfile.is_zipfile(path):
+        return _keras_file_settings(path).get("origin", "keras")
+    return _h5_attrs(path).get("cxrkeras_origin", "keras")
+
+
+def origin_defaults(variant, weights):
+    """{preprocessing, bn_epsilon, bn_momentum} a model with these initial weights is built with by default (the
+    batch-norm keys only where the variant has batch norm); a .keras file's own settings where it records them."""
+    from cxrkeras.models.torch_checkpoint import is_pytorch_file
+
+    origin = weights_origin(variant, weights)
+    out = dict(preprocessing="caffe" if _family(variant) == "vgg16" and origin == "keras" else "torch")
+    if variant.backbone == "densenet121" or variant.batch_norm:
+        out.update(KERAS_BN if variant.backbone == "densenet121" and origin == "keras" else TORCH_BN)
+    path = _local_path(weights)
+    if path and zipfile.is_zipfile(path) and not is_pytorch_file(path):
+        own = _keras_file_settings(path)
+        out.update({k: own[k] for k in out if own.get(k) is not None})
+    return out
+
+
+def _keras_file_settings(path):
+    """{origin, preprocessing, bn_epsilon, bn_momentum} recorded in a .keras file's config.json (those found)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            config = json.loads(z.read("config.json"))
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+        return {}
+    found = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            name, cfg = node.get("class_name"), node.get("config")
+            if isinstance(cfg, dict):
+                if name == "BatchNormalization" and "bn_epsilon" not in found:
+                    found.update(bn_epsilon=cfg.get("epsilon"), bn_momentum=cfg.get("momentum"))
+                if str(name).endswith("MultiLabelDense") and cfg.get("preprocessing"):
+                    found["preprocessing"] = cfg["preprocessing"]
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    if "bn_epsilon" in found:
+        found["origin"] = "torch" if abs(float(found["bn_epsilon"]) - 1e-5) < 1e-9 else "keras"
+    return found
+
+
+def _h5_attrs(path):
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: _decode(v) if isinstance(v, (bytes, str)) else v for k, v in f.attrs.items()}
+    except OSError:
+        return {}
+
+
+def load_weights(model, weights, variant, imagenet_ok=True, weights_labels=None):
+    """Load `weights` into `model`; raise ConfigError naming the tensors/layers that do not fit. Returns a report."""
+    from cxrkeras.models.torch_checkpoint import is_pytorch_file, load_torch_checkpoint
+
+    if weights in NAMED:
+        source = _source(variant, weights)
+        path = _imagenet_file(variant, source, imagenet_ok)
+        if source == "keras":
+            return assign_by_name(model, read_legacy_h5(path), path, strict_missing=False)
+        return load_torch_checkpoint(model, path, variant)
     path = os.fspath(weights)
     if not os.path.isfile(path):
-        raise ConfigError(f"weights file {path} not found: pass None, 'imagenet' or the path of a local "
-                          ".keras / .weights.h5 / .h5 file")
+        raise ConfigError(f"weights file {path} not found: pass None, 'imagenet', 'torchvision' or the path of a "
+                          "local .keras / .h5 / .weights.h5 file or a PyTorch checkpoint (.pth/.pt/.bin/.safetensors)")
+    if is_pytorch_file(path):
+        _check_torchvision_hash(path)
+        return load_torch_checkpoint(model, path, variant, weights_labels)
+    if weights_labels is not None:
+        raise ConfigError("weights_labels is for PyTorch checkpoints; a Keras file's head is loaded as saved")
     if zipfile.is_zipfile(path):
         return assign_by_name(model, read_keras_file(path), path)
     if path.endswith(".weights.h5"):
         return _load_keras3_weights(model, path)
-    return assign_by_name(model, read_legacy_h5(path), path)
+    attrs = _h5_attrs(path)
+    arrays = _reorder_head(model, read_legacy_h5(path), attrs, path)
+    return assign_by_name(model, arrays, path, strict_missing=attrs.get("cxrkeras_kind") == "full")
 
 
-def _imagenet_file(variant, imagenet_ok):
-    if not variant.imagenet_available:
-        raise ConfigError(f"Keras provides no ImageNet weights for {variant.name} (VGG16 with batch norm): use "
-                          "weights=None, a vgg16-plain* variant, or the path of a local weights file "
-                          "(e.g. converted from torchvision's vgg16_bn)")
+def _reorder_head(model, arrays, attrs, path):
+    """A converted file records its head's label order: permute it to the model's, or refuse other labels."""
+    if "cxrkeras_labels" not in attrs or "predictions" not in arrays:
+        return arrays
+    from cxrkeras.models.build import model_info
+
+    file_labels, labels = list(json.loads(attrs["cxrkeras_labels"])), list(model_info(model)["labels"])
+    if file_labels == labels:
+        return arrays
+    if sorted(file_labels) != sorted(labels):
+        raise ConfigError(f"weights file {path} has a head for labels {file_labels}, the model has {labels}: build "
+                          "the model with those label_names")
+    perm = [file_labels.index(label) for label in labels]
+    kernel, bias = arrays["predictions"]
+    return {**arrays, "predictions": [kernel[:, perm], bias[perm]]}
+
+
+def summary(report):
+    """One text for any load report: a PyTorch mapping summary, or what a Keras file filled and left."""
+    if "layout" in report:
+        from cxrkeras.models.torch_checkpoint import format_report
+
+        return format_report(report)
+    return (f"weights: {len(report['loaded'])} layers from {os.path.basename(report['source'])}; kept initial "
+            f"values for {', '.join(report['missing']) or 'nothing'}"
+            + (f"; unused in the file: {', '.join(report['unused'][:12])}" if report["unused"] else ""))
+
+
+def _check_torchvision_hash(path):
+    """torchvision names its files NAME-<sha256 prefix>.pth; a file so named must match its prefix."""
+    match = _TORCHVISION_NAME.match(os.path.basename(path))
+    if not match:
+        return
+    from cxrkeras.hashing import sha256_file
+
+    digest = sha256_file(path)
+    if not digest.startswith(match.group(1)):
+        raise ConfigError(f"{path}: its name says sha256 {match.group(1)}..., its bytes hash to {digest[:16]}...: "
+                          "the download is incomplete or corrupt; download it again")
+
+
+def _imagenet_file(variant, source, imagenet_ok):
     if not imagenet_ok:
         raise ConfigError(f"ImageNet weights need the full-width {variant.backbone} with 3 input channels; "
                           "drop width_multiplier/blocks overrides and use input_shape=(H, W, 3)")
-    fname, url, md5 = IMAGENET_FILES[variant.backbone]
+    key = (_family(variant), source)
+    if key not in IMAGENET_FILES:
+        raise ConfigError(f"no {source} ImageNet weights for {variant.name}")
+    fname, url, file_hash = IMAGENET_FILES[key]
     import keras
 
     try:
-        return keras.utils.get_file(fname, url, cache_subdir="models", file_hash=md5)
+        return keras.utils.get_file(fname, url, cache_subdir="models", file_hash=file_hash)
     except Exception as exc:  # noqa: BLE001  (get_file raises plain Exception for network errors)
+        local = (f"weights='/path/to/{fname}'" + (f" (or torchvision's {TORCHVISION_PTH[key[0]]}, which needs torch "
+                                                  "to read)" if key[0] in TORCHVISION_PTH else ""))
         raise ConfigError(f"could not download ImageNet weights for {variant.name} from {url} ({exc}); on a machine "
-                          f"without internet, copy that file here and pass weights='/path/to/{fname}'") from exc
+                          f"without internet, copy that file here and pass {local}") from exc
 
 
 def _decode(value):
@@ -79,6 +251,38 @@ def read_legacy_h5(path):
             return out
     except OSError as exc:
         raise ConfigError(f"cannot read weights file {path}: {exc}") from exc
+
+
+def write_legacy_h5(path, layers, attrs=None):
+    """Write `layers`' weights as a Keras-2 style .h5 (layer_names / weight_names, as keras.applications' files), so
+    that it loads by layer name; `attrs` are stored as file attributes. Written to a temporary file, then renamed."""
+    import h5py
+    import keras
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"folder {folder} does not exist")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["layer_names"] = [layer.name.encode() for layer in layers]
+            f.attrs["backend"] = b"tensorflow"
+            f.attrs["keras_version"] = keras.__version__.encode()
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+            for layer in layers:
+                group = f.create_group(layer.name)
+                names = [f"{layer.name}/{w.path.split('/', 1)[-1]}" for w in layer.weights]
+                group.attrs["weight_names"] = [n.encode() for n in names]
+                for name, value in zip(names, layer.get_weights()):
+                    group.create_dataset(name, data=value)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def read_keras_file(path):
@@ -137,7 +341,7 @@ def assign_by_name(model, arrays_by_name, source, strict_missing=False):
     unused = sorted(set(arrays_by_name) - {layer.name for layer, _ in matched})
     log.info("loaded %d layers from %s; kept initial values for %s; unused in file: %s", len(matched), source,
              missing or "none", unused or "none")
-    return dict(loaded=[layer.name for layer, _ in matched], missing=missing, unused=unused)
+    return dict(loaded=[layer.name for layer, _ in matched], missing=missing, unused=unused, source=str(source))
 
 
 def _load_keras3_weights(model, path):
@@ -152,7 +356,7 @@ def _load_keras3_weights(model, path):
         raise ConfigError(f"weights file {path} does not match the model {model.name} (a .weights.h5 file only fits "
                           f"the exact architecture it was saved from; use a .keras file to load by layer name): "
                           f"{detail}") from exc
-    return dict(loaded=[layer.name for layer in model.layers if layer.weights], missing=[], unused=[])
+    return dict(loaded=[layer.name for layer in model.layers if layer.weights], missing=[], unused=[], source=path)
 
 
 def _structure_mismatch(model, path):

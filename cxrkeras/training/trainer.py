@@ -111,14 +111,26 @@ def _stage2_init(config, init, manifest_sha, labels, variant):
     return path, info
 
 
+def model_options(config):
+    """build_model options of config.model: the defaults its initial weights give (preprocessing, batch norm), then
+    its keys. The same for stage 1, stage 2 and a resumed run, which build with weights=None and load a checkpoint."""
+    from cxrkeras.models import build_options
+
+    overrides = dict(config.model.overrides)
+    if config.model.dropout is not None:
+        overrides["dropout"] = config.model.dropout
+    if config.model.preprocessing is not None:
+        overrides["preprocessing"] = config.model.preprocessing
+    return build_options(config.model.variant, config.model.weights, **overrides)
+
+
 def make_datasets(config, stage, strategy=None, seed=None):
     """(training dataset: shuffled, augmented, repeated, global batches; validation dataset: the whole split,
     deterministic eval transform, last partial batch kept). Stage 1 reads no 'No Finding' image."""
     from cxrkeras.data.pipeline import build_dataset
-    from cxrkeras.models.registry import get_variant
 
     common = dict(stage=stage, image_size=config.data.image_size, equalize=config.data.equalize,
-                  preprocessing=get_variant(config.model.variant).preprocessing)
+                  preprocessing=model_options(config)["preprocessing"])
     train_ds = build_dataset(config.data.records, config.data.train_split, batch_size=config.data.batch_size,
                              training=True, shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache,
                              seed=config.train.seed if seed is None else seed, repeat=True, strategy=strategy,
@@ -278,7 +290,8 @@ def _run(config, stage, variant, manifest, labels, counts, positives, manifest_s
     info.update({
         "stage": stage, "run": config.run.name, "created": info.get("created", rundir.now()), "updated": rundir.now(),
         "records": os.path.abspath(config.data.records), "manifest_sha256": manifest_sha,
-        "variant": variant.name, "labels": labels, "image_size": image_size, "preprocessing": variant.preprocessing,
+        "variant": variant.name, "labels": labels, "image_size": image_size,
+        "preprocessing": model_options(config)["preprocessing"],
         "equalize": config.data.equalize, "git_commit": rundir.git_commit(), "versions": rundir.versions(),
         "devices": describe_devices(strategy), "mixed_precision": mixed, "xla": config.train.xla,
         "global_batch_size": batch, "per_replica_batch_size": batch // replicas if batch % replicas == 0 else None,
@@ -305,13 +318,13 @@ def _run(config, stage, variant, manifest, labels, counts, positives, manifest_s
         data_seed = config.train.seed + 1000 * start_epoch  # a resumed run does not replay epoch 1's order
         train_ds, val_ds = make_datasets(config, stage, strategy, data_seed)
 
-        overrides = dict(config.model.overrides)
-        if config.model.dropout is not None:
-            overrides["dropout"] = config.model.dropout
+        overrides = model_options(config)
         weights = config.model.weights if (init_path is None and not resume) else None
         with strategy.scope():
             model = build_model(variant.name, num_classes=len(labels), weights=weights,
                                 input_shape=(image_size, image_size, 3), label_names=labels, **overrides)
+            if getattr(model, "weights_report", None):
+                log(model.weights_report)
             if init_path and not resume:
                 try:
                     model.load_weights(init_path)
