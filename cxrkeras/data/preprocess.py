@@ -22,7 +22,8 @@ MODES = ("torch", "caffe")
 EQUALIZE = (None, "hist", "clahe")
 FILL_MODES = ("reflect", "nearest", "constant")
 
-# keras.applications.imagenet_utils: "torch" (DenseNet) and "caffe" (VGG16) constants.
+# keras.applications.imagenet_utils: "torch" (ImageNet mean/std: DenseNet121, torchvision's VGG16-BN) and "caffe"
+# (keras.applications' plain VGG16) constants.
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -31,7 +32,8 @@ _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 def check_mode(mode):
     if mode not in MODES:
         raise ConfigError(f"unknown preprocessing {mode!r}: choose one of {', '.join(MODES)} "
-                          f"(it comes from the model variant: DenseNet 'torch', VGG16 'caffe')")
+                          f"(the model's preprocessing: 'torch' = ImageNet mean/std RGB, 'caffe' = keras.applications' "
+                          "plain VGG16)")
     return mode
 
 
