@@ -231,6 +231,25 @@ def test_fastai_file_with_module_prefix(tmp_path):
     assert "stripped the 'module.' prefix" in model.weights_report
 
 
+def test_sequential_head_and_a_1000_class_model(tmp_path):
+    reference = randomize(VGG16BN(width=0.25), seed=8, calibration_size=(64, 64))
+    state = {(f"classifier.1.{k.split('.')[-1]}" if k.startswith("classifier.") else k): v
+             for k, v in reference.state_dict().items()}  # nn.Sequential(nn.Dropout(), nn.Linear(...))
+    path = str(tmp_path / "seq_head.pth")
+    torch.save(state, path)
+    x = _images((64, 64))
+    model = build_model("vgg16-bn", weights=path, **THIN_VGG)
+    assert np.max(np.abs(_keras_probs(model, x) - _torch_probs(reference, x, False))) <= TOLERANCE
+    imagenet = DenseNet121(num_classes=1000, **THIN_DENSENET)
+    path = str(tmp_path / "in1k.pth")
+    torch.save(imagenet.state_dict(), path)
+    small = dict(input_shape=(32, 32, 3), width_multiplier=0.25, blocks=(1, 2, 2, 1))
+    model = build_model("densenet121-lka-last2", num_classes=1000, weights=path, **small)  # ImageNet head kept
+    assert "kept initial values for conv4_lka, conv5_lka" in model.weights_report
+    np.testing.assert_array_equal(model.get_layer("predictions").get_weights()[1],
+                                  imagenet.classifier.bias.detach().numpy())
+
+
 def test_head_order_can_be_given(tmp_path):
     reference, path = _thin_paper_vgg(tmp_path)
     x = _images((64, 64))

@@ -34,6 +34,8 @@ _LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12]
 _LKA_SUBLAYERS = {"conv0": ("dw_conv1", "conv0"), "conv_spatial": ("dw_conv2", "conv_spatial"),
                   "conv1": ("pw_conv", "conv1")}
 _MAX_LISTED = 12
+# The head as nn.Linear, or nn.Sequential(Linear) / nn.Sequential(Dropout, Linear).
+HEAD_PREFIXES = ["classifier", "classifier.0", "classifier.1"]
 
 
 def is_pytorch_file(path):
@@ -63,9 +65,7 @@ def _torch():
 
 def _to_numpy(value, torch):
     t = value.detach().cpu()
-    if not t.is_floating_point() or t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float() if t.is_floating_point() else t
-    return t.numpy()
+    return (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).numpy()  # NumPy has no bfloat16
 
 
 def _read_torch(path):
@@ -96,7 +96,7 @@ def _unwrap(obj, path, notes):
 
 
 def read_checkpoint(path):
-    """(OrderedDict tensor name -> float32/int NumPy array, notes) of a PyTorch checkpoint or safetensors file."""
+    """({tensor name: NumPy array}, notes) of a PyTorch checkpoint or safetensors file, unwrapped and renamed."""
     path = os.fspath(path)
     notes = []
     if path.lower().endswith(SAFETENSORS_EXTENSION):
@@ -142,7 +142,7 @@ def _add_lka(names, layer, prefix):
 def densenet_names(blocks):
     """{(keras layer, sub-layer or None): [candidate PyTorch prefixes]} for DenseNet with every LKA position."""
     names = {("conv1_conv", None): ["features.conv0"], ("conv1_bn", None): ["features.norm0"],
-             ("bn", None): ["features.norm5"], ("predictions", None): ["classifier", "classifier.1"]}
+             ("bn", None): ["features.norm5"], ("predictions", None): HEAD_PREFIXES}
     for b, num_layers in enumerate(blocks, start=1):
         for i in range(1, num_layers + 1):
             p, k = f"features.denseblock{b}.denselayer{i}", f"conv{b + 1}_block{i}"
@@ -160,7 +160,7 @@ def densenet_names(blocks):
 def vgg_names(blocks, batch_norm):
     """The same for VGG16: `features.<i>` (torchvision/timm, the paper's "after") or `block<b>.<i>` (the paper's
     slices, indices from 0 as nn.Sequential(*features[a:b]) gives, or kept as features[a:b] keeps them)."""
-    names = {("predictions", None): ["classifier", "classifier.1"]}
+    names = {("predictions", None): HEAD_PREFIXES}
     index = 0
     step = 3 if batch_norm else 2  # conv, (BN,) ReLU
     for b, (_, num_convs) in enumerate(blocks, start=1):
@@ -178,12 +178,16 @@ def vgg_names(blocks, batch_norm):
     return names
 
 
-def _imagenet_head(prefix, params, num_classes):
-    """True for the ImageNet classifier of torchvision / timm files (never used: the head is new)."""
-    if prefix.startswith(("pre_logits.", "head.fc")) or prefix in ("classifier.0", "classifier.3", "classifier.6"):
+_VGG_FC = ("classifier.0", "classifier.3", "classifier.6")  # torchvision VGG's three-layer classifier
+
+
+def _imagenet_head(prefix, params, num_classes, prefixes):
+    """True for torchvision's / timm's ImageNet classifier, which a GAP -> Dense head cannot use: VGG's three fully
+    connected layers (timm: pre_logits + head.fc), or a 1000-way Linear when the model has another size."""
+    if prefix.startswith(("pre_logits.", "head.fc")) or (prefix in _VGG_FC and all(p in prefixes for p in _VGG_FC)):
         return True
     weight = params.get("weight")
-    return (prefix in ("classifier", "classifier.1") and weight is not None and weight.ndim == 2
+    return (prefix in HEAD_PREFIXES and weight is not None and weight.ndim == 2
             and weight.shape[0] == 1000 and num_classes != 1000)
 
 
@@ -202,11 +206,9 @@ def _expected_params(layer):
 
     if isinstance(layer, keras.layers.BatchNormalization):
         return ["weight", "bias", "running_mean", "running_var"]
-    if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):  # DepthwiseConv2D is not a Conv2D subclass
+    if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
         return ["weight"] + (["bias"] if layer.use_bias else [])
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        return ["weight"] + (["bias"] if layer.use_bias else [])
-    return None
+    raise ConfigError(f"layer {layer.name} ({type(layer).__name__}) cannot be loaded from a PyTorch checkpoint")
 
 
 def _to_keras(layer, name, array):
@@ -281,7 +283,7 @@ def map_state_dict(model, state, variant, source, weights_labels=None):
 
     problems, skipped_head, plan, absent = [], [], {}, {}
     for prefix, params in groups.items():
-        if _imagenet_head(prefix, params, len(labels)):
+        if _imagenet_head(prefix, params, len(labels), groups):
             skipped_head.append(prefix)
             continue
         target = by_prefix.get(prefix)
@@ -341,7 +343,8 @@ def map_state_dict(model, state, variant, source, weights_labels=None):
                                                        if len(problems) > _MAX_LISTED else "")
         raise ConfigError(f"weights file {source} ({layout}) does not fit model {model.name}: {listing}")
 
-    full = any(where == "predictions" or "/" in where for where in plan)
+    # Full: LKA tensors, or a head of this model's size that is not ImageNet's 1000 classes.
+    full = any("/" in where for where in plan) or ("predictions" in plan and plan["predictions"][2][1].shape[0] != 1000)
     unfilled = [name for name in _all_targets(model) if name not in plan]
     if full and unfilled:
         raise ConfigError(f"weights file {source} ({layout}) is a full checkpoint (it has LKA or head tensors) but "
@@ -435,7 +438,7 @@ def format_report(report):
 
 def _head_outputs(state):
     """Outputs of the file's own classifier (None for none, or for ImageNet's 1000)."""
-    for key in ("classifier.weight", "classifier.1.weight"):
+    for key in (f"{p}.weight" for p in HEAD_PREFIXES):
         weight = state.get(key)
         if weight is not None and weight.ndim == 2 and weight.shape[0] != 1000:
             return int(weight.shape[0])
