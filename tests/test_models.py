@@ -9,7 +9,7 @@ from cxrkeras.errors import ConfigError, CxrError  # noqa: E402
 from cxrkeras.models import (LargeKernelAttention, build_model, fvcore_flops, get_variant, gflops,  # noqa: E402
                              list_variants, lka_param_count, model_info, trainable_params)
 
-PAPER = {  # variant: (trainable params at 14 classes, GFLOPs at 224: fvcore's count of the paper's modules) as published
+PAPER = {  # variant: (trainable params at 14 classes, GFLOPs at 224 by fvcore on the paper's modules), published
     "densenet121-lka-full": (9_609_870, 3.64),
     "densenet121-lka-last2": (9_223_054, 3.14),
     "densenet121-lka-after": (8_095_630, 2.92),

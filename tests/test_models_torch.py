@@ -2,7 +2,6 @@
 through build_model(weights=<state_dict>); PyTorch layouts (torchvision, legacy keys, timm safetensors, fastai,
 DataParallel), convert-weights, ImageNet downloads and the errors. torch is required: without it these fail."""
 
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from torch_reference import REFERENCES, DenseNet121, PaperDenseNetLKA, PaperVGGL
 
 from cxrkeras.errors import ConfigError
 from cxrkeras.labels import NIH_LABELS, PAPER_LABEL_ORDER
-from cxrkeras.models import build_model, convert_weights, model_info
+from cxrkeras.models import build_model, model_info
 
 SIZES = ((224, 224), (227, 199))  # the paper's input and an odd size (floor pooling, asymmetric maps)
 TOLERANCE = 1e-4  # max |delta probability|, float32
@@ -310,7 +309,7 @@ def test_mapping_errors_name_the_tensor_and_the_layer(tmp_path):
                                           r"does not have \(its LKA blocks: block3_lka, block4_lka, block5_lka\)"):
         build_model("vgg16-lka-last3", weights=path, **THIN_VGG)
     with pytest.raises(ConfigError, match=r"tensor block1\.0\.weight \(16, 3, 3, 3\), block1\.0\.bias \(16,\) do not "
-                                          r"fit layer block1_conv1 \(it needs \(3, 3, 3, 32\), \(32,\) in Keras layout"):
+                                          r"fit layer block1_conv1 \(it needs \(3, 3, 3, 32\), \(32,\) in Keras"):
         build_model("vgg16-lka-full", input_shape=(64, 64, 3), width_multiplier=0.5, weights=path)
     with pytest.raises(ConfigError, match=r"tensor classifier\.weight \(14, 128\), classifier\.bias \(14,\) do not "
                                           r"fit layer predictions"):
