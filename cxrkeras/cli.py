@@ -269,13 +269,14 @@ def predict_cmd(model, files, as_json, batch_size):
 @click.option("--split-fractions", default="0.7,0.1,0.2", show_default=True,
               help="train,val,test fractions of images (with 2 split lists: only train:val matters).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Split and shard-order seed.")
-@click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=8),
+@click.option("--image-size", default=256, show_default=True, type=click.IntRange(8, 4096),
               help="Images are resized once to SIZE x SIZE and stored as lossless PNG.")
 @click.option("--channels", default="1", show_default=True, type=click.Choice(["1", "3"]),
               help="1 = grayscale (X-rays), 3 = RGB.")
-@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1),
+@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1, 100_000),
               help="Maximum records per shard.")
-@click.option("--workers", default=None, type=click.IntRange(min=1), help="Encoding processes [default: all cores].")
+@click.option("--workers", default=None, type=click.IntRange(1, 256),
+              help="Encoding processes [default: all cores, fewer if the memory would not hold them].")
 @click.option("--dry-run", is_flag=True, help="Split from the CSV alone (no image read); write manifest.json only.")
 @click.option("--strict", is_flag=True, help="Stop on a missing or unreadable image instead of skipping it.")
 @click.option("--format", "fmt", default="auto", show_default=True,
@@ -289,27 +290,37 @@ def predict_cmd(model, files, as_json, batch_size):
 @click.option("--patient-column", default="patient_id", show_default=True, help="Generic CSV: patient id column.")
 @click.option("--id-salt", default="", help="Secret mixed into hashed DICOM PatientIDs (not stored anywhere).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace records in --out that were built from another CSV or with other options.")
 def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split_fractions, seed, image_size,
                       channels, shard_size, workers, dry_run, strict, fmt, labels, path_column, labels_column,
-                      patient_column, id_salt, no_progress):
+                      patient_column, id_salt, no_progress, overwrite):
     """Labels CSV + images -> patient-wise stratified train/val/test TFRecord shards and manifest.json."""
     split_lists = [p for item in split_list for p in item.split(",") if p] + list(more_split_lists)
     if more_split_lists and not split_list:
         raise click.UsageError(f"unexpected argument(s) {' '.join(more_split_lists)}: did you mean --split-lists?")
     from cxrkeras.data.inspect import format_manifest
     from cxrkeras.data.records import build_records
+    from cxrkeras.errors import Interrupted
 
-    report = build_records(
-        csv_path, images, out, split_lists=split_lists, split_fractions=split_fractions, seed=seed,
-        image_size=image_size, channels=int(channels), shard_size=shard_size, workers=workers, dry_run=dry_run,
-        strict=strict, format=fmt, labels=labels, path_column=path_column, labels_column=labels_column,
-        patient_column=patient_column, id_salt=id_salt, progress=not no_progress)
+    try:
+        report = build_records(
+            csv_path, images, out, split_lists=split_lists, split_fractions=split_fractions, seed=seed,
+            image_size=image_size, channels=int(channels), shard_size=shard_size, workers=workers, dry_run=dry_run,
+            strict=strict, format=fmt, labels=labels, path_column=path_column, labels_column=labels_column,
+            patient_column=patient_column, id_salt=id_salt, progress=not no_progress, overwrite=overwrite)
+    except Interrupted as exc:  # stopped by SIGTERM: one line, and the exit status a shell gives (143)
+        error = click.ClickException(str(exc))
+        error.exit_code = 128 + exc.signum
+        raise error from None
     m = report.manifest
     click.echo(format_manifest(m))
     if not m["patient_overlap"]["ok"]:
         raise click.ClickException(f"patients shared between splits: {m['patient_overlap']['pairs']}")
     action = ("dry run" if dry_run else
-              f"{report.shards_written} shard(s) written, {report.shards_kept} already complete and kept")
+              f"{report.shards_written} shard(s) written"
+              + (f" by {report.workers} worker(s)" if report.workers > 1 else "")
+              + f", {report.shards_kept} already complete and kept")
     state = "manifest written" if report.manifest_written else "nothing changed"
     click.echo(f"{report.out}: {action}; {state} ({report.seconds:.1f} s)")
 

@@ -11,9 +11,12 @@ Schema (keys every reader may rely on):
 Also written by build-records (informative): record_format, fingerprint (sha256 of everything that decides the
 bytes), csv.rows, csv.format, split_method, split_lists ({files: [{path, sha256}], csv_rows_in_no_list,
 listed_images_without_csv_row} or null), whole (the splits' stats summed), shard "bytes", skipped[].split,
-unlabelled_examples, no_finding_label, warnings ([str]: empty splits, labels with no positive in a split).
-Beside it: index.csv (split, shard, image_id, patient_id + every input CSV column, one row per record) and
-.receipts/ (one JSON per finished shard, used to resume and to skip up-to-date shards).
+unlabelled_examples, no_finding_label, warnings ([str]: empty splits, labels with no positive in a split, inputs
+to look at), upsampled ({count, images: [{image, row, size}]}: sources smaller than the records), unreadable_values
+({column: {count, rows}}: CSV values stored as -1).
+Beside it: index.csv (split, shard, image_id, patient_id + every input CSV column, one row per record),
+.receipts/ (one JSON per finished shard, used to resume and to skip up-to-date shards; build.json: the fingerprint
+and options of the build writing the folder) and .lock (flock'ed by that build).
 """
 
 import json
