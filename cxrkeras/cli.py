@@ -196,15 +196,17 @@ def localize_cmd(model_path, boxes, images_dir, out, threshold, seed, random_dra
 @click.option("--val-split", default="val", show_default=True, help="Split the thresholds are chosen on.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output folder (default with --run: <run>/evaluation/<split>).")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=0),
               help="Bootstrap resamples (by patient) for the AUC confidence intervals.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
 @click.option("--threshold-method", default="youden", show_default=True, type=click.Choice(["youden", "f1"]),
               help="Thresholds used for the findings column of the predictions CSV (both are in metrics.json).")
 @click.option("--no-figures", is_flag=True, help="Skip the PNG figures.")
+@click.option("--verify-records", default="sha256", show_default=True, type=click.Choice(["sha256", "size"]),
+              help="Shards must match manifest.json: size and sha256 (~1 GB/s), or size only (no hashing).")
 def evaluate_cmd(run_dir, model_path, records, split, val_split, out_dir, batch_size, n_boot, seed, threshold_method,
-                 no_figures):
+                 no_figures, verify_records):
     """Score a model on a whole records split: AUC with patient-bootstrap CIs, AP, thresholds, calibration, figures."""
     if bool(run_dir) == bool(model_path):
         raise click.UsageError("give exactly one of --run RUN_DIR or --model PATH")
@@ -214,7 +216,7 @@ def evaluate_cmd(run_dir, model_path, records, split, val_split, out_dir, batch_
 
     evaluate(run_dir or model_path, records, split=split, val_split=val_split, out_dir=out_dir,
              batch_size=batch_size, n_boot=n_boot, seed=seed, threshold_method=threshold_method,
-             figures_on=not no_figures, log=click.echo)
+             figures_on=not no_figures, log=click.echo, verify_records=verify_records)
 
 
 @cli.command("export")

@@ -8,6 +8,7 @@ from typing import Optional
 
 import yaml
 
+from cxrkeras.data.manifest import VERIFY_MODES
 from cxrkeras.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -34,6 +35,7 @@ class DataConfig:
     equalize: Optional[str] = None  # None | "hist" | "clahe" (histogram equalisation at read time)
     train_split: str = "train"
     val_split: str = "val"
+    verify_records: str = "sha256"  # "sha256": shards must match the manifest's size and sha256; "size": sizes only
 
 
 @dataclass
@@ -235,6 +237,7 @@ def validate(config):
     choice("train.strategy", config.train.strategy, STRATEGIES)
     if config.data.equalize is not None:
         choice("data.equalize", config.data.equalize, EQUALIZE)
+    choice("data.verify_records", config.data.verify_records, VERIFY_MODES)
     positive = {"data.image_size": config.data.image_size, "data.batch_size": config.data.batch_size,
                 "train.epochs": config.train.epochs, "optim.lr": config.optim.lr}
     for key, value in positive.items():

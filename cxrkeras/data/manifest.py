@@ -71,6 +71,35 @@ def shard_paths(manifest, records_dir, split):
     return [os.path.join(records_dir, shard["file"]) for shard in info["shards"]]
 
 
+VERIFY_MODES = ("sha256", "size")
+
+
+def verify_shards(manifest, records_dir, split, verify="sha256"):
+    """Refuse shards of `split` that are not the files the manifest lists, before anything reads them: a missing
+    file, a size other than the manifest's and (verify="sha256", ~1 GB/s) other bytes. verify="size" skips the
+    hashing; the pipeline's in-graph check still compares every shard's record count with the manifest."""
+    if verify not in VERIFY_MODES:
+        raise DataError(f"unknown records verification {verify!r}: choose {' or '.join(VERIFY_MODES)}")
+    from cxrkeras.hashing import sha256_file
+
+    hint = (f"re-run `cxrkeras build-records` with the same options (it rewrites only the damaged shards); "
+            f"`cxrkeras inspect-records {records_dir}` lists every mismatch")
+    for path, shard in zip(shard_paths(manifest, records_dir, split), manifest["splits"][split]["shards"]):
+        name = shard["file"]
+        if not os.path.isfile(path):
+            raise DataError(f"{records_dir}: shard {name} listed in manifest.json is missing; {hint}")
+        size, listed = os.path.getsize(path), shard.get("bytes")
+        if listed is not None and size != int(listed):
+            raise DataError(f"{records_dir}: shard {name} has {size:,} bytes but manifest.json lists {int(listed):,}: "
+                            f"it was changed or replaced after build-records wrote it; {hint}")
+        if verify == "sha256" and shard.get("sha256"):
+            digest = sha256_file(path)
+            if digest != shard["sha256"]:
+                raise DataError(f"{records_dir}: shard {name} is not the file manifest.json lists (sha256 "
+                                f"{digest[:12]}… instead of {shard['sha256'][:12]}…): it was changed or replaced "
+                                f"after build-records wrote it; {hint}")
+
+
 def stage_images(info, stage):
     """Images of one split (its manifest entry) that a training stage reads: stage 1 drops the 'No Finding' rows
     (the all-zero label rows, counted in `no_finding`), stage 2 reads them all."""

@@ -36,13 +36,15 @@ class TrainResult:
 
 
 def _check_data(config, stage):
-    """Manifest, splits and stage image counts; clear errors before any TensorFlow work."""
-    from cxrkeras.data.manifest import load_manifest, split_info, stage_images
+    """Manifest, splits, shards (as the manifest lists them: sizes, sha256) and stage image counts; clear errors
+    before any TensorFlow work and before the run folder is made."""
+    from cxrkeras.data.manifest import load_manifest, split_info, stage_images, verify_shards
 
     records = config.data.records
     manifest = load_manifest(records)
     for split in (config.data.train_split, config.data.val_split):
         split_info(manifest, split, records)
+        verify_shards(manifest, records, split, config.data.verify_records)
     labels = list(manifest["labels"])
     counts = {}
     for split in (config.data.train_split, config.data.val_split):
@@ -111,14 +113,16 @@ def _stage2_init(config, init, manifest_sha, labels, variant):
     return path, info
 
 
-def make_datasets(config, stage, strategy=None, seed=None):
+def make_datasets(config, stage, strategy=None, seed=None, verify=None):
     """(training dataset: shuffled, augmented, repeated, global batches; validation dataset: the whole split,
-    deterministic eval transform, last partial batch kept). Stage 1 reads no 'No Finding' image."""
+    deterministic eval transform, last partial batch kept). Stage 1 reads no 'No Finding' image.
+    `verify`: how shards are checked against the manifest (default data.verify_records)."""
     from cxrkeras.data.pipeline import build_dataset
     from cxrkeras.models.registry import get_variant
 
     common = dict(stage=stage, image_size=config.data.image_size, equalize=config.data.equalize,
-                  preprocessing=get_variant(config.model.variant).preprocessing)
+                  preprocessing=get_variant(config.model.variant).preprocessing,
+                  verify=verify or config.data.verify_records)
     train_ds = build_dataset(config.data.records, config.data.train_split, batch_size=config.data.batch_size,
                              training=True, shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache,
                              seed=config.train.seed if seed is None else seed, repeat=True, strategy=strategy,
@@ -303,7 +307,7 @@ def _run(config, stage, variant, manifest, labels, counts, positives, manifest_s
     with precision_policy(mixed):
         keras.utils.set_random_seed(config.train.seed + start_epoch)
         data_seed = config.train.seed + 1000 * start_epoch  # a resumed run does not replay epoch 1's order
-        train_ds, val_ds = make_datasets(config, stage, strategy, data_seed)
+        train_ds, val_ds = make_datasets(config, stage, strategy, data_seed, verify="size")  # hashed in _check_data
 
         overrides = dict(config.model.overrides)
         if config.model.dropout is not None:
