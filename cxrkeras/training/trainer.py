@@ -392,28 +392,33 @@ def _run(config, stage, variant, manifest, labels, counts, positives, manifest_s
                 with fit_scope(model, strategy):
                     model.fit(train_ds, epochs=end, initial_epoch=begin, steps_per_epoch=steps, callbacks=cbs,
                               shuffle=False, verbose=1 if config.train.verbose == 1 else 0)
-            except tf.errors.InvalidArgumentError as exc:
+            except tf.errors.OpError as exc:
                 err = data_error_from(exc)
                 if err is not None:
                     raise err from None
                 raise
-            if guard.nan_at is not None or model.stop_training:
+            if guard.stopped or model.stop_training:
                 break
             carried = (int(keras.ops.convert_to_numpy(model.optimizer.iterations)), current_lr(model.optimizer))
 
     seconds = prior_seconds + time.time() - t0
     history = read_history(history_path)
-    if guard.nan_at is not None:
-        epoch, batch_index, value = guard.nan_at
+    if guard.stopped:
         kept = [f"{name} (epoch {e})" for name, e in (("best.keras", best_cb.best_epoch),
                                                      ("last.keras", len(history) or None)) if e]
-        info.update({"nan_at": {"epoch": epoch + 1, "batch": batch_index}, "seconds": seconds,
-                     "updated": rundir.now()})
+        if guard.nan_at is not None:
+            epoch, batch_index, value = guard.nan_at
+            info["nan_at"] = {"epoch": epoch + 1, "batch": batch_index}
+            what = f"the training loss became {value} at epoch {epoch + 1}, batch {batch_index}"
+        else:
+            epoch, reason = guard.collapsed
+            info["collapsed_at"] = {"epoch": epoch + 1, "reason": reason}
+            what = f"at epoch {epoch + 1} {reason}"
+        info.update({"seconds": seconds, "updated": rundir.now()})
         if chief:
             rundir.write_json(info_path, info)
-        raise CxrError(f"stage {stage}: the training loss became {value} at epoch {epoch + 1}, batch {batch_index}; "
-                       f"training stopped. The last good checkpoints are kept in {stage_dir}: "
-                       f"{', '.join(kept) or 'none (no epoch finished)'}. Lower the learning rate (--lr) or turn "
+        raise CxrError(f"stage {stage}: {what}; training stopped. The last good checkpoints are kept in {stage_dir}: "
+                       f"{', '.join(kept) or 'none (no good epoch)'}. Lower the learning rate (--lr) or turn "
                        f"mixed precision off, then retrain with --overwrite (or --name for a new run)")
     stopped_early = early_cb.stopped_epoch
     row = best_row(history)
