@@ -244,17 +244,20 @@ def export_cmd(run_dir, model_path, out_base, records, val_split, threshold_meth
               help="Export folder (exports/<name>, highest version), SavedModel version folder, run folder or .keras.")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 def predict_cmd(model, files, as_json, batch_size):
-    """Per-label probabilities and findings for PNG/JPEG/DICOM FILES; unreadable files are reported, not fatal."""
+    """Per-label probabilities and findings for PNG/JPEG/DICOM FILES (folders: searched recursively). Every file
+    that can be read is predicted; exit status 1 if any could not be."""
     import json
 
     from cxrkeras.export.predict import format_table, predict
 
     result = predict(model, list(files), batch_size=batch_size, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
-    if all(r["error"] for r in result["results"]):
-        raise click.ClickException("no file could be predicted")
+    failed = sum(1 for r in result["results"] if r["error"])
+    if failed:
+        raise click.ClickException(f"{failed} of {len(result['results'])} input(s) could not be predicted "
+                                   f"(see their errors above)")
 
 
 @cli.command("build-records")
