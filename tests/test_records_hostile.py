@@ -155,6 +155,17 @@ def test_sigterm_ends_with_one_line_and_no_worker_traceback(tmp_path, sample64):
     _check_resumed(out, sample64)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
+@pytest.mark.timeout(240)
+def test_workers_do_not_outlive_a_killed_build(tmp_path, sample64):
+    """kill -9 of the build itself gives it no chance to stop its workers: they notice and leave by themselves."""
+    out, rc, _, _, workers = _interrupt_slow_build(
+        tmp_path, sample64, 1, lambda proc, workers: proc.send_signal(signal.SIGKILL))
+    assert rc == -signal.SIGKILL
+    _wait_for(lambda: not any(_alive(p) for p in workers), 15, "the orphaned workers to exit")
+    _check_resumed(out, sample64)
+
+
 @pytest.mark.timeout(120)
 def test_a_second_build_into_the_same_folder_is_refused(tmp_path, sample64):
     """Row 14: two builds into one folder used to both do all the work; the lock dies with its process."""
