@@ -217,15 +217,17 @@ def localize_cmd(model_path, boxes, images_dir, out, threshold, seed, random_dra
 @click.option("--val-split", default="val", show_default=True, help="Split the thresholds are chosen on.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output folder (default with --run: <run>/evaluation/<split>).")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=0),
               help="Bootstrap resamples (by patient) for the AUC confidence intervals.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
 @click.option("--threshold-method", default="youden", show_default=True, type=click.Choice(["youden", "f1"]),
               help="Thresholds used for the findings column of the predictions CSV (both are in metrics.json).")
 @click.option("--no-figures", is_flag=True, help="Skip the PNG figures.")
+@click.option("--verify-records", default="sha256", show_default=True, type=click.Choice(["sha256", "size"]),
+              help="Shards must match manifest.json: size and sha256 (~1 GB/s), or size only (no hashing).")
 def evaluate_cmd(run_dir, model_path, records, split, val_split, out_dir, batch_size, n_boot, seed, threshold_method,
-                 no_figures):
+                 no_figures, verify_records):
     """Score a model on a whole records split: AUC with patient-bootstrap CIs, AP, thresholds, calibration, figures."""
     if bool(run_dir) == bool(model_path):
         raise click.UsageError("give exactly one of --run RUN_DIR or --model PATH")
@@ -235,7 +237,7 @@ def evaluate_cmd(run_dir, model_path, records, split, val_split, out_dir, batch_
 
     evaluate(run_dir or model_path, records, split=split, val_split=val_split, out_dir=out_dir,
              batch_size=batch_size, n_boot=n_boot, seed=seed, threshold_method=threshold_method,
-             figures_on=not no_figures, log=click.echo)
+             figures_on=not no_figures, log=click.echo, verify_records=verify_records)
 
 
 @cli.command("export")
@@ -263,17 +265,20 @@ def export_cmd(run_dir, model_path, out_base, records, val_split, threshold_meth
               help="Export folder (exports/<name>, highest version), SavedModel version folder, run folder or .keras.")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 def predict_cmd(model, files, as_json, batch_size):
-    """Per-label probabilities and findings for PNG/JPEG/DICOM FILES; unreadable files are reported, not fatal."""
+    """Per-label probabilities and findings for PNG/JPEG/DICOM FILES (folders: searched recursively). Every file
+    that can be read is predicted; exit status 1 if any could not be."""
     import json
 
     from cxrkeras.export.predict import format_table, predict
 
     result = predict(model, list(files), batch_size=batch_size, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
-    if all(r["error"] for r in result["results"]):
-        raise click.ClickException("no file could be predicted")
+    failed = sum(1 for r in result["results"] if r["error"])
+    if failed:
+        raise click.ClickException(f"{failed} of {len(result['results'])} input(s) could not be predicted "
+                                   f"(see their errors above)")
 
 
 @cli.command("build-records")
@@ -290,13 +295,14 @@ def predict_cmd(model, files, as_json, batch_size):
 @click.option("--split-fractions", default="0.7,0.1,0.2", show_default=True,
               help="train,val,test fractions of images (with 2 split lists: only train:val matters).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Split and shard-order seed.")
-@click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=8),
+@click.option("--image-size", default=256, show_default=True, type=click.IntRange(8, 4096),
               help="Images are resized once to SIZE x SIZE and stored as lossless PNG.")
 @click.option("--channels", default="1", show_default=True, type=click.Choice(["1", "3"]),
               help="1 = grayscale (X-rays), 3 = RGB.")
-@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1),
+@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1, 100_000),
               help="Maximum records per shard.")
-@click.option("--workers", default=None, type=click.IntRange(min=1), help="Encoding processes [default: all cores].")
+@click.option("--workers", default=None, type=click.IntRange(1, 256),
+              help="Encoding processes [default: all cores, fewer if the memory would not hold them].")
 @click.option("--dry-run", is_flag=True, help="Split from the CSV alone (no image read); write manifest.json only.")
 @click.option("--strict", is_flag=True, help="Stop on a missing or unreadable image instead of skipping it.")
 @click.option("--format", "fmt", default="auto", show_default=True,
@@ -310,27 +316,37 @@ def predict_cmd(model, files, as_json, batch_size):
 @click.option("--patient-column", default="patient_id", show_default=True, help="Generic CSV: patient id column.")
 @click.option("--id-salt", default="", help="Secret mixed into hashed DICOM PatientIDs (not stored anywhere).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace records in --out that were built from another CSV or with other options.")
 def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split_fractions, seed, image_size,
                       channels, shard_size, workers, dry_run, strict, fmt, labels, path_column, labels_column,
-                      patient_column, id_salt, no_progress):
+                      patient_column, id_salt, no_progress, overwrite):
     """Labels CSV + images -> patient-wise stratified train/val/test TFRecord shards and manifest.json."""
     split_lists = [p for item in split_list for p in item.split(",") if p] + list(more_split_lists)
     if more_split_lists and not split_list:
         raise click.UsageError(f"unexpected argument(s) {' '.join(more_split_lists)}: did you mean --split-lists?")
     from cxrkeras.data.inspect import format_manifest
     from cxrkeras.data.records import build_records
+    from cxrkeras.errors import Interrupted
 
-    report = build_records(
-        csv_path, images, out, split_lists=split_lists, split_fractions=split_fractions, seed=seed,
-        image_size=image_size, channels=int(channels), shard_size=shard_size, workers=workers, dry_run=dry_run,
-        strict=strict, format=fmt, labels=labels, path_column=path_column, labels_column=labels_column,
-        patient_column=patient_column, id_salt=id_salt, progress=not no_progress)
+    try:
+        report = build_records(
+            csv_path, images, out, split_lists=split_lists, split_fractions=split_fractions, seed=seed,
+            image_size=image_size, channels=int(channels), shard_size=shard_size, workers=workers, dry_run=dry_run,
+            strict=strict, format=fmt, labels=labels, path_column=path_column, labels_column=labels_column,
+            patient_column=patient_column, id_salt=id_salt, progress=not no_progress, overwrite=overwrite)
+    except Interrupted as exc:  # stopped by SIGTERM: one line, and the exit status a shell gives (143)
+        error = click.ClickException(str(exc))
+        error.exit_code = 128 + exc.signum
+        raise error from None
     m = report.manifest
     click.echo(format_manifest(m))
     if not m["patient_overlap"]["ok"]:
         raise click.ClickException(f"patients shared between splits: {m['patient_overlap']['pairs']}")
     action = ("dry run" if dry_run else
-              f"{report.shards_written} shard(s) written, {report.shards_kept} already complete and kept")
+              f"{report.shards_written} shard(s) written"
+              + (f" by {report.workers} worker(s)" if report.workers > 1 else "")
+              + f", {report.shards_kept} already complete and kept")
     state = "manifest written" if report.manifest_written else "nothing changed"
     click.echo(f"{report.out}: {action}; {state} ({report.seconds:.1f} s)")
 

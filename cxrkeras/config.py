@@ -8,6 +8,7 @@ from typing import Optional
 
 import yaml
 
+from cxrkeras.data.manifest import VERIFY_MODES
 from cxrkeras.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -35,6 +36,7 @@ class DataConfig:
     equalize: Optional[str] = None  # None | "hist" | "clahe" (histogram equalisation at read time)
     train_split: str = "train"
     val_split: str = "val"
+    verify_records: str = "sha256"  # "sha256": shards must match the manifest's size and sha256; "size": sizes only
 
 
 @dataclass
@@ -238,6 +240,7 @@ def validate(config):
     choice("train.strategy", config.train.strategy, STRATEGIES)
     if config.data.equalize is not None:
         choice("data.equalize", config.data.equalize, EQUALIZE)
+    choice("data.verify_records", config.data.verify_records, VERIFY_MODES)
     if config.model.preprocessing is not None:
         choice("model.preprocessing", config.model.preprocessing, PREPROCESSING)
     if "preprocessing" in config.model.overrides:

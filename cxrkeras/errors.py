@@ -11,3 +11,11 @@ class DataError(CxrError):
 
 class ConfigError(CxrError):
     """A bad option or configuration value."""
+
+
+class Interrupted(CxrError):
+    """The command was stopped by a signal (SIGTERM); the CLI exits with 128 + `signum`, as a shell would."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum

@@ -22,6 +22,14 @@ def small_nih(tmp_path, sample64, n=24, name="small"):
     return str(out_csv), str(root), rows
 
 
+def images_by_patient(rows):
+    """{patient id: [image names]} of NIH CSV rows (as small_nih returns them)."""
+    out = {}
+    for r in rows:
+        out.setdefault(r.split(",")[3], []).append(r.split(",")[0])
+    return out
+
+
 def make_dicom(path, pixels, photometric="MONOCHROME2", window=None, voi_lut=None, patient_id="PAT-0001",
                patient_name="Doe^Jane"):
     """A DX DICOM file with 12-bit pixels, identifying tags set, optional window (center, width) or VOI LUT."""
@@ -85,3 +93,29 @@ def decode(record):
     from cxrkeras.data import features
 
     return np.asarray(Image.open(io.BytesIO(record[features.IMAGE_ENCODED])))
+
+
+def replace_shard(tiny_records, tmp_path, split="test"):
+    """A copy of the records whose first `split` shard is replaced by the next one (both valid, same count):
+    (records folder, the replaced shard's name)."""
+    import json
+
+    records = str(tmp_path / "replaced")
+    shutil.copytree(tiny_records, records)
+    shards = json.load(open(os.path.join(records, "manifest.json")))["splits"][split]["shards"]
+    first, second = shards[0], shards[1]
+    assert first["records"] == second["records"]
+    shutil.copy(os.path.join(records, second["file"]), os.path.join(records, first["file"]))
+    return records, first["file"]
+
+
+def slow_encode_task(task):
+    """build-records' encoder, 50 ms slower per image (a sleep): a build that lasts long enough to be killed.
+    Module-level, so spawn workers find it by name."""
+    import time
+
+    time.sleep(0.05)
+    return _REAL_ENCODE(task)
+
+
+from cxrkeras.data.records import _encode_task as _REAL_ENCODE  # noqa: E402 - the original, before any patching

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from evalexport_helpers import tiny_model
+from records_helpers import replace_shard
 from sklearn.metrics import roc_auc_score
 
 from cxrkeras.errors import DataError
@@ -87,6 +88,58 @@ def test_empty_split_is_a_clear_error(tiny_records, tmp_path):
     json.dump(manifest, open(os.path.join(records, "manifest.json"), "w"))
     with pytest.raises(DataError, match="split 'holdout' .* is empty"):
         evaluate(tiny_model(), records, split="holdout", out_dir=str(tmp_path / "o"), log=lambda *_: None)
+
+
+@pytest.mark.timeout(120)
+def test_records_that_do_not_match_their_manifest_are_refused(tiny_records, tmp_path):
+    """Issue 11 row 3: a test shard replaced by another valid one used to be scored (16 images twice, 16 never)."""
+    from cxrkeras.cli import cli
+    from cxrkeras.evaluation.evaluate import evaluate
+
+    records, name = replace_shard(tiny_records, tmp_path)
+    with pytest.raises(DataError, match=rf"shard {name} has [\d,]+ bytes but manifest.json lists"):
+        evaluate(tiny_model(), records, out_dir=str(tmp_path / "o"), n_boot=0, log=lambda *_: None)
+    keras_file = str(tmp_path / "m.keras")
+    tiny_model().save(keras_file)
+    for verify in ("sha256", "size"):  # sizes are checked even when hashing is skipped
+        res = CliRunner().invoke(cli, ["evaluate", "--model", keras_file, "--records", records, "--out",
+                                       str(tmp_path / "o"), "--n-boot", "0", "--no-figures",
+                                       "--verify-records", verify])
+        assert res.exit_code == 1 and f"shard {name} has" in res.output and "Traceback" not in res.output
+    # same size, other bytes (one byte of an image changed): only the sha256 tells
+    same = str(tmp_path / "same")
+    shutil.copytree(tiny_records, same)
+    path = os.path.join(same, name)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(DataError, match=rf"shard {name} is not the file manifest.json lists \(sha256 \w+… instead"):
+        evaluate(tiny_model(), same, out_dir=str(tmp_path / "o"), n_boot=0, log=lambda *_: None)
+
+
+@pytest.mark.timeout(120)
+def test_evaluate_run_says_when_stage1_stands_in_for_stage2(tiny_records, tmp_path):
+    """Issue 11 row 8: a run whose stage 2 has no best.keras was evaluated with stage 1's model, silently."""
+    import yaml
+
+    from cxrkeras.cli import cli
+
+    run = tmp_path / "runs" / "r"
+    stage1 = run / "stage1"
+    stage1.mkdir(parents=True)
+    tiny_model().save(str(stage1 / "best.keras"))
+    (stage1 / "config.yaml").write_text(yaml.safe_dump({"data": {"records": tiny_records, "image_size": 32}}))
+    (stage1 / "run_info.json").write_text(json.dumps({"records": tiny_records, "image_size": 32}))
+    args = ["evaluate", "--run", str(run), "--n-boot", "0", "--no-figures"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0 and f"note: the run has no stage 2: using stage 1's model {stage1 / 'best.keras'}" \
+        in res.output, res.output
+    (run / "stage2").mkdir()
+    (run / "stage2" / "config.yaml").write_text("{}")  # stage 2 started, but no good epoch yet
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0 and "note: stage 2 has no best.keras (not finished, or stopped before a good epoch): " \
+        f"using stage 1's model {stage1 / 'best.keras'}" in res.output, res.output
+    assert json.load(open(run / "evaluation" / "test" / "metrics.json"))["model"] == str(stage1 / "best.keras")
 
 
 def test_evaluate_cli_needs_run_or_model(tmp_path):

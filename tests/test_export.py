@@ -91,21 +91,52 @@ def test_png_jpeg_rgba_16bit_inputs(loaded, run_and_export):
     assert np.ptp(probs[:, :]) > 0.05  # the tiny model's outputs really differ across labels
 
 
-def test_bad_bytes_are_invalid_argument_and_the_model_keeps_serving(loaded, run_and_export):
+def _png_declaring(width, height):
+    """A small valid-looking PNG whose header declares width x height pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.timeout(120)
+def test_bad_bytes_are_invalid_argument_naming_the_item_and_the_model_keeps_serving(loaded, run_and_export):
+    """Issue 11 row 7: every bad item is an InvalidArgumentError naming its index in printable text, never its raw
+    bytes (random bytes used to raise UnicodeDecodeError in the client; a truncated PNG had no index)."""
     import tensorflow as tf
 
     good = png_bytes(sample_gray()[:200, :200])
     jpg = jpeg_bytes(sample_gray()[:200, :200])
+    middle = bytearray(good)
+    middle[len(good) // 2: len(good) // 2 + 64] = b"\0" * 64
+    random_bytes = np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
     expected = loaded(image_bytes=tf.constant([good]))["probabilities"].numpy()
-    cases = [(b"<html>oops</html>", r"image_bytes\[1\]: not a PNG or JPEG image"),
-             (good[: len(good) // 2], "Invalid PNG data"),
-             (jpg[: len(jpg) // 2], "Invalid JPEG data"),
-             (b"", r"image_bytes\[1\]: empty string")]
+    cases = [(b"<html>oops</html>", r"not a PNG or JPEG image \(17 bytes: text\)"),
+             (random_bytes, r"not a PNG or JPEG image \(300 bytes: unrecognised binary data\)"),
+             (b"\x80\xff\xfe" * 40, "not a PNG or JPEG image"),
+             (good[: len(good) // 2], rf"truncated or corrupt PNG data \({len(good) // 2} bytes\)"),
+             (bytes(middle), "truncated or corrupt PNG data"),
+             (jpg[: len(jpg) // 2], "truncated or corrupt JPEG data"),
+             (b"iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB", "base64 text of a PNG"),
+             (b"\0" * 128 + b"DICM" + b"\0" * 64, "a DICOM file"),
+             (_png_declaring(100_000, 100_000), "declares 100000x100000 pixels, over the limit"),
+             (b"", "empty string")]
     for bad, pattern in cases:
-        with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
-            loaded(image_bytes=tf.constant([good, bad]))
-        again = loaded(image_bytes=tf.constant([good, good]))["probabilities"].numpy()
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"image_bytes\[2\]: .*" + pattern) as info:
+            loaded(image_bytes=tf.constant([good, jpg, bad, good]))
+        message = info.value.message
+        assert all(ch.isprintable() or ch in "\n\t" for ch in message), repr(message)
+        if len(bad) >= 8:
+            assert bad[:8].decode("latin-1") not in message and repr(bad[:8])[2:-1] not in message
+        again = loaded(image_bytes=tf.constant([good, good]))["probabilities"].numpy()  # the next request is served
         np.testing.assert_allclose(again, np.repeat(expected, 2, axis=0), atol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image_bytes holds no image"):
+        loaded(image_bytes=tf.constant([], dtype=tf.string))
 
 
 def test_version_numbering_and_default_thresholds_warning(run_and_export, tmp_path):
@@ -128,7 +159,10 @@ def test_version_numbering_and_default_thresholds_warning(run_and_export, tmp_pa
     assert not [d for d in os.listdir(run_and_export["base"]) if d.startswith(".export-")]
 
 
+@pytest.mark.timeout(180)
 def test_predict_reports_bad_files_and_predicts_the_others(run_and_export, loaded, tmp_path):
+    """Issue 11 row 9: every readable file is predicted and printed, and the exit status is 1 when any failed;
+    folders are searched recursively for PNG/JPEG/DICOM, never following a link out of them."""
     import tensorflow as tf
 
     from cxrkeras.cli import cli
@@ -144,17 +178,37 @@ def test_predict_reports_bad_files_and_predicts_the_others(run_and_export, loade
     dcm = write_dicom(str(tmp_path / "scan.dcm"), gray[:300, :300].astype(np.uint16) * 16, window=(2048, 4096))
     files = [str(good), str(bad), str(trunc), dcm, str(tmp_path / "missing.png")]
     res = CliRunner().invoke(cli, ["predict", "--model", run_and_export["base"], "--json", *files])
-    assert res.exit_code == 0, res.output
-    doc = json.loads(res.output[res.output.index("{"):])
+    assert res.exit_code == 1 and "3 of 5 input(s) could not be predicted" in res.stderr
+    doc = json.loads(res.stdout[res.stdout.index("{"):])
     by_file = {os.path.basename(r["file"]): r for r in doc["results"]}
+    assert [os.path.basename(r["file"]) for r in doc["results"]] == [os.path.basename(f) for f in files]
     assert "not an image" in by_file["bad.png"]["error"]
-    assert "Invalid PNG data" in by_file["trunc.png"]["error"]
+    assert by_file["trunc.png"]["error"] == "truncated or corrupt PNG data (5000 bytes): the decoder refused it"
     assert by_file["missing.png"]["error"] == "file not found"
     assert doc["model"].endswith(os.path.join("tiny", "2")) or doc["model"].endswith(os.path.join("tiny", "1"))
     served = loaded(image_bytes=tf.constant([good.read_bytes(), encode_png(read_image(dcm))]))
     for row, name in enumerate(("good.png", "scan.dcm")):
         probs = [by_file[name]["probabilities"][lbl] for lbl in doc["labels"]]
         np.testing.assert_allclose(probs, served["probabilities"].numpy()[row], atol=1e-5)
-    table = CliRunner().invoke(cli, ["predict", "--model", os.path.join(run_and_export["run"], "stage2",
-                                                                        "best.keras"), str(good), str(bad)])
-    assert table.exit_code == 0 and "#2: " in table.output and "ERROR" in table.output and "Atelectasis" in table.output
+    keras_file = os.path.join(run_and_export["run"], "stage2", "best.keras")
+    table = CliRunner().invoke(cli, ["predict", "--model", keras_file, str(good), str(bad)])
+    assert table.exit_code == 1 and "#2: " in table.output and "ERROR" in table.output and "Atelectasis" in table.output
+
+    folder = tmp_path / "folder"
+    (folder / "a" / "b").mkdir(parents=True)
+    (folder / "a" / "b" / "deep.png").write_bytes(png_bytes(gray))
+    (folder / "a" / "photo.jpeg").write_bytes(jpeg_bytes(gray))
+    (folder / "z.dcm").write_bytes(open(dcm, "rb").read())
+    (folder / "notes.txt").write_text("not searched")
+    os.symlink(good, folder / "link_out.png")  # a link leading out of the folder: not read
+    res = CliRunner().invoke(cli, ["predict", "--model", keras_file, "--json", str(folder)])
+    doc = json.loads(res.stdout[res.stdout.index("{"):])
+    got = {os.path.relpath(r["file"], folder): r["error"] for r in doc["results"]}
+    assert got == {"a/b/deep.png": None, "a/photo.jpeg": None, "z.dcm": None, "link_out.png": "outside the image root"}
+    assert res.exit_code == 1
+    os.remove(folder / "link_out.png")
+    res = CliRunner().invoke(cli, ["predict", "--model", keras_file, str(folder), str(good)])
+    assert res.exit_code == 0 and "#4: " in res.output and "#5" not in res.output
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(cli, ["predict", "--model", keras_file, str(tmp_path / "empty")])
+    assert res.exit_code == 1 and "folder holds no png/jpg/jpeg/dcm/dicom file" in res.output

@@ -152,11 +152,26 @@ def test_bad_arguments_and_folders(tiny_records, tmp_path):
         build_dataset(str(broken), "val")
 
 
-def _iterate_error(records, split):
+def _iterate_error(records, split, verify="sha256"):
     with pytest.raises(tf.errors.OpError) as info:
-        for _ in build_dataset(records, split, batch_size=4, training=True, image_size=S, seed=0):
+        for _ in build_dataset(records, split, batch_size=4, training=True, image_size=S, seed=0, verify=verify):
             pass
     return data_error_from(info.value)
+
+
+def _relist(records, name):
+    """Make the manifest list the shard `name` as it now is (size, sha256): what a faulty build would have written,
+    so that only the in-graph record check can catch what is wrong inside it."""
+    from cxrkeras.hashing import sha256_file
+
+    m = _manifest(records)
+    for info in m["splits"].values():
+        for shard in info["shards"]:
+            if shard["file"] == name:
+                path = os.path.join(records, name)
+                shard.update(bytes=os.path.getsize(path), sha256=sha256_file(path))
+    with open(os.path.join(records, "manifest.json"), "w") as f:
+        json.dump(m, f)
 
 
 def _shard_with(records, split, at_least):
@@ -177,7 +192,9 @@ def test_crc_corrupt_record_names_shard_and_record(tiny_records, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[offsets[5] + 12 + 50] ^= 0xFF  # a byte inside record 5's data: its CRC no longer matches
     shard.write_bytes(bytes(raw))
-    err = _iterate_error(str(tmp_path / "r"), "train")
+    with pytest.raises(DataError, match=f"shard {name} is not the file manifest.json lists \\(sha256"):
+        build_dataset(str(tmp_path / "r"), "train")  # by default refused before reading: the sha256 differs
+    err = _iterate_error(str(tmp_path / "r"), "train", verify="size")  # same size: the in-graph check names it
     assert isinstance(err, DataError)
     assert f"shard {name}: only 5 of the" in str(err) and "record 5 (0-based)" in str(err)
 
@@ -192,6 +209,7 @@ def test_undecodable_image_names_shard_and_record(tiny_records, tmp_path):
     with tf.io.TFRecordWriter(shard) as w:
         for ex in examples:
             w.write(ex.SerializeToString())
+    _relist(str(tmp_path / "r"), name)
     err = _iterate_error(str(tmp_path / "r"), "test")
     assert f"shard {name}: record {bad} (0-based)" in str(err) and "decoded" in str(err)
 

@@ -12,9 +12,11 @@ from click.testing import CliRunner
 from cxrkeras.cli import cli
 from cxrkeras.data import features
 from cxrkeras.data import records as rec
+from cxrkeras.data import workers
 from cxrkeras.data.inspect import inspect_records
+from cxrkeras.errors import DataError
 from cxrkeras.labels import NIH_LABELS
-from records_helpers import decode, read_records, small_nih
+from records_helpers import decode, images_by_patient, read_records, small_nih
 
 
 def _mtimes(folder):
@@ -100,7 +102,12 @@ def test_rerun_writes_nothing_and_resume_after_interruption(tmp_path, sample64, 
     assert (fixed.shards_written, fixed.manifest_written) == (2, True)
     assert fixed.manifest["splits"] == first.manifest["splits"]  # same bytes again: deterministic shards
 
-    resized = rec.build_records(csv_path, images, out, **dict(kw, shard_size=100))
+    before = _mtimes(out)
+    for change in ({"shard_size": 100}, {"image_size": 48}, {"seed": 1}, {"channels": 3}):
+        with pytest.raises(DataError, match=f"other options \\({list(change)[0]} .* -> .*--overwrite"):
+            rec.build_records(csv_path, images, out, **dict(kw, **change))  # the old records are not replaced
+    assert _mtimes(out) == before
+    resized = rec.build_records(csv_path, images, out, **dict(kw, shard_size=100), overwrite=True)
     assert resized.shards_written == 3 and sorted(f for f in os.listdir(out) if f.endswith(".tfrecord")) == \
         ["test-00000-of-00001.tfrecord", "train-00000-of-00001.tfrecord", "val-00000-of-00001.tfrecord"]
     assert inspect_records(out).problems == []
@@ -108,8 +115,9 @@ def test_rerun_writes_nothing_and_resume_after_interruption(tmp_path, sample64, 
 
 def test_parallel_build_equals_serial(tmp_path, sample64, monkeypatch):
     monkeypatch.setattr(rec, "MIN_TASKS_PER_WORKER", 1)  # use the process pool even for 30 images
-    contexts, get_context = [], rec.multiprocessing.get_context
-    monkeypatch.setattr(rec.multiprocessing, "get_context", lambda method: contexts.append(method) or get_context(method))
+    contexts, get_context = [], workers.multiprocessing.get_context
+    monkeypatch.setattr(workers.multiprocessing, "get_context",
+                        lambda method: contexts.append(method) or get_context(method))
     csv_path, images, _ = small_nih(tmp_path, sample64, n=30)
     serial = rec.build_records(csv_path, images, str(tmp_path / "s"), image_size=48, shard_size=6, workers=1,
                                progress=False)
@@ -136,9 +144,7 @@ def test_inspect_detects_tampering(tiny_records, tmp_path):
 
 def test_cli_build_with_three_split_lists_and_errors(tmp_path, sample64):
     csv_path, images, rows = small_nih(tmp_path, sample64, n=40)
-    by_patient = {}
-    for r in rows:
-        by_patient.setdefault(r.split(",")[3], []).append(r.split(",")[0])
+    by_patient = images_by_patient(rows)
     patients = sorted(by_patient)
     parts = [patients[: len(patients) - 4], patients[-4:-2], patients[-2:]]
     lists = []

@@ -52,7 +52,7 @@ def test_bad_files_are_skipped_and_listed_or_fatal_with_strict(tmp_path, sample6
     assert sum(s["images"] for s in m["splits"].values()) == 20 == len(read_records(out))
     assert inspect_records(out).problems == []
 
-    with pytest.raises(DataError, match=rf"1 image file\(s\).*{names[3]} \(line 5\).*--strict"):
+    with pytest.raises(DataError, match=rf"1 image file\(s\).*{names[3]} \(line 5: file not found\).*--strict"):
         rec.build_records(csv_path, images, str(tmp_path / "strict"), strict=True, **QUIET)
     shutil.copy(os.path.join(img_dir, names[5]), os.path.join(img_dir, names[3]))
     with pytest.raises(DataError, match=r"(empty file|truncated|not an image).*without --strict"):

@@ -92,6 +92,29 @@ def test_too_many_fields_names_the_line(tmp_path):
         sources.read_table(_write(tmp_path, "d.csv", [HEADER_V2020, ROWS[0], ROWS[1] + ",x,y"]))
 
 
+def test_short_rows_name_the_line_and_the_field_counts(tmp_path):
+    """Issue 11 row 10: a 2-field row was padded and reported as "column 'Patient ID' is empty on lines 31"."""
+    lines = [HEADER_2017] + [f"{i:08d}_000.png" + ROWS[i % 3][ROWS[i % 3].index(","):] for i in range(29)]
+    sources.read_table(_write(tmp_path, "ok.csv", lines))  # 29 good rows
+    lines.insert(30, "00000099_000.png,Effusion")  # CSV line 31
+    with pytest.raises(DataError, match=r"line 31 has 2 fields, 11 expected \(Image Index, Finding Labels"):
+        sources.read_table(_write(tmp_path, "short.csv", lines))
+    lines += ["00000098_000.png,Effusion,0", "00000097_000.png"]
+    with pytest.raises(DataError, match="line 31 has 2 fields; line 32 has 3 fields; line 33 has 1 field, 11 expected"):
+        sources.read_table(_write(tmp_path, "short.csv", lines))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes((HEADER_V2020 + "\n" + ROWS[0]).encode() + b",\xff\xfe\n")
+    with pytest.raises(DataError, match=r"not a UTF-8 text CSV \(invalid byte at offset \d+\)") as info:
+        sources.read_table(str(latin))
+    assert "0xff" not in str(info.value)  # no input byte in the message
+
+
+def test_unreadable_ages_are_recorded(tmp_path):
+    rows = [ROWS[0], ROWS[1].replace("058Y", "abc"), ROWS[2].replace(",81,", ",003M,")]
+    table = sources.read_table(_write(tmp_path, "ages.csv", [HEADER_V2020] + rows))
+    assert table.age.tolist() == [58, -1, 0] and table.unreadable == {"Patient Age": [3]}
+
+
 def test_generic_csv_with_label_list_file(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("# binary task\nPneumothorax\n")

@@ -220,11 +220,26 @@ def test_resume_after_interruption_continues_epochs_and_schedule(tiny_records, t
     assert info["finished"] and info["resumes"][0]["from_epoch"] == 1
 
 
-class PoisonWeights(keras.callbacks.Callback):
+class SetHeadKernel(keras.callbacks.Callback):
+    """In epoch 2, set every weight of the head's kernel to `value`: at the epoch's start (NaN: the loss becomes
+    NaN), or after each of its batches (0: the head sees no features any more, as with dead ReLUs)."""
+
+    def __init__(self, value, after_batches=False):
+        super().__init__()
+        self.value, self.after_batches = value, after_batches
+
+    def _set(self):
+        layer = self.model.get_layer("predictions")
+        layer.kernel.assign(np.full(layer.kernel.shape, self.value, dtype="float32"))
+
     def on_epoch_begin(self, epoch, logs=None):
-        if epoch == 1:
-            layer = self.model.get_layer("predictions")
-            layer.kernel.assign(np.full(layer.kernel.shape, np.nan, dtype="float32"))
+        self._epoch = epoch
+        if epoch == 1 and not self.after_batches:
+            self._set()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._epoch == 1 and self.after_batches:
+            self._set()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_records, tmp_path):
@@ -233,7 +248,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_records, tmp_pat
     cfg = tiny_config(tiny_records, str(tmp_path), "nan", epochs=2)
     stage_dir = os.path.join(str(tmp_path), "nan", "stage1")
     with pytest.raises(CxrError) as exc:
-        train(cfg, 1, callbacks=[PoisonWeights()], log=lambda *_: None)
+        train(cfg, 1, callbacks=[SetHeadKernel(np.nan)], log=lambda *_: None)
     msg = str(exc.value)
     assert "became nan at epoch 2" in msg and "best.keras (epoch 1)" in msg and "--lr" in msg
     assert [r["epoch"] for r in history(stage_dir)] == ["1"]
@@ -268,3 +283,55 @@ def test_single_label_task_trains_stage2_alone_with_init_none(tmp_path, sample64
     assert len(history(stage2)) == 1 and "val_auc_Effusion" in history(stage2)[0]
     model = keras.saving.load_model(os.path.join(stage2, "best.keras"), compile=False)
     assert model.output_shape == (None, 1)
+
+
+def test_lr_1e3_collapse_stops_non_zero_without_a_best_checkpoint(tiny_records, tmp_path):
+    """Issue 11 row 6: --lr 1e3 used to "succeed" (exit 0) and keep the collapsed model as best.keras."""
+    root = str(tmp_path)
+    for lr in ("1e3", "3"):  # 1e3: non-finite predictions; 3: every validation image gets the same outputs
+        res = CliRunner().invoke(cli, ["train", "--stage", "1", "--lr", lr] + tiny_args(tiny_records, root, f"lr{lr}"))
+        assert res.exit_code == 1 and "training stopped" in res.output and "Traceback" not in res.output, res.output
+        assert "none (no good epoch)" in res.output and "Lower the learning rate (--lr)" in res.output
+        stage_dir = os.path.join(root, f"lr{lr}", "stage1")
+        assert not os.path.exists(os.path.join(stage_dir, "best.keras"))
+        info = json.load(open(os.path.join(stage_dir, "run_info.json")))
+        assert not info["finished"] and info["collapsed_at"]["epoch"] == 1
+    assert "not finite" in json.load(open(os.path.join(root, "lr1e3", "stage1", "run_info.json")))["collapsed_at"][
+        "reason"]
+    assert "exactly the same predictions" in res.output
+
+
+def test_collapse_keeps_the_last_good_checkpoint(tiny_records, tmp_path):
+    from cxrkeras.training import train
+
+    cfg = tiny_config(tiny_records, str(tmp_path), "collapse", epochs=3)
+    stage_dir = os.path.join(str(tmp_path), "collapse", "stage1")
+    with pytest.raises(CxrError) as exc:
+        train(cfg, 1, callbacks=[SetHeadKernel(0.0, after_batches=True)], log=lambda *_: None)
+    msg = str(exc.value)
+    assert "at epoch 2 the model gives every validation image exactly the same predictions" in msg
+    assert "best.keras (epoch 1)" in msg and "last.keras (epoch 1)" in msg
+    assert [r["epoch"] for r in history(stage_dir)] == ["1"]
+    kept = keras.saving.load_model(os.path.join(stage_dir, "best.keras"), compile=False)
+    assert np.abs(kept.get_layer("predictions").kernel.numpy()).max() > 0  # epoch 1's model, not the collapsed one
+
+
+def test_collapse_reason_covers_exploding_loss():
+    from cxrkeras.training.callbacks import collapse_reason
+
+    y = np.array([[0, 1], [1, 0], [0, 0]], dtype=np.float32)
+    alive = np.array([[0.2, 0.7], [0.6, 0.4], [0.1, 0.3]])
+    assert collapse_reason(y, alive, {"training loss": 0.9, "validation loss": 0.8}, 0.693) is None
+    assert "training loss exploded to 80" in collapse_reason(y, alive, {"training loss": 80.0}, 0.693)
+    assert "exactly the same" in collapse_reason(y, np.full((3, 2), 1.0), {}, 0.693)
+    assert collapse_reason(y, alive + np.array([[1e-7, 0]] * 3), {}, 0.693) is None  # weak, not constant
+    assert "not finite" in collapse_reason(y, np.array([[np.nan, 0.5]] * 3), {}, 0.693)
+
+
+def test_train_refuses_records_that_do_not_match_their_manifest(tiny_records, tmp_path):
+    """Issue 11 row 3: a replaced shard used to end `train` with a 76-line TensorFlow traceback."""
+    from records_helpers import replace_shard
+
+    records, name = replace_shard(tiny_records, tmp_path, split="train")
+    res = CliRunner().invoke(cli, ["train", "--stage", "1"] + tiny_args(records, str(tmp_path / "runs"), "bad"))
+    assert res.exit_code == 1 and f"shard {name} has" in res.output and "Traceback" not in res.output

@@ -2,12 +2,21 @@
 
 import io
 import os
+import re
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp") + DICOM_EXTENSIONS
+
+
+def describe_error(exc):
+    """An exception as short printable text for messages and manifests: never the input's bytes (a decoder may
+    quote them, e.g. PIL's "broken PNG file (chunk b'...')"), at most 160 characters."""
+    text = re.sub(r"""b(['"])(?:\\.|(?!\1).)*\1""", "<bytes>", str(exc))
+    text = "".join(c if " " <= c <= "~" else "?" for c in text).strip()
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
 
 
 class ImageError(Exception):
@@ -62,7 +71,7 @@ def dicom_to_uint8(ds):
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for unsupported/compressed/corrupt pixel data
-        raise ImageError(f"DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        raise ImageError(f"DICOM pixel data cannot be decoded ({describe_error(exc)})") from exc
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -96,7 +105,7 @@ def _read_dicom(data):
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
-        raise ImageError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+        raise ImageError(f"not a readable DICOM file ({describe_error(exc)})") from exc
     return dicom_to_uint8(ds)
 
 
@@ -111,11 +120,17 @@ def _pil_to_array(img, channels):
     return np.asarray(img.convert("RGB"))
 
 
+MAX_FILE_BYTES = 1 << 30  # one image file; the largest radiograph DICOMs are a few tens of MB
+
+
 def read_bytes(path):
-    """The file's bytes; ImageError for a missing, unreadable or empty file."""
+    """The file's bytes; ImageError for a missing, unreadable, empty or oversized (> MAX_FILE_BYTES) file."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise ImageError(f"file of {size:,} bytes, over the {MAX_FILE_BYTES >> 20} MiB limit for one image")
+            data = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError as exc:
         raise ImageError("file not found") from exc
     except OSError as exc:
@@ -136,11 +151,11 @@ def read_image(path, channels=1, data=None):
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
-        raise ImageError(f"not an image file (unrecognised format; {len(data)} bytes starting {data[:8]!r})") from exc
+        raise ImageError(f"not an image file (unrecognised format, {len(data)} bytes)") from exc
     try:
         img.load()
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"truncated or corrupt {img.format or 'image'} file ({exc})") from exc
+        raise ImageError(f"truncated or corrupt {img.format or 'image'} file ({describe_error(exc)})") from exc
     return _pil_to_array(img, channels)
 
 
@@ -160,12 +175,17 @@ def encode_png(arr):
     return buf.getvalue()
 
 
+def encode_resized(arr, image_size):
+    """(png bytes, height, width, channels) of a uint8 image resized to `image_size`."""
+    arr = resize(arr, image_size)
+    return encode_png(arr), arr.shape[0], arr.shape[1], 1 if arr.ndim == 2 else arr.shape[2]
+
+
 def load_encoded(path, image_size, channels=1):
     """(png bytes, height, width, channels) of `path` resized to `image_size`; raises ImageError."""
     if path is None:
         raise ImageError("file not found")
-    arr = resize(read_image(path, channels), image_size)
-    return encode_png(arr), arr.shape[0], arr.shape[1], 1 if arr.ndim == 2 else arr.shape[2]
+    return encode_resized(read_image(path, channels), image_size)
 
 
 def is_image_name(name):

@@ -11,9 +11,12 @@ Schema (keys every reader may rely on):
 Also written by build-records (informative): record_format, fingerprint (sha256 of everything that decides the
 bytes), csv.rows, csv.format, split_method, split_lists ({files: [{path, sha256}], csv_rows_in_no_list,
 listed_images_without_csv_row} or null), whole (the splits' stats summed), shard "bytes", skipped[].split,
-unlabelled_examples, no_finding_label, warnings ([str]: empty splits, labels with no positive in a split).
-Beside it: index.csv (split, shard, image_id, patient_id + every input CSV column, one row per record) and
-.receipts/ (one JSON per finished shard, used to resume and to skip up-to-date shards).
+unlabelled_examples, no_finding_label, warnings ([str]: empty splits, labels with no positive in a split, inputs
+to look at), upsampled ({count, images: [{image, row, size}]}: sources smaller than the records), unreadable_values
+({column: {count, rows}}: CSV values stored as -1).
+Beside it: index.csv (split, shard, image_id, patient_id + every input CSV column, one row per record),
+.receipts/ (one JSON per finished shard, used to resume and to skip up-to-date shards; build.json: the fingerprint
+and options of the build writing the folder) and .lock (flock'ed by that build).
 """
 
 import json
@@ -66,6 +69,35 @@ def shard_paths(manifest, records_dir, split):
             f"run `cxrkeras build-records` without --dry-run"
         )
     return [os.path.join(records_dir, shard["file"]) for shard in info["shards"]]
+
+
+VERIFY_MODES = ("sha256", "size")
+
+
+def verify_shards(manifest, records_dir, split, verify="sha256"):
+    """Refuse shards of `split` that are not the files the manifest lists, before anything reads them: a missing
+    file, a size other than the manifest's and (verify="sha256", ~1 GB/s) other bytes. verify="size" skips the
+    hashing; the pipeline's in-graph check still compares every shard's record count with the manifest."""
+    if verify not in VERIFY_MODES:
+        raise DataError(f"unknown records verification {verify!r}: choose {' or '.join(VERIFY_MODES)}")
+    from cxrkeras.hashing import sha256_file
+
+    hint = (f"re-run `cxrkeras build-records` with the same options (it rewrites only the damaged shards); "
+            f"`cxrkeras inspect-records {records_dir}` lists every mismatch")
+    for path, shard in zip(shard_paths(manifest, records_dir, split), manifest["splits"][split]["shards"]):
+        name = shard["file"]
+        if not os.path.isfile(path):
+            raise DataError(f"{records_dir}: shard {name} listed in manifest.json is missing; {hint}")
+        size, listed = os.path.getsize(path), shard.get("bytes")
+        if listed is not None and size != int(listed):
+            raise DataError(f"{records_dir}: shard {name} has {size:,} bytes but manifest.json lists {int(listed):,}: "
+                            f"it was changed or replaced after build-records wrote it; {hint}")
+        if verify == "sha256" and shard.get("sha256"):
+            digest = sha256_file(path)
+            if digest != shard["sha256"]:
+                raise DataError(f"{records_dir}: shard {name} is not the file manifest.json lists (sha256 "
+                                f"{digest[:12]}… instead of {shard['sha256'][:12]}…): it was changed or replaced "
+                                f"after build-records wrote it; {hint}")
 
 
 def stage_images(info, stage):

@@ -11,6 +11,9 @@ Order of operations:
   -> prefetch(AUTOTUNE).
 Gray images stay 1-channel until the very end (3x less work); the 3 channels appear in the normalisation.
 
+Changed input: before anything is read, every shard of the split must have the size and (verify="sha256", the
+default) the sha256 that manifest.json lists, so a shard replaced by another one, even a valid one of the same
+folder, is refused by name (`manifest.verify_shards`).
 Corrupt input: a CRC/data-loss error in a shard or an undecodable image does not surface as a bare TF error.
 Each shard is read with `ignore_errors` after `enumerate`, so a bad record leaves a gap in its shard's record
 numbers (a CRC error ends the shard; an undecodable image drops that one element); a sentinel carrying the
@@ -48,14 +51,15 @@ def _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy
                           f"{strategy.num_replicas_in_sync} replicas of the distribution strategy")
 
 
-def _shard_table(manifest, records_dir, split):
-    """(paths, record counts) of a split; missing shard files refused up front."""
+def _shard_table(manifest, records_dir, split, verify):
+    """(paths, record counts) of a split; shard files missing, or not the ones the manifest lists, refused up front."""
     paths = manifest_lib.shard_paths(manifest, records_dir, split)
     counts = [int(s.get("records", -1)) for s in manifest["splits"][split]["shards"]]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{records_dir}: shard {os.path.basename(missing[0])} listed in manifest.json is missing "
                         f"({len(missing)} missing in all); re-run `cxrkeras build-records`")
+    manifest_lib.verify_shards(manifest, records_dir, split, verify)
     return paths, counts
 
 
@@ -160,7 +164,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
                   preprocessing="torch", shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, cache=False, seed=None,
                   deterministic=None, drop_remainder=None, repeat=False, strategy=None, equalize=None,
                   return_ids=False, max_rotation=10.0, crop_scale=(0.8, 1.0), flip=True, fill_mode="reflect",
-                  jit=True):
+                  jit=True, verify="sha256"):
     """A tf.data.Dataset of (images float32 [B,S,S,3], labels float32 [B,L]) (+ {"image_id","patient_id"} string
     [B] with return_ids) from the shards of `split` of a records folder.
 
@@ -177,10 +181,12 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
     repeat: repeat forever (then pass steps_per_epoch). equalize: None | "hist" | "clahe".
     jit: XLA-compile the batch augmentation + normalisation (default; False: plain TF kernels, same results
       up to float rounding).
+    verify: "sha256" (default) refuses shards whose size or sha256 differ from the manifest's, before reading;
+      "size" checks only sizes (no hashing). Either way each shard's record count is checked as it is read.
     """
     _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy, fill_mode, crop_scale)
     manifest = manifest_lib.load_manifest(records_dir)
-    paths, counts = _shard_table(manifest, records_dir, split)
+    paths, counts = _shard_table(manifest, records_dir, split, verify)
     num_labels = len(manifest["labels"])
     channels = 3 if int(manifest.get("channels", 1)) == 3 else 1
     image_size = int(image_size)

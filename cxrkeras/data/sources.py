@@ -36,6 +36,7 @@ class Table:
     view: list
     columns: list = field(default_factory=list)
     raw: list = field(default_factory=list)  # the CSV rows as read, for index.csv
+    unreadable: dict = field(default_factory=dict)  # column -> CSV lines whose value could not be read (stored -1)
 
     def __len__(self):
         return len(self.image_id)
@@ -45,7 +46,7 @@ class Table:
         pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
         return Table(self.csv_path, self.format, self.labels, pick(self.image_id), pick(self.path),
                      pick(self.patient_id), self.y[idx], self.rows[idx], self.follow_up[idx], self.age[idx],
-                     pick(self.sex), pick(self.view), self.columns, pick(self.raw))
+                     pick(self.sex), pick(self.view), self.columns, pick(self.raw), self.unreadable)
 
 
 def _rows_text(rows):
@@ -81,8 +82,11 @@ def read_header(csv_path):
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), None)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{csv_path}: not a readable UTF-8 CSV ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path}: not a UTF-8 text CSV (invalid byte at offset {exc.start}); "
+                        f"save it as UTF-8 CSV") from exc
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}: not a readable CSV ({exc})") from exc
     if header is None:
         raise DataError(f"{csv_path}: the file is empty; expected a header row and one row per image")
     return normalize_header(header)
@@ -99,7 +103,7 @@ def read_csv_rows(csv_path):
             if header is None:
                 raise DataError(f"{csv_path}: the file is empty; expected a header row and one row per image")
             columns = normalize_header(header)
-            rows = []
+            rows, short = [], []
             for fields in reader:
                 if not any(x.strip() for x in fields):
                     continue
@@ -109,11 +113,20 @@ def read_csv_rows(csv_path):
                     raise DataError(
                         f"{csv_path} line {reader.line_num}: {len(fields)} fields but the header has "
                         f"{len(columns)} columns ({', '.join(columns)}); fix the row or the header")
-                rows.append((reader.line_num, fields + [""] * (len(columns) - len(fields))))
+                if len(fields) < len(columns):
+                    short.append((reader.line_num, len(fields)))
+                rows.append((reader.line_num, fields))
     except UnicodeDecodeError as exc:
-        raise DataError(f"{csv_path}: not a UTF-8 text CSV ({exc}); save it as UTF-8 CSV") from exc
+        raise DataError(f"{csv_path}: not a UTF-8 text CSV (invalid byte at offset {exc.start}); "
+                        f"save it as UTF-8 CSV") from exc
     except csv.Error as exc:
         raise DataError(f"{csv_path}: not a readable CSV ({exc})") from exc
+    if short:
+        # a short row is a broken row (a lost separator or quote), never silently padded with empty fields
+        listed = "; ".join(f"line {line} has {n} field{'s' if n != 1 else ''}" for line, n in short[:_MAX_LISTED])
+        more = f" and {len(short) - _MAX_LISTED} more short lines" if len(short) > _MAX_LISTED else ""
+        raise DataError(f"{csv_path}: {listed}{more}, {len(columns)} expected ({', '.join(columns)}); "
+                        f"fix those rows (a missing separator or an unclosed quote?)")
     return columns, rows
 
 
@@ -125,9 +138,34 @@ def _require(csv_path, columns, names, hint):
             f"{', '.join(repr(c) for c in columns)}. {hint}")
 
 
-def _int_or_unknown(text):
-    digits = re.match(r"\s*0*(\d+)", text or "")  # NIH ages appear as "58" or "058Y"
-    return int(digits.group(1)) if digits else -1
+_AGE_UNITS = {"": 1, "Y": 1, "M": 12, "W": 52, "D": 365}  # DICOM AS units, as whole years
+
+
+def _int_or_unknown(text, age=False):
+    """(value, readable): -1 for an empty field (unknown) or an unreadable one (readable False).
+    NIH ages appear as "58" or "058Y"; DICOM-style "003M" / "010W" / "020D" become whole years."""
+    text = (text or "").strip()
+    if not text:
+        return -1, True
+    match = re.fullmatch(r"(\d+)\s*([YyMmWwDd]?)" if age else r"(\d+)", text)
+    if not match:
+        return -1, False
+    value = int(match.group(1))
+    return (value // _AGE_UNITS[match.group(2).upper()] if age else value), True
+
+
+def _parse_ints(values, rows, age, unreadable, column):
+    out = np.full(len(rows), -1, dtype=np.int64)
+    if values is None:
+        return out
+    bad = []
+    for i, (text, row) in enumerate(zip(values, rows)):
+        out[i], ok = _int_or_unknown(text, age)
+        if not ok:
+            bad.append(int(row))
+    if bad:
+        unreadable[column] = bad
+    return out
 
 
 def parse_labels(csv_path, column, texts, rows, label_names, empty_is_negative):
@@ -178,13 +216,20 @@ def _check_filled(csv_path, column, values, rows):
         raise DataError(f"{csv_path}: column {column!r} is empty on lines {_rows_text(empty)}; fill it in")
 
 
+def _read_text(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {path}: not a UTF-8 text file (invalid byte at offset {exc.start})") from exc
+
+
 def read_label_list(spec):
     """--labels: "A,B,C" or a text file with one label per line (or comma-separated)."""
     if spec is None:
         return None
     if os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            text = f.read()
+        text = _read_text(spec, "label list --labels")
         names = [n.strip() for n in re.split(r"[,\n]", text) if n.strip() and not n.strip().startswith("#")]
     else:
         names = [n.strip() for n in spec.split(",") if n.strip()]
@@ -240,16 +285,15 @@ def read_table(csv_path, fmt="auto", labels=None, path_column="path", labels_col
     else:
         patient = [dicom_patient(p) for p in image_id]
     n = len(rows)
-    follow = get(NIH_FOLLOW_UP) if fmt == "nih" else None
-    age = get(NIH_AGE) if fmt == "nih" else None
+    unreadable = {}
+    follow = _parse_ints(get(NIH_FOLLOW_UP) if fmt == "nih" else None, lines, False, unreadable, NIH_FOLLOW_UP)
+    age = _parse_ints(get(NIH_AGE) if fmt == "nih" else None, lines, True, unreadable, NIH_AGE)
     return Table(
         csv_path=csv_path, format=fmt, labels=tuple(label_names), image_id=image_id, path=list(image_id),
-        patient_id=patient, y=y, rows=lines,
-        follow_up=np.array([_int_or_unknown(v) for v in follow] if follow else [-1] * n, dtype=np.int64),
-        age=np.array([_int_or_unknown(v) for v in age] if age else [-1] * n, dtype=np.int64),
+        patient_id=patient, y=y, rows=lines, follow_up=follow, age=age,
         sex=(get(NIH_SEX) if fmt == "nih" and NIH_SEX in col else [""] * n),
         view=(get(NIH_VIEW) if fmt == "nih" and NIH_VIEW in col else [""] * n),
-        columns=columns, raw=[f for _, f in rows])
+        columns=columns, raw=[f for _, f in rows], unreadable=unreadable)
 
 
 def hash_patient_id(patient_id, salt=""):
@@ -259,19 +303,24 @@ def hash_patient_id(patient_id, salt=""):
 
 
 def dicom_patient_reader(resolve, salt=""):
-    """A function path_text → hashed PatientID read from the DICOM header (pixels not read)."""
+    """A function path_text → hashed PatientID read from the DICOM header (pixels not read);
+    `resolve(path_text)` → path or None (ImageIndex.resolve), or (path, reason) (ImageIndex.locate)."""
 
     def read(path_text):
         import pydicom
 
-        path = resolve(path_text)
+        from cxrkeras.data.images import describe_error
+
+        found = resolve(path_text)
+        path, reason = found if isinstance(found, tuple) else (found, "file not found")
         if path is None:
-            raise DataError(f"DICOM file {path_text!r} not found: the patient id is read from it; "
+            raise DataError(f"DICOM file {path_text!r}: {reason}; the patient id is read from it: "
                             f"check --images or give a patient column with --patient-column")
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"], force=True)
         except Exception as exc:
-            raise DataError(f"{path}: cannot read the DICOM header ({exc}); give a --patient-column") from exc
+            raise DataError(f"{path}: cannot read the DICOM header ({describe_error(exc)}); "
+                            f"give a --patient-column") from exc
         pid = str(ds.get("PatientID", "") or "").strip()
         if not pid:
             raise DataError(f"{path}: DICOM has no PatientID; give a patient column with --patient-column")
@@ -280,21 +329,52 @@ def dicom_patient_reader(resolve, salt=""):
     return read
 
 
+OUTSIDE_ROOT = "outside the image root"  # the skip reason of a path or link that leads out of --images
+
+
+def within(path, root):
+    """True when the absolute path `path` is `root` or below it (both already resolved with realpath)."""
+    return os.path.commonpath([path, root]) == root
+
+
 class ImageIndex:
-    """Image files under a folder, searched recursively (NIH unpacks to images_001/images/ … images_012/images/)."""
+    """Image files under a folder, searched recursively (NIH unpacks to images_001/images/ … images_012/images/).
+
+    Confined to the folder: a CSV path, absolute or relative, and a symbolic link (file or folder) are followed
+    only when their real path stays under the folder's real path; anything else is refused as OUTSIDE_ROOT and
+    never opened. Folder links outside are not searched (`outside_dirs` lists them); a link loop is walked once.
+    """
 
     def __init__(self, root, by_name):
         self.root = root
         self.by_name = by_name
         if not os.path.isdir(root):
             raise DataError(f"images folder {root!r} not found: give the folder holding the images with --images")
+        self.real_root = os.path.realpath(root)
         self.files = {}  # relative path → absolute path
+        self.outside = set()  # relative paths of file links that lead outside the root
+        self.outside_names = set()
+        self.outside_dirs = []  # relative paths of folder links that lead outside the root (not searched)
         names = {}
+        seen = {self.real_root}
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames.sort()
+            keep = []
+            for name in sorted(dirnames):
+                full = os.path.join(dirpath, name)
+                real = os.path.realpath(full)
+                if not within(real, self.real_root):
+                    self.outside_dirs.append(os.path.relpath(full, root).replace(os.sep, "/"))
+                elif real not in seen:  # a second link to a folder already walked (or a loop): once is enough
+                    seen.add(real)
+                    keep.append(name)
+            dirnames[:] = keep
             for name in sorted(filenames):
                 full = os.path.join(dirpath, name)
                 rel = os.path.relpath(full, root).replace(os.sep, "/")
+                if os.path.islink(full) and not within(os.path.realpath(full), self.real_root):
+                    self.outside.add(rel)
+                    self.outside_names.add(name)
+                    continue
                 self.files[rel] = full
                 if by_name:
                     if name in names and is_image_name(name):
@@ -303,14 +383,37 @@ class ImageIndex:
                     names[name] = full
         self.names = names
 
-    def resolve(self, path_text):
-        """Absolute path of a CSV path entry, or None when there is no such file."""
+    def locate(self, path_text):
+        """(absolute path, None) of a CSV path entry, or (None, reason): "file not found" or OUTSIDE_ROOT."""
         if self.by_name:
-            return self.names.get(os.path.basename(path_text))
+            name = os.path.basename(path_text)
+            if name in self.names:
+                return self.names[name], None
+            return None, OUTSIDE_ROOT if name in self.outside_names else "file not found"
         if os.path.isabs(path_text):
-            return path_text if os.path.isfile(path_text) else None
+            real = os.path.realpath(path_text)
+            if not within(real, self.real_root):
+                return None, OUTSIDE_ROOT
+            rel = os.path.relpath(os.path.abspath(path_text), os.path.abspath(self.root)).replace(os.sep, "/")
+            if rel in self.files:
+                return self.files[rel], None
+            return (path_text, None) if os.path.isfile(real) else (None, "file not found")
         rel = os.path.normpath(path_text).replace(os.sep, "/")
-        return self.files.get(rel)
+        if rel in self.files:
+            return self.files[rel], None
+        if rel == ".." or rel.startswith("../") or rel in self.outside:
+            return None, OUTSIDE_ROOT
+        full = os.path.join(self.root, rel)
+        if os.path.lexists(full):  # e.g. below a folder link that leads out, or a second link to a walked folder
+            if not within(os.path.realpath(full), self.real_root):
+                return None, OUTSIDE_ROOT
+            if os.path.isfile(full):
+                return full, None
+        return None, "file not found"
+
+    def resolve(self, path_text):
+        """Absolute path of a CSV path entry, or None when there is no such file under the root."""
+        return self.locate(path_text)[0]
 
     def unlabelled(self, used_paths):
         """Image files here that no CSV row names."""
@@ -326,8 +429,8 @@ def read_split_list(path):
     """Image names of one split list file (one per line; blank lines and # comments ignored)."""
     if not os.path.isfile(path):
         raise DataError(f"split list {path!r} not found; give existing files with --split-lists")
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    lines = _read_text(path, "split list").splitlines()
+    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not names:
         raise DataError(f"split list {path} is empty; it should list one image name per line")
     return names

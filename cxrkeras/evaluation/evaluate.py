@@ -42,11 +42,21 @@ def split_size(manifest, split, records_dir):
     return n
 
 
-def predict_split(source, records_dir, split, batch_size=32, progress=None):
+MAX_BATCH_SIZE = 4096
+
+
+def check_batch_size(batch_size):
+    if not 1 <= int(batch_size) <= MAX_BATCH_SIZE:
+        raise CxrError(f"--batch-size {batch_size}: must be 1 to {MAX_BATCH_SIZE}")
+    return int(batch_size)
+
+
+def predict_split(source, records_dir, split, batch_size=32, progress=None, verify="sha256"):
     """(probabilities [N, L], labels [N, L], image ids, patient ids) over EVERY image of the split, in record order.
 
-    Deterministic eval preprocessing only (pipeline.build_dataset(training=False)); the count is checked
-    against the manifest so no image is silently dropped.
+    Deterministic eval preprocessing only (pipeline.build_dataset(training=False)); shards that are not the files
+    the manifest lists are refused (`verify`: "sha256" or "size", see build_dataset), and the count is checked
+    against the manifest so no image is silently dropped or counted twice.
     """
     import tensorflow as tf
 
@@ -56,9 +66,9 @@ def predict_split(source, records_dir, split, batch_size=32, progress=None):
     manifest = load_manifest(records_dir)
     check_labels(source.labels, manifest["labels"], f"the records {records_dir}")
     expected = split_size(manifest, split, records_dir)
-    ds = build_dataset(records_dir, split, stage=2, batch_size=batch_size, training=False,
+    ds = build_dataset(records_dir, split, stage=2, batch_size=check_batch_size(batch_size), training=False,
                        image_size=source.image_size, preprocessing=source.preprocessing, equalize=source.equalize,
-                       drop_remainder=False, deterministic=True, return_ids=True)
+                       drop_remainder=False, deterministic=True, return_ids=True, verify=verify)
     infer = tf.function(lambda x: source.model(x, training=False), reduce_retracing=True)
     probs, labels, image_ids, patient_ids = [], [], [], []
     try:
@@ -103,18 +113,23 @@ def default_out_dir(source, split):
 
 
 def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_dir=None, batch_size=32,
-             n_boot=1000, seed=0, n_bins=10, threshold_method="youden", figures_on=True, log=print):
+             n_boot=1000, seed=0, n_bins=10, threshold_method="youden", figures_on=True, log=print,
+             verify_records="sha256"):
     """Evaluate a run folder / .keras file / keras.Model on a whole records split; returns the metrics dict.
 
     Thresholds are chosen on `val_split` (Youden J and F1-max) and applied unchanged to `split`; without a
     validation split they are 0.5 and the reason is recorded. Writes into `out_dir` (default
     <run>/evaluation/<split>): metrics.json, thresholds.json, predictions_<split>.csv (and _<val_split>.csv),
     roc_<split>.png, pr_<split>.png, reliability_<split>.png, comparison_<split>.md.
+    `verify_records`: "sha256" (default) or "size": how shards are checked against the manifest before reading.
     """
     if threshold_method not in metrics.THRESHOLD_METHODS:
         raise CxrError(f"unknown threshold method {threshold_method!r}: choose "
                        f"{' or '.join(metrics.THRESHOLD_METHODS)}")
+    check_batch_size(batch_size)
     source = resolve(model_or_run)
+    if source.note:
+        log(source.note)
     records_dir = records_dir or source.records_dir
     if not records_dir:
         raise CxrError("no records folder: pass --records DIR (the run folder does not say which records it used)")
@@ -124,7 +139,7 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
 
     log(f"evaluating {source.model_path or 'model'} on {records_dir} split {split!r} "
         f"({source.image_size}px, {source.preprocessing} preprocessing)")
-    probs, y, image_ids, patient_ids = predict_split(source, records_dir, split, batch_size)
+    probs, y, image_ids, patient_ids = predict_split(source, records_dir, split, batch_size, verify=verify_records)
 
     thresholds, val_summary = None, None
     if val_split and val_split != split:
@@ -132,7 +147,8 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
 
         manifest = load_manifest(records_dir)
         if val_split in manifest["splits"] and int(manifest["splits"][val_split].get("images", 0)) > 0:
-            p_val, y_val, val_ids, val_patients = predict_split(source, records_dir, val_split, batch_size)
+            p_val, y_val, val_ids, val_patients = predict_split(source, records_dir, val_split, batch_size,
+                                                                verify=verify_records)
             thresholds = metrics.choose_thresholds(y_val, p_val, labels)
             write_predictions_csv(os.path.join(out_dir, f"predictions_{val_split}.csv"), labels, p_val, y_val,
                                   val_ids, val_patients)

@@ -25,6 +25,7 @@ class ModelSource:
     stage_dir: str = None  # the folder holding the .keras (its config.yaml / run_info.json)
     config: dict = None  # resolved config of the run (config.yaml), if any
     run_info: dict = None
+    note: str = None  # one line for the user, e.g. that a run's stage 1 model stands in for a missing stage 2
 
     @property
     def records_dir(self):
@@ -113,14 +114,14 @@ def resolve(model_or_run):
     """A ModelSource for a keras.Model, a .keras file, a run folder or a stage folder."""
     from cxrkeras.models import model_info
 
-    run_dir = stage_dir = model_path = sha = None
+    run_dir = stage_dir = model_path = sha = note = None
     if isinstance(model_or_run, (str, os.PathLike)):
         target = os.fspath(model_or_run)
         if os.path.isdir(target):
-            from cxrkeras.training.rundir import best_model_path
+            from cxrkeras.training.rundir import best_model_choice
 
             run_dir = target
-            model_path = best_model_path(target)
+            model_path, note = best_model_choice(target)
         elif os.path.isfile(target):
             model_path = target
         else:
@@ -145,4 +146,5 @@ def resolve(model_or_run):
     return ModelSource(model=model, labels=list(info["labels"]), image_size=int(size),
                        preprocessing=info["preprocessing"], equalize=_equalize(config, run_info),
                        variant=info.get("variant"), model_path=os.path.abspath(model_path) if model_path else None,
-                       model_sha256=sha, run_dir=run_dir, stage_dir=stage_dir, config=config, run_info=run_info)
+                       model_sha256=sha, run_dir=run_dir, stage_dir=stage_dir, config=config, run_info=run_info,
+                       note=note)

@@ -10,6 +10,8 @@ from cxrkeras.errors import CxrError
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")  # what a folder argument is searched for
+MAX_BATCH_SIZE = 1024
 
 
 class FileError(Exception):
@@ -35,6 +37,7 @@ class _SavedModelPredictor:
         import tensorflow as tf
 
         self.path = version_dir
+        self.note = None
         self.fn = tf.saved_model.load(version_dir).signatures["serving_default"]
         assets = os.path.join(version_dir, "assets")
         with open(os.path.join(assets, "labels.txt"), encoding="utf-8") as f:
@@ -57,6 +60,7 @@ class _KerasPredictor:
         from cxrkeras.export.savedmodel import resolve_thresholds
 
         self.source = resolve(target)
+        self.note = self.source.note
         self.path = self.source.model_path
         self.labels = self.source.labels
         thresholds, info = resolve_thresholds(self.source, None, log=lambda *_: None)
@@ -90,18 +94,44 @@ def load_predictor(model, log=print):
     return _KerasPredictor(model, log)
 
 
+def expand_inputs(paths):
+    """[(file, error or None)]: files as given; a folder searched recursively for PNG/JPEG/DICOM files (sorted),
+    never following a link out of it (such files are listed with the error "outside the image root")."""
+    from cxrkeras.data.sources import OUTSIDE_ROOT, ImageIndex
+
+    out = []
+    for path in paths:
+        if not os.path.isdir(path):
+            out.append((path, None))
+            continue
+        index = ImageIndex(path, by_name=False)
+        wanted = lambda rel: rel.lower().endswith(FOLDER_EXTENSIONS)  # noqa: E731
+        found = [(index.files[rel], None) for rel in sorted(index.files) if wanted(rel)]
+        found += [(os.path.join(path, rel), OUTSIDE_ROOT) for rel in sorted(index.outside) if wanted(rel)]
+        out += found or [(path, f"folder holds no {'/'.join(e[1:] for e in FOLDER_EXTENSIONS)} file")]
+    return out
+
+
 def predict(model, files, batch_size=16, log=print):
-    """[{file, probabilities: {label: p}, findings: [labels], error}] in the order of `files`."""
+    """[{file, probabilities: {label: p}, findings: [labels], error}] in the order of `files` (folders expanded,
+    see `expand_inputs`); a file that cannot be predicted has its `error` and costs the others nothing."""
     if not files:
         raise CxrError("no input files: give one or more PNG/JPEG/DICOM paths")
+    if not 1 <= int(batch_size) <= MAX_BATCH_SIZE:
+        raise CxrError(f"--batch-size {batch_size}: must be 1 to {MAX_BATCH_SIZE}")
     import tensorflow as tf
 
+    inputs = expand_inputs(files)
     predictor = load_predictor(model, log)
+    if predictor.note:
+        log(predictor.note)
     if predictor.warning:
         log(f"warning: {predictor.warning}")
-    results = [{"file": f, "probabilities": None, "findings": None, "error": None} for f in files]
+    results = [{"file": f, "probabilities": None, "findings": None, "error": err} for f, err in inputs]
     ready = []
-    for i, path in enumerate(files):
+    for i, (path, err) in enumerate(inputs):
+        if err is not None:
+            continue
         try:
             ready.append((i, read_file_bytes(path)))
         except FileError as exc:
@@ -111,23 +141,42 @@ def predict(model, files, batch_size=16, log=print):
         results[i]["probabilities"] = {lbl: float(p) for lbl, p in zip(predictor.labels, probs)}
         results[i]["findings"] = [lbl for lbl, f in zip(predictor.labels, found) if f]
 
-    from cxrkeras.export.serving import error_summary
+    from cxrkeras.export.serving import item_error
 
     for start in range(0, len(ready), batch_size):
         chunk = ready[start:start + batch_size]
-        try:
-            probs, found = predictor([b for _, b in chunk])
+        while chunk:  # one bad file must not cost the others their prediction: drop it (the error names it), retry
+            try:
+                probs, found = predictor([b for _, b in chunk])
+            except tf.errors.InvalidArgumentError as exc:
+                at, reason = item_error(exc.message)
+                if at is None or not 0 <= at < len(chunk):
+                    at = 0 if len(chunk) == 1 else None
+                if at is None:  # no index in the message: find the culprit one file at a time
+                    for item in chunk:
+                        _predict_one(predictor, item, results, store)
+                    break
+                results[chunk[at][0]]["error"] = reason
+                chunk = chunk[:at] + chunk[at + 1:]
+                continue
             for (i, _), p, f in zip(chunk, probs, found):
                 store(i, p, f)
-        except tf.errors.InvalidArgumentError:
-            for i, blob in chunk:  # one bad file must not cost the others their prediction
-                try:
-                    probs, found = predictor([blob])
-                    store(i, probs[0], found[0])
-                except tf.errors.InvalidArgumentError as exc:
-                    results[i]["error"] = error_summary(exc.message).replace("image_bytes[0]: ", "")
+            break
     return {"model": predictor.path, "labels": predictor.labels, "thresholds": predictor.thresholds.tolist(),
             "warning": predictor.warning, "results": results}
+
+
+def _predict_one(predictor, item, results, store):
+    import tensorflow as tf
+
+    from cxrkeras.export.serving import item_error
+
+    i, blob = item
+    try:
+        probs, found = predictor([blob])
+        store(i, probs[0], found[0])
+    except tf.errors.InvalidArgumentError as exc:
+        results[i]["error"] = item_error(exc.message)[1]
 
 
 def format_table(prediction):

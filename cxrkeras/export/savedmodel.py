@@ -141,6 +141,8 @@ def export(run_or_model, out_base, records_dir=None, threshold_method="youden", 
         raise CxrError(f"--out {out_base!r} is a version folder of an export: give its parent (the model base "
                        f"folder); the next version number is chosen there")
     source = resolve(run_or_model)
+    if source.note:
+        log(source.note)
     thresholds, thr_info = resolve_thresholds(source, records_dir, threshold_method, val_split, batch_size, log)
     os.makedirs(out_base, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".export-", dir=out_base)  # not numeric: TF Serving ignores it

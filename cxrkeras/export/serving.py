@@ -1,5 +1,7 @@
 """The serving graph: encoded image bytes → in-graph eval preprocessing → probabilities and thresholded findings."""
 
+import re
+
 import tensorflow as tf
 
 from cxrkeras.data.preprocess import decode_levels, preprocess_for_eval
@@ -11,40 +13,116 @@ IMAGES_INPUT = "images"
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+# Decoding bombs: a few-kB PNG can declare 100000 x 100000 pixels. Chest X-rays are at most ~4300 px a side.
+MAX_IMAGE_SIDE = 16384
+MAX_IMAGE_PIXELS = 32 * 1024 * 1024
+_SEND = "Send the raw bytes of a PNG or JPEG file (in a REST request base64-encoded under the key b64)."
+# (first bytes, what the data is): named in the message instead of quoting the bytes themselves
+_KINDS = ((b"GIF8", "a GIF image"), (b"BM", "a BMP image"), (b"II*\0", "a TIFF image"), (b"MM\0*", "a TIFF image"),
+          (b"RIFF", "a RIFF (WebP?) file"), (b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"),
+          (b"\x1f\x8b", "gzip data"), (b"iVBOR", "base64 text of a PNG (decode it before sending)"),
+          (b"/9j/", "base64 text of a JPEG (decode it before sending)"))
 
 
-def check_image_bytes(contents, index):
-    """Assert that one element is non-empty PNG or JPEG data; InvalidArgument naming the element otherwise.
+def _first_true(flags):
+    """Index of the first True of a [B] bool vector (B when there is none; safe for B = 0)."""
+    return tf.argmax(tf.cast(tf.concat([flags, [True]], 0), tf.int32), output_type=tf.int32)
 
-    Truncated PNG/JPEG data passes this check and is then refused by the decoder ("Invalid PNG data",
-    "jpeg::Uncompress failed. Invalid JPEG data").
-    """
-    size = tf.strings.length(contents)
-    head = tf.strings.substr(contents, 0, 8)
-    is_png = tf.equal(head, _PNG_MAGIC)
-    is_jpeg = tf.equal(tf.strings.substr(contents, 0, 3), _JPEG_MAGIC)
-    message = tf.strings.join([
-        "image_bytes[", tf.strings.as_string(index), "]: not a PNG or JPEG image (", tf.strings.as_string(size),
-        " bytes, starting with: ", tf.strings.substr(contents, 0, 8), "). Send the raw bytes of a PNG or JPEG "
-        "file (in a REST request base64-encoded under the key b64)."])
-    empty = tf.strings.join(["image_bytes[", tf.strings.as_string(index), "]: empty string (0 bytes), not an image."])
-    checks = [tf.debugging.Assert(size > 0, [empty]), tf.debugging.Assert(tf.equal(size, 0) | is_png | is_jpeg, [message])]
+
+def _pick(strings, i):
+    return tf.gather(tf.concat([strings, [""]], 0), i)
+
+
+def _padded(contents, n):
+    """The strings with n zero bytes appended: tf.strings.substr fails on a position past a string's end."""
+    return tf.strings.join([contents, b"\0" * n])
+
+
+def _describe(contents):
+    """[B] printable descriptions of data that is not PNG/JPEG, from its first bytes (never the bytes)."""
+    head = tf.strings.substr(contents, 0, 16)
+    text = tf.where(tf.strings.regex_full_match(head, "[\\x20-\\x7e\\t\\r\\n]+"), "text", "unrecognised binary data")
+    what = tf.where(tf.equal(tf.strings.substr(_padded(contents, 132), 128, 4), b"DICM"),
+                    "a DICOM file (convert it to PNG first; `cxrkeras predict` reads DICOM)", text)
+    for magic, kind in reversed(_KINDS):
+        what = tf.where(tf.equal(tf.strings.substr(contents, 0, len(magic)), magic), kind, what)
+    return what
+
+
+def check_image_bytes(image_bytes):
+    """[B] encoded images, asserted to be non-empty PNG or JPEG data: InvalidArgument naming the first bad item
+    ("image_bytes[i]: ...") with its size and a description, never its bytes. Data that passes this check but
+    cannot be decoded (truncated, corrupt) is named by `bytes_to_inputs`."""
+    size = tf.strings.length(image_bytes)
+    known = tf.logical_or(tf.equal(tf.strings.substr(image_bytes, 0, 8), _PNG_MAGIC),
+                          tf.equal(tf.strings.substr(image_bytes, 0, 3), _JPEG_MAGIC))
+    problem = tf.where(tf.equal(size, 0), "empty string (0 bytes), not an image",
+                       tf.where(known, "", tf.strings.join(["not a PNG or JPEG image (", tf.strings.as_string(size),
+                                                            " bytes: ", _describe(image_bytes), ")"])))
+    bad = tf.not_equal(problem, "")
+    first = _first_true(bad)
+    message = tf.strings.join(["image_bytes[", tf.strings.as_string(first), "]: ", _pick(problem, first), ". ", _SEND])
+    checks = [tf.debugging.Assert(tf.size(image_bytes) > 0, ["image_bytes holds no image: send at least one"]),
+              tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [message])]
     with tf.control_dependencies(checks):
-        return tf.identity(contents)
+        return tf.identity(image_bytes)
+
+
+def _declared_size(contents):
+    """(height, width) int64 that PNG/JPEG data declares in its header, without decoding the pixels."""
+    def png():
+        header = tf.strings.substr(_padded(contents, 24), 16, 8)  # IHDR: width, height (big-endian)
+        b = tf.cast(tf.io.decode_raw(header, tf.uint8), tf.int64)
+        weights = tf.constant([1 << 24, 1 << 16, 1 << 8, 1], tf.int64)
+        return tf.stack([tf.reduce_sum(b[4:] * weights), tf.reduce_sum(b[:4] * weights)])
+
+    return tf.cond(tf.equal(tf.strings.substr(contents, 0, 3), _JPEG_MAGIC),
+                   lambda: tf.cast(tf.io.extract_jpeg_shape(contents)[:2], tf.int64), png)
 
 
 def bytes_to_inputs(image_bytes, image_size, preprocessing, equalize=None):
-    """[B] encoded images → [B, S, S, 3] float32 model inputs, exactly the evaluation transform."""
+    """[B] encoded images → [B, S, S, 3] float32 model inputs, exactly the evaluation transform.
+
+    Every bad item fails the whole request with one InvalidArgumentError "image_bytes[i]: ..." naming the first bad
+    item: not PNG/JPEG, empty, over MAX_IMAGE_SIDE / MAX_IMAGE_PIXELS, or undecodable (truncated/corrupt). The
+    images are decoded in a tf.data pipeline whose `ignore_errors` drops an item the decoder refuses, so the
+    missing index names it (a decoder error alone would not say which item it was).
+    """
     image_size = int(image_size)
+    image_bytes = check_image_bytes(tf.convert_to_tensor(image_bytes, tf.string))
+    n = tf.shape(image_bytes)[0]
+    blank = tf.zeros([image_size, image_size, 3], tf.float32)
 
-    def one(args):
-        contents, index = args
-        image = decode_levels(check_image_bytes(contents, index))
-        return preprocess_for_eval(image, image_size, preprocessing, equalize)
+    def one(contents, index):
+        hw = _declared_size(contents)
+        too_big = tf.logical_or(tf.reduce_any(hw > MAX_IMAGE_SIDE), hw[0] * hw[1] > MAX_IMAGE_PIXELS)
+        image = tf.cond(too_big, lambda: blank,
+                        lambda: preprocess_for_eval(decode_levels(contents), image_size, preprocessing, equalize))
+        return tf.ensure_shape(image, blank.shape), index, too_big, hw
 
-    indices = tf.range(tf.shape(image_bytes)[0])
-    return tf.map_fn(one, (image_bytes, indices),
-                     fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
+    items = tf.data.Dataset.from_tensor_slices((image_bytes, tf.range(n)))
+    items = items.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    end = tf.data.Dataset.from_tensors((blank, tf.constant(-1), tf.constant(False), tf.zeros([2], tf.int64)))
+    images, got, too_big, hw = items.concatenate(end).batch(tf.cast(n, tf.int64) + 1).get_single_element()
+    images, got, too_big, hw = images[:-1], got[:-1], too_big[:-1], hw[:-1]
+
+    # the first item missing from `got` (all present: n)
+    padded = tf.concat([got, tf.fill([n - tf.shape(got)[0] + 1], n)], 0)[: n + 1]
+    lost = _first_true(tf.not_equal(padded[:n], tf.range(n)))
+    kind = tf.where(tf.equal(tf.strings.substr(_padded(_pick(image_bytes, lost), 4), 1, 3), b"PNG"), "PNG", "JPEG")
+    undecodable = tf.strings.join([
+        "image_bytes[", tf.strings.as_string(lost), "]: truncated or corrupt ", kind, " data (",
+        tf.strings.as_string(tf.strings.length(_pick(image_bytes, lost))), " bytes): the decoder refused it. ", _SEND])
+    big = _first_true(too_big)
+    big_hw = tf.gather(tf.concat([hw, tf.zeros([1, 2], tf.int64)], 0), big)
+    oversized = tf.strings.join([
+        "image_bytes[", tf.strings.as_string(_pick(tf.strings.as_string(got), big)), "]: the image declares ",
+        tf.strings.as_string(big_hw[1]), "x", tf.strings.as_string(big_hw[0]), " pixels, over the limit of ",
+        str(MAX_IMAGE_SIDE), " a side and ", str(MAX_IMAGE_PIXELS), " pixels; send a smaller image"])
+    checks = [tf.debugging.Assert(tf.equal(tf.shape(got)[0], n), [undecodable]),
+              tf.debugging.Assert(tf.logical_not(tf.reduce_any(too_big)), [oversized])]
+    with tf.control_dependencies(checks):
+        return tf.identity(images)
 
 
 def make_endpoints(model, thresholds, image_size, preprocessing, equalize=None):
@@ -81,6 +159,16 @@ def build_archive(model, thresholds, image_size, preprocessing, equalize=None, a
     for name, path in (asset_paths or {}).items():
         setattr(trackable, f"asset_{name}", tf.saved_model.Asset(path))
     return archive
+
+
+def item_error(message):
+    """(index of the bad item or None, reason) of a serving InvalidArgument message; the reason without the
+    "image_bytes[i]: " prefix and the advice to serving clients."""
+    text = error_summary(message)
+    match = re.match(r"image_bytes\[(\d+)\]: (.*)", text, re.S)
+    if not match:
+        return None, text
+    return int(match.group(1)), match.group(2).split(" " + _SEND)[0].rstrip(".")
 
 
 def error_summary(message):

@@ -1,5 +1,5 @@
 """Training callbacks whose state survives a resume: exact validation AUC, best/last checkpoints, early stopping,
-reduce-on-plateau, NaN guard, history CSV and the resume snapshot.
+reduce-on-plateau, NaN and collapse guards, history CSV and the resume snapshot.
 
 Keras's own EarlyStopping/ReduceLROnPlateau/ModelCheckpoint reset their counters in `on_train_begin`, which would
 forget them when training resumes or when the backbone is unfrozen (a second `fit`); these keep their state in
@@ -43,10 +43,39 @@ def auc_per_label(y_true, y_score, labels):
 
 
 class Guard:
-    """Shared flag: set when the loss went NaN/inf so the savers keep the last good files untouched."""
+    """Shared flag: set when the loss went NaN/inf or the model collapsed, so the savers keep the last good files
+    untouched."""
 
     def __init__(self):
         self.nan_at = None  # (epoch, batch, loss)
+        self.collapsed = None  # (epoch, reason)
+
+    @property
+    def stopped(self):
+        return self.nan_at is not None or self.collapsed is not None
+
+
+# A model whose loss is this many times that of predicting 0.5 for everything is diverging, not learning.
+EXPLODED_LOSS_FACTOR = 10.0
+
+
+def collapse_reason(y_true, y_score, losses, reference_loss):
+    """Why the model has collapsed, or None: validation predictions that are not finite; exactly the same float32
+    value for every validation image, for every label (saturated outputs or dead features: each AUC is exactly
+    0.5; a weak model whose outputs still differ, if only in the last bit, is not stopped); or a training/validation
+    loss above EXPLODED_LOSS_FACTOR x `reference_loss` (the loss of predicting 0.5). `losses`: {name: value|None}."""
+    if not np.all(np.isfinite(y_score)):
+        return "the validation predictions are not finite (NaN or inf)"
+    scores = np.asarray(y_score, dtype=np.float32)
+    if len(scores) > 1 and np.all(scores == scores[:1]):
+        return ("the model gives every validation image exactly the same predictions (every AUC is 0.5): "
+                "it has collapsed")
+    for name, value in losses.items():
+        if value is not None and math.isfinite(reference_loss) and reference_loss > 0 and \
+                value > EXPLODED_LOSS_FACTOR * reference_loss:
+            return (f"the {name} exploded to {value:.4g}, over {EXPLODED_LOSS_FACTOR:g} x the {reference_loss:.3g} "
+                    f"of predicting 0.5 for everything")
+    return None
 
 
 class NanGuard(keras.callbacks.Callback):
@@ -69,7 +98,8 @@ class NanGuard(keras.callbacks.Callback):
 
 class ValidationAUC(keras.callbacks.Callback):
     """After each epoch: predictions over the WHOLE validation split, exact per-label AUC (scikit-learn), their
-    mean and the validation loss, added to the epoch logs (history CSV, TensorBoard, checkpoint monitor)."""
+    mean and the validation loss, added to the epoch logs (history CSV, TensorBoard, checkpoint monitor).
+    A collapsed model (see `collapse_reason`) stops training, like a NaN loss: the guard keeps the savers off."""
 
     def __init__(self, dataset, labels, guard, loss_fn=None):
         super().__init__()
@@ -97,21 +127,31 @@ class ValidationAUC(keras.callbacks.Callback):
             ys.append(np.asarray(y))
         return np.concatenate(ys), np.concatenate(ps)
 
+    def _loss(self, y, p):
+        return float(keras.ops.convert_to_numpy(self.loss_fn(y.astype("float32"), p.astype("float32"))))
+
     def on_epoch_end(self, epoch, logs=None):
-        if logs is None or self.guard.nan_at is not None:
+        if logs is None or self.guard.stopped:
             return
         y, p = self.predict()
         logs["learning_rate"] = current_lr(self.model.optimizer)
-        if not np.all(np.isfinite(p)):
+        finite = bool(np.all(np.isfinite(p)))
+        if finite:
+            per_label, mean = auc_per_label(y, p, self.labels)
+            self.last = (per_label, mean)
+            if self.loss_fn is not None:
+                logs["val_loss"] = self._loss(y, p)
+            logs[MONITOR] = mean
+            for label, value in per_label.items():
+                logs[self.key(label)] = value
+        else:
             logs[MONITOR] = float("nan")
-            return
-        per_label, mean = auc_per_label(y, p, self.labels)
-        self.last = (per_label, mean)
-        if self.loss_fn is not None:
-            logs["val_loss"] = float(keras.ops.convert_to_numpy(self.loss_fn(y.astype("float32"), p.astype("float32"))))
-        logs[MONITOR] = mean
-        for label, value in per_label.items():
-            logs[self.key(label)] = value
+        reference = self._loss(y, np.full(p.shape, 0.5)) if self.loss_fn is not None else float("nan")
+        reason = collapse_reason(y, p, {"training loss": logs.get("loss"), "validation loss": logs.get("val_loss")},
+                                 reference)
+        if reason is not None:
+            self.guard.collapsed = (epoch, reason)
+            self.model.stop_training = True
 
 
 class _Stateful(keras.callbacks.Callback):
@@ -138,7 +178,7 @@ class BestCheckpoint(_Stateful):
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
-        if self.guard.nan_at is not None or not _finite(value) or value <= self.best:
+        if self.guard.stopped or not _finite(value) or value <= self.best:
             return
         self.best, self.best_epoch = float(value), epoch + 1
         if self.enabled:
@@ -221,7 +261,7 @@ class HistoryCSV(_EpochTimer):
         self.path, self.guard = path, guard
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.guard.nan_at is not None:
+        if self.guard.stopped:
             return
         row = {"epoch": epoch + 1, "seconds": round(self.epoch_seconds(), 2)}
         row.update({k: v for k, v in (logs or {}).items()})
@@ -297,7 +337,7 @@ class ResumeSnapshot(keras.callbacks.Callback):
         self.enabled = enabled
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.guard.nan_at is not None or not self.enabled:
+        if self.guard.stopped or not self.enabled:
             return
         from cxrkeras.training.rundir import write_json
 

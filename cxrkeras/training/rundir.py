@@ -21,7 +21,7 @@ TENSORBOARD_DIR = "tensorboard"
 RESUME_DIR = "resume"  # weights + optimiser state and callback state after the last finished epoch
 
 # Keys that may change between a run and its resumption without it counting as a different run.
-RESUMABLE_DIFFERENCES = ("run.overwrite", "train.epochs", "train.verbose")
+RESUMABLE_DIFFERENCES = ("run.overwrite", "train.epochs", "train.verbose", "data.verify_records")
 
 
 def stage_name(stage):
@@ -38,13 +38,25 @@ def stage_path(config, stage):
 
 def best_model_path(run_dir):
     """The best .keras of a run folder: stage 2's if present, else stage 1's; accepts a stage folder or a .keras."""
+    return best_model_choice(run_dir)[0]
+
+
+def best_model_choice(run_dir):
+    """(best_model_path, note): the note is one line saying that a run folder's stage 1 model is used because
+    stage 2 has no best.keras (None otherwise), for the commands to print."""
     if os.path.isfile(run_dir) and run_dir.endswith(".keras"):
-        return run_dir
+        return run_dir, None
     candidates = [os.path.join(run_dir, BEST_FILE)]
     candidates += [os.path.join(run_dir, stage_name(s), BEST_FILE) for s in (2, 1)]
     for path in candidates:
         if os.path.isfile(path):
-            return path
+            note = None
+            if path == candidates[2]:
+                stage2 = os.path.join(run_dir, stage_name(2))
+                why = ("stage 2 has no best.keras (not finished, or stopped before a good epoch)"
+                       if os.path.isdir(stage2) else "the run has no stage 2")
+                note = f"note: {why}: using stage 1's model {path}"
+            return path, note
     raise CxrError(f"{run_dir!r} holds no {BEST_FILE} (looked in {run_dir}/stage2 and stage1): train it first with "
                    f"`cxrkeras train --config ... --stage 1`, or give a .keras file")
 

@@ -36,13 +36,15 @@ class TrainResult:
 
 
 def _check_data(config, stage):
-    """Manifest, splits and stage image counts; clear errors before any TensorFlow work."""
-    from cxrkeras.data.manifest import load_manifest, split_info, stage_images
+    """Manifest, splits, shards (as the manifest lists them: sizes, sha256) and stage image counts; clear errors
+    before any TensorFlow work and before the run folder is made."""
+    from cxrkeras.data.manifest import load_manifest, split_info, stage_images, verify_shards
 
     records = config.data.records
     manifest = load_manifest(records)
     for split in (config.data.train_split, config.data.val_split):
         split_info(manifest, split, records)
+        verify_shards(manifest, records, split, config.data.verify_records)
     labels = list(manifest["labels"])
     counts = {}
     for split in (config.data.train_split, config.data.val_split):
@@ -124,13 +126,15 @@ def model_options(config):
     return build_options(config.model.variant, config.model.weights, **overrides)
 
 
-def make_datasets(config, stage, strategy=None, seed=None):
+def make_datasets(config, stage, strategy=None, seed=None, verify=None):
     """(training dataset: shuffled, augmented, repeated, global batches; validation dataset: the whole split,
-    deterministic eval transform, last partial batch kept). Stage 1 reads no 'No Finding' image."""
+    deterministic eval transform, last partial batch kept). Stage 1 reads no 'No Finding' image.
+    `verify`: how shards are checked against the manifest (default data.verify_records)."""
     from cxrkeras.data.pipeline import build_dataset
 
     common = dict(stage=stage, image_size=config.data.image_size, equalize=config.data.equalize,
-                  preprocessing=model_options(config)["preprocessing"])
+                  preprocessing=model_options(config)["preprocessing"],
+                  verify=verify or config.data.verify_records)
     train_ds = build_dataset(config.data.records, config.data.train_split, batch_size=config.data.batch_size,
                              training=True, shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache,
                              seed=config.train.seed if seed is None else seed, repeat=True, strategy=strategy,
@@ -316,7 +320,7 @@ def _run(config, stage, variant, manifest, labels, counts, positives, manifest_s
     with precision_policy(mixed):
         keras.utils.set_random_seed(config.train.seed + start_epoch)
         data_seed = config.train.seed + 1000 * start_epoch  # a resumed run does not replay epoch 1's order
-        train_ds, val_ds = make_datasets(config, stage, strategy, data_seed)
+        train_ds, val_ds = make_datasets(config, stage, strategy, data_seed, verify="size")  # hashed in _check_data
 
         overrides = model_options(config)
         weights = config.model.weights if (init_path is None and not resume) else None
@@ -401,28 +405,33 @@ def _run(config, stage, variant, manifest, labels, counts, positives, manifest_s
                 with fit_scope(model, strategy):
                     model.fit(train_ds, epochs=end, initial_epoch=begin, steps_per_epoch=steps, callbacks=cbs,
                               shuffle=False, verbose=1 if config.train.verbose == 1 else 0)
-            except tf.errors.InvalidArgumentError as exc:
+            except tf.errors.OpError as exc:
                 err = data_error_from(exc)
                 if err is not None:
                     raise err from None
                 raise
-            if guard.nan_at is not None or model.stop_training:
+            if guard.stopped or model.stop_training:
                 break
             carried = (int(keras.ops.convert_to_numpy(model.optimizer.iterations)), current_lr(model.optimizer))
 
     seconds = prior_seconds + time.time() - t0
     history = read_history(history_path)
-    if guard.nan_at is not None:
-        epoch, batch_index, value = guard.nan_at
+    if guard.stopped:
         kept = [f"{name} (epoch {e})" for name, e in (("best.keras", best_cb.best_epoch),
                                                      ("last.keras", len(history) or None)) if e]
-        info.update({"nan_at": {"epoch": epoch + 1, "batch": batch_index}, "seconds": seconds,
-                     "updated": rundir.now()})
+        if guard.nan_at is not None:
+            epoch, batch_index, value = guard.nan_at
+            info["nan_at"] = {"epoch": epoch + 1, "batch": batch_index}
+            what = f"the training loss became {value} at epoch {epoch + 1}, batch {batch_index}"
+        else:
+            epoch, reason = guard.collapsed
+            info["collapsed_at"] = {"epoch": epoch + 1, "reason": reason}
+            what = f"at epoch {epoch + 1} {reason}"
+        info.update({"seconds": seconds, "updated": rundir.now()})
         if chief:
             rundir.write_json(info_path, info)
-        raise CxrError(f"stage {stage}: the training loss became {value} at epoch {epoch + 1}, batch {batch_index}; "
-                       f"training stopped. The last good checkpoints are kept in {stage_dir}: "
-                       f"{', '.join(kept) or 'none (no epoch finished)'}. Lower the learning rate (--lr) or turn "
+        raise CxrError(f"stage {stage}: {what}; training stopped. The last good checkpoints are kept in {stage_dir}: "
+                       f"{', '.join(kept) or 'none (no good epoch)'}. Lower the learning rate (--lr) or turn "
                        f"mixed precision off, then retrain with --overwrite (or --name for a new run)")
     stopped_early = early_cb.stopped_epoch
     row = best_row(history)
