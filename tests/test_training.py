@@ -288,7 +288,7 @@ def test_single_label_task_trains_stage2_alone_with_init_none(tmp_path, sample64
 def test_lr_1e3_collapse_stops_non_zero_without_a_best_checkpoint(tiny_records, tmp_path):
     """Issue 11 row 6: --lr 1e3 used to "succeed" (exit 0) and keep the collapsed model as best.keras."""
     root = str(tmp_path)
-    for lr in ("1e3", "3"):  # 1e3: non-finite predictions; 3: every validation image gets the same outputs
+    for lr in ("1e3", "3"):  # 1e3: non-finite predictions; 3: an exploding loss or identical outputs, by the model
         res = CliRunner().invoke(cli, ["train", "--stage", "1", "--lr", lr] + tiny_args(tiny_records, root, f"lr{lr}"))
         assert res.exit_code == 1 and "training stopped" in res.output and "Traceback" not in res.output, res.output
         assert "none (no good epoch)" in res.output and "Lower the learning rate (--lr)" in res.output
@@ -298,7 +298,8 @@ def test_lr_1e3_collapse_stops_non_zero_without_a_best_checkpoint(tiny_records, 
         assert not info["finished"] and info["collapsed_at"]["epoch"] == 1
     assert "not finite" in json.load(open(os.path.join(root, "lr1e3", "stage1", "run_info.json")))["collapsed_at"][
         "reason"]
-    assert "exactly the same predictions" in res.output
+    # which of the two finite collapses lr 3 reaches depends on the network (each has its own test)
+    assert "the training loss exploded" in res.output or "exactly the same predictions" in res.output
 
 
 def test_collapse_keeps_the_last_good_checkpoint(tiny_records, tmp_path):
