@@ -6,10 +6,17 @@ import sys
 import click
 
 from cxrkeras import __version__
+from cxrkeras.constants import (CHANNELS, EQUALIZE, HEATMAP_METHODS, PREPROCESSING, RECORD_FORMATS, STAGES,
+                                THRESHOLD_METHODS, VERIFY_MODES)
 from cxrkeras.errors import CxrError
 
 # TensorFlow's C++ start-up chatter (oneDNN, CPU features) hides the commands' own output; users can lower it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _choice(values):
+    """click.Choice of a constants tuple (numbers as their text, as typed on the command line)."""
+    return click.Choice([str(v) for v in values])
 
 
 class _Group(click.Group):
@@ -44,22 +51,27 @@ def models_cmd(variants, image_size, num_classes):
 @cli.command("preview-batch")
 @click.argument("records", type=click.Path(file_okay=False))
 @click.option("--split", default="train", show_default=True, help="Split of the records folder.")
-@click.option("--stage", default=1, show_default=True, type=click.Choice(["1", "2"]),
+@click.option("--stage", default=1, show_default=True, type=_choice(STAGES),
               help="1: 'No Finding' images removed; 2: all images.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--n", "n", default=16, show_default=True, type=click.IntRange(min=1), help="Images in the grid.")
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8))
+@click.option("--model", "model_path", type=click.Path(exists=True),
+              help="A run folder or .keras file: show the batch through its preprocessing (image size, "
+                   "equalisation, normalisation).")
+@click.option("--image-size", type=click.IntRange(min=8), help="[default: the model's, else 224]")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--preprocessing", default="torch", show_default=True, type=click.Choice(["torch", "caffe"]),
-              help="The model's normalisation (torch: ImageNet mean/std; caffe: plain VGG16); undone for display.")
-@click.option("--equalize", default=None, type=click.Choice(["hist", "clahe"]), help="Contrast equalisation.")
+@click.option("--preprocessing", type=_choice(PREPROCESSING),
+              help="Normalisation to apply and undo for display [default: the model's, else torch]; the picture "
+                   "is the same either way.")
+@click.option("--equalize", type=_choice(EQUALIZE), help="Contrast equalisation [default: the model's, else none].")
 @click.option("--eval-view", is_flag=True, help="Show the deterministic eval transform instead of augmentation.")
-def preview_batch_cmd(records, split, stage, out, n, image_size, seed, preprocessing, equalize, eval_view):
+def preview_batch_cmd(records, split, stage, out, n, model_path, image_size, seed, preprocessing, equalize,
+                      eval_view):
     """Write a PNG grid of one augmented training batch of RECORDS with each image's labels."""
     from cxrkeras.data.preview import preview_batch
 
     path = preview_batch(records, out, split=split, stage=int(stage), n=n, image_size=image_size, seed=seed,
-                         preprocessing=preprocessing, training=not eval_view, equalize=equalize)
+                         preprocessing=preprocessing, training=not eval_view, equalize=equalize, model=model_path)
     click.echo(f"wrote {path}")
 
 
@@ -112,7 +124,7 @@ def convert_weights_cmd(src, variant, out, num_classes, checkpoint_labels):
 @cli.command("train")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML file overriding the defaults (configs/*.yaml).")
-@click.option("--stage", required=True, type=click.Choice(["1", "2"]),
+@click.option("--stage", required=True, type=_choice(STAGES),
               help="1: BCE on images with a finding; 2: focal loss on all images, from stage 1's best.")
 @click.option("--epochs", type=click.IntRange(min=1), help="train.epochs")
 @click.option("--batch-size", type=click.IntRange(min=1), help="data.batch_size (global, over all replicas)")
@@ -161,14 +173,14 @@ def train_cmd(config_path, stage, epochs, batch_size, lr, records, run_dir, name
 @click.option("--class", "class_names", multiple=True, metavar="NAME",
               help="Explain this label instead of the top K (repeatable).")
 @click.option("--layer", default=None, help="Feature layer (default: the model's last LKA output / last conv block).")
-@click.option("--method", default="gradcam", show_default=True, type=click.Choice(["gradcam", "gradcam++"]))
+@click.option("--method", default="gradcam", show_default=True, type=_choice(HEATMAP_METHODS))
 @click.option("--alpha", default=0.4, show_default=True, type=click.FloatRange(0, 1), help="Heatmap opacity.")
 def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alpha):
     """Grad-CAM overlays of PNG/JPEG/DICOM IMAGES at their original size, with label and probability."""
     from cxrkeras.explain.files import explain_files
 
     entries = explain_files(model_path, list(images), out, top_k=top_k, class_names=list(class_names) or None,
-                            layer_name=layer, method=method, alpha=alpha)
+                            layer_name=layer, method=method, alpha=alpha, log=click.echo)
     for e in entries:
         zero = "  (all-zero heatmap: no positive evidence at this layer)" if e["heatmap_max"] <= 0 else ""
         click.echo(f"{e['image']}  {e['label']:<20} p={e['probability']:.3f}  -> {e['overlay']}{zero}")
@@ -190,7 +202,7 @@ def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alph
 @click.option("--random-draws", default=10, show_default=True, type=click.IntRange(min=1),
               help="Random maps per box for the baseline.")
 @click.option("--layer", default=None, help="Feature layer (default: the model's recorded one).")
-@click.option("--method", default="gradcam", show_default=True, type=click.Choice(["gradcam", "gradcam++"]))
+@click.option("--method", default="gradcam", show_default=True, type=_choice(HEATMAP_METHODS))
 def localize_cmd(model_path, boxes, images_dir, out, threshold, seed, random_draws, layer, method):
     """Pointing game and IoU of Grad-CAM on NIH's boxes, per label, beside a seeded random baseline."""
     from cxrkeras.explain.localize import format_table, localize, write_result
@@ -221,10 +233,10 @@ def localize_cmd(model_path, boxes, images_dir, out, threshold, seed, random_dra
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=0),
               help="Bootstrap resamples (by patient) for the AUC confidence intervals.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
-@click.option("--threshold-method", default="youden", show_default=True, type=click.Choice(["youden", "f1"]),
+@click.option("--threshold-method", default="youden", show_default=True, type=_choice(THRESHOLD_METHODS),
               help="Thresholds used for the findings column of the predictions CSV (both are in metrics.json).")
 @click.option("--no-figures", is_flag=True, help="Skip the PNG figures.")
-@click.option("--verify-records", default="sha256", show_default=True, type=click.Choice(["sha256", "size"]),
+@click.option("--verify-records", default="sha256", show_default=True, type=_choice(VERIFY_MODES),
               help="Shards must match manifest.json: size and sha256 (~1 GB/s), or size only (no hashing).")
 def evaluate_cmd(run_dir, model_path, records, split, val_split, out_dir, batch_size, n_boot, seed, threshold_method,
                  no_figures, verify_records):
@@ -248,7 +260,7 @@ def evaluate_cmd(run_dir, model_path, records, split, val_split, out_dir, batch_
 @click.option("--records", type=click.Path(file_okay=False),
               help="Records whose validation split sets the thresholds when the run has no evaluation.")
 @click.option("--val-split", default="val", show_default=True)
-@click.option("--threshold-method", default="youden", show_default=True, type=click.Choice(["youden", "f1"]))
+@click.option("--threshold-method", default="youden", show_default=True, type=_choice(THRESHOLD_METHODS))
 @click.option("--no-verify", is_flag=True, help="Skip the fresh-process check against the Keras model.")
 def export_cmd(run_dir, model_path, out_base, records, val_split, threshold_method, no_verify):
     """Export a SavedModel for TF Serving (image bytes in, probabilities and findings out)."""
@@ -297,7 +309,7 @@ def predict_cmd(model, files, as_json, batch_size):
 @click.option("--seed", default=0, show_default=True, type=int, help="Split and shard-order seed.")
 @click.option("--image-size", default=256, show_default=True, type=click.IntRange(8, 4096),
               help="Images are resized once to SIZE x SIZE and stored as lossless PNG.")
-@click.option("--channels", default="1", show_default=True, type=click.Choice(["1", "3"]),
+@click.option("--channels", default="1", show_default=True, type=_choice(CHANNELS),
               help="1 = grayscale (X-rays), 3 = RGB.")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1, 100_000),
               help="Maximum records per shard.")
@@ -306,7 +318,7 @@ def predict_cmd(model, files, as_json, batch_size):
 @click.option("--dry-run", is_flag=True, help="Split from the CSV alone (no image read); write manifest.json only.")
 @click.option("--strict", is_flag=True, help="Stop on a missing or unreadable image instead of skipping it.")
 @click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "nih", "generic", "dicom"]),
+              type=_choice(RECORD_FORMATS),
               help="auto: NIH when the CSV has 'Image Index' and 'Finding Labels', else generic. dicom: generic "
                    "CSV of DICOM files; patient ids from --patient-column, else a hash of the DICOM PatientID.")
 @click.option("--labels", help="Label list for a generic CSV: 'A,B,C' or a file with one label per line.")

@@ -1,22 +1,23 @@
-"""Typed training configuration: dataclass defaults, YAML files and `key=value` overrides on top, validation."""
+"""Typed training configuration: dataclass defaults, YAML files and `key=value` overrides on top, validation.
+
+Each field documents itself (`metadata["doc"]`); `python -m cxrkeras.config` prints the defaults block of
+configs/README.md from the dataclasses (`--write configs/README.md` updates the file, `--check` fails when it is
+out of date), so the documented defaults cannot drift from the code.
+"""
 
 import dataclasses
 import difflib
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import yaml
 
-from cxrkeras.data.manifest import VERIFY_MODES
-from cxrkeras.errors import ConfigError
+from cxrkeras.constants import (EQUALIZE, MIXED_PRECISION, OPTIMIZERS, PREPROCESSING, SCHEDULES,  # noqa: F401
+                                STRATEGIES, VERIFY_MODES)
+from cxrkeras.errors import ConfigError, CxrError
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("plateau", "cosine", "constant")
-MIXED_PRECISION = ("auto", "on", "off")
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
-EQUALIZE = ("hist", "clahe")
-PREPROCESSING = ("torch", "caffe")  # cxrkeras.data.preprocess.MODES (that module needs TensorFlow)
 # Names other tools use for our keys: suggested when difflib finds nothing close.
 KEY_ALIASES = {"learning_rate": "lr", "optimiser": "optimizer", "wd": "weight_decay", "img_size": "image_size",
                "input_size": "image_size", "batch": "batch_size", "num_epochs": "epochs", "backbone": "variant",
@@ -24,48 +25,61 @@ KEY_ALIASES = {"learning_rate": "lr", "optimiser": "optimizer", "wd": "weight_de
                "focal_alpha": "alpha", "amp": "mixed_precision", "jit_compile": "xla"}
 
 
+def doc(default, text="", factory=None):
+    """A dataclass field with its documentation (the comment of its line in configs/README.md)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
 @dataclass
 class DataConfig:
     """Where the records are and how batches are made (`batch_size` is the GLOBAL batch, over all replicas)."""
 
-    records: str = "tfrecords/nih-256"
-    image_size: int = 224
-    batch_size: int = 32
-    shuffle_buffer: int = 2048
-    cache: bool = False
-    equalize: Optional[str] = None  # None | "hist" | "clahe" (histogram equalisation at read time)
-    train_split: str = "train"
-    val_split: str = "val"
-    verify_records: str = "sha256"  # "sha256": shards must match the manifest's size and sha256; "size": sizes only
+    records: str = doc("tfrecords/nih-256", "folder made by `cxrkeras build-records` (its default --out for the "
+                       "NIH CSV)")
+    image_size: int = doc(224, "the model's square input (records are resized to it by the eval transform)")
+    batch_size: int = doc(32, "GLOBAL batch: split over all replicas (GPUs x workers); must divide evenly")
+    shuffle_buffer: int = doc(2048)
+    cache: Union[bool, str] = doc(False, "false | true: decoded images cached in memory | a folder: cached on disk "
+                                  "there (one file per records folder, split, stage, size and equalisation)")
+    equalize: Optional[str] = doc(None, "null | hist | clahe (contrast equalisation of the stored images)")
+    train_split: str = doc("train")
+    val_split: str = doc("val")
+    verify_records: str = doc("sha256", "shards must match manifest.json: sha256 (and size) | size (no hashing)")
 
 
 @dataclass
 class ModelConfig:
-    """Which network: a registered variant, its initial weights and extra `build_model` keyword overrides
-    (lka_blocks, lka_form, width_multiplier, blocks, bn_epsilon, bn_momentum, final_relu)."""
+    """Which network: a registered variant, its initial weights and extra `build_model` keyword overrides."""
 
-    variant: str = "densenet121-lka-last2"
-    weights: Optional[str] = "imagenet"  # "imagenet", "torchvision", None, or a weights file / PyTorch checkpoint
-    dropout: Optional[float] = None  # None: the variant's default
-    preprocessing: Optional[str] = None  # None: what the initial weights expect ("torch", or "caffe" for plain VGG16)
-    overrides: dict = field(default_factory=dict)
+    variant: str = doc("densenet121-lka-last2", "`cxrkeras models` lists them")
+    weights: Optional[str] = doc("imagenet", "imagenet | torchvision | null | a .keras/.h5/.weights.h5 file | a "
+                                 "PyTorch checkpoint (.pth/.pt/.bin/.safetensors) (stage 1; stage 2 starts from "
+                                 "stage 1)")
+    dropout: Optional[float] = doc(None, "head dropout; null: the variant's default (0.5 for the paper's six, 0.2 "
+                                   "baselines)")
+    preprocessing: Optional[str] = doc(None, "null: what the weights expect (torch = ImageNet mean/std RGB; caffe "
+                                       "for plain VGG16)")
+    overrides: dict = doc(None, "extra build_model options: lka_blocks, lka_form, width_multiplier, blocks, "
+                          "bn_epsilon, bn_momentum (Keras momentum = 1 - PyTorch's), final_relu (DenseNet)", dict)
 
 
 @dataclass
 class OptimConfig:
     """Optimiser and learning-rate schedule (plateau: x`factor` after `patience` epochs without a better val AUC)."""
 
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 1e-4  # used by adamw only
-    momentum: float = 0.9  # used by sgd only
-    nesterov: bool = True  # used by sgd only
-    clipnorm: Optional[float] = None
-    schedule: str = "plateau"
-    patience: int = 2
-    factor: float = 0.1
-    min_lr: float = 1e-7
-    cosine_alpha: float = 0.0  # final lr = lr * cosine_alpha
+    optimizer: str = doc("adam", "adam | adamw | sgd")
+    lr: float = doc(1e-4)
+    weight_decay: float = doc(1e-4, "adamw only")
+    momentum: float = doc(0.9, "sgd only")
+    nesterov: bool = doc(True, "sgd only")
+    clipnorm: Optional[float] = doc(None)
+    schedule: str = doc("plateau", "plateau | cosine | constant")
+    patience: int = doc(2, "plateau: epochs without a better mean val AUC before lr *= factor")
+    factor: float = doc(0.1)
+    min_lr: float = doc(1e-7)
+    cosine_alpha: float = doc(0.0, "cosine: final lr = lr * cosine_alpha (decay over epochs x steps)")
 
 
 @dataclass
@@ -75,46 +89,48 @@ class LossConfig:
     Defaults: gamma 2.0 and alpha 0.25 (Lin et al. 2017), class balancing off (alpha unused then), no smoothing.
     """
 
-    gamma: float = 2.0
-    alpha: float = 0.25
-    apply_class_balancing: bool = False
-    label_smoothing: float = 0.0
+    gamma: float = doc(2.0, "focusing parameter (Lin et al. 2017)")
+    alpha: float = doc(0.25, "positive-class weight, used only with apply_class_balancing: true")
+    apply_class_balancing: bool = doc(False)
+    label_smoothing: float = doc(0.0, "both stages")
 
 
 @dataclass
 class TrainConfig:
     """Epoch loop, devices and monitoring. `steps_per_epoch` None: one pass over the stage's training images."""
 
-    epochs: int = 10
-    early_stopping_patience: int = 5
-    freeze_backbone_epochs: int = 0
-    mixed_precision: str = "auto"  # auto: on when a GPU is used
-    xla: bool = False
-    strategy: str = "auto"  # auto: multi_worker if TF_CONFIG is set, mirrored on >=2 GPUs, else default
-    seed: int = 42
-    steps_per_epoch: Optional[int] = None
-    verbose: int = 2  # 0 quiet, 1 Keras progress bar + epoch line, 2 one line per epoch
-    gradcam_every: int = 0  # epochs between Grad-CAM snapshots of validation images; 0: off
-    gradcam_images: int = 4
+    epochs: int = doc(10)
+    early_stopping_patience: int = doc(5, "on the mean validation AUC; 0: never stop early")
+    freeze_backbone_epochs: int = doc(0, "first N epochs train only the LKA blocks and the head")
+    mixed_precision: str = doc("auto", "auto (on with a GPU) | on | off")
+    xla: bool = doc(False, "jit_compile the train step")
+    strategy: str = doc("auto", "auto: MultiWorkerMirrored if TF_CONFIG is set, Mirrored on >= 2 GPUs, else "
+                        "default")
+    seed: int = doc(42)
+    steps_per_epoch: Optional[int] = doc(None, "null: one pass over the stage's training images")
+    verbose: int = doc(2, "0 quiet, 1 Keras progress bar, 2 one line per epoch")
+    gradcam_every: int = doc(0, ">0: Grad-CAM overlays of validation images to TensorBoard every N epochs")
+    gradcam_images: int = doc(4)
 
 
 @dataclass
 class RunConfig:
     """Run folder: <root>/<name>/stage1|stage2/."""
 
-    name: str = "default"
-    root: str = "runs"
-    overwrite: bool = False
+    name: str = doc("default", "run folder runs/<name>/stage1|stage2")
+    root: str = doc("runs")
+    overwrite: bool = doc(False)
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = doc(None, "", DataConfig)
+    model: ModelConfig = doc(None, "", ModelConfig)
+    optim: OptimConfig = doc(None, "", OptimConfig)
+    loss: LossConfig = doc(None, "stage 2 only: keras.losses.BinaryFocalCrossentropy; stage 1 is plain BCE",
+                           LossConfig)
+    train: TrainConfig = doc(None, "", TrainConfig)
+    run: RunConfig = doc(None, "", RunConfig)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -129,18 +145,29 @@ def _type_name(tp):
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
 def _coerce(value, tp, where):
-    """`value` as the field type `tp` (int/float/bool/str/dict, Optional of those); a ConfigError otherwise."""
+    """`value` as the field type `tp` (int/float/bool/str/dict, Optional of those, Union[bool, str]); a ConfigError
+    otherwise."""
     args = getattr(tp, "__args__", None)
     if args and type(None) in args:  # Optional[X]
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
             return None
         tp = next(a for a in args if a is not type(None))
+        args = None
+    if args and set(args) == {bool, str}:  # a flag or a path: data.cache
+        if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE):
+            return _coerce(value, bool, where)
+        if isinstance(value, str) and value.strip():
+            return value
+        raise ConfigError(f"{where}: expected true, false or a folder path, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.strip().lower() in ("true", "yes", "on", "1")
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -217,14 +244,15 @@ def parse_set(items):
 
 
 def load_yaml(path):
+    """The mapping of a config file; ConfigError naming the file when it is missing or not valid YAML."""
+    from cxrkeras.fileio import read_yaml
+
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist (the bundled ones are in configs/)")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    return data or {}
+        return read_yaml(path, what="config file")
+    except CxrError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def validate(config):
@@ -240,6 +268,10 @@ def validate(config):
     choice("train.strategy", config.train.strategy, STRATEGIES)
     if config.data.equalize is not None:
         choice("data.equalize", config.data.equalize, EQUALIZE)
+    if isinstance(config.data.cache, str) and os.path.exists(config.data.cache) and \
+            not os.path.isdir(config.data.cache):
+        raise ConfigError(f"data.cache {config.data.cache!r} is a file: give a folder for the disk cache, or true "
+                          f"(memory) / false")
     choice("data.verify_records", config.data.verify_records, VERIFY_MODES)
     if config.model.preprocessing is not None:
         choice("model.preprocessing", config.model.preprocessing, PREPROCESSING)
@@ -286,4 +318,93 @@ def config_from_dict(data, source="config"):
 
 
 def dump_yaml(config):
-    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
+    from cxrkeras.fileio import yaml_text
+
+    return yaml_text(config.to_dict())
+
+
+# --- the documented defaults (configs/README.md) ---
+
+BLOCK_START = "<!-- defaults: generated from cxrkeras/config.py by `python -m cxrkeras.config --write configs/README.md` -->"
+BLOCK_END = "<!-- end of generated defaults -->"
+_COMMENT_COLUMN = 30
+
+
+def _value_text(value):
+    text = yaml.safe_dump({"v": value}, default_flow_style=True, width=1000).strip()
+    return text[len("{v: "):-1] if text.startswith("{v: ") else text
+
+
+def _commented(line, comment, width=118):
+    """`line` with `comment` from column 30 ("# ..."), wrapped onto continuation comment lines."""
+    if not comment:
+        return [line]
+    words, lines, current = comment.split(), [], ""
+    room = width - _COMMENT_COLUMN - 2
+    for word in words:
+        if current and len(current) + 1 + len(word) > room:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}".strip()
+    lines.append(current)
+    first = f"{line:<{_COMMENT_COLUMN - 1}} # {lines[0]}" if len(line) < _COMMENT_COLUMN - 1 else f"{line}  # {lines[0]}"
+    return [first] + [f"{'':<{_COMMENT_COLUMN - 1}} # {rest}" for rest in lines[1:]]
+
+
+def defaults_yaml(config=None):
+    """Every key of the typed config with its default and documentation, as the YAML block of configs/README.md."""
+    config = config or Config()
+    out = []
+    for section in dataclasses.fields(config):
+        out += _commented(f"{section.name}:", section.metadata.get("doc", ""))
+        values = getattr(config, section.name)
+        for f in dataclasses.fields(values):
+            out += _commented(f"  {f.name}: {_value_text(getattr(values, f.name))}", f.metadata.get("doc", ""))
+    return "\n".join(out) + "\n"
+
+
+def defaults_block():
+    """The generated part of configs/README.md: markers around a ```yaml block of `defaults_yaml()`."""
+    return f"{BLOCK_START}\n```yaml\n{defaults_yaml()}```\n{BLOCK_END}"
+
+
+def readme_with_defaults(text):
+    """`text` (configs/README.md) with its generated block replaced by the current one."""
+    if BLOCK_START not in text or BLOCK_END not in text:
+        raise ConfigError(f"the file has no generated defaults block (a line {BLOCK_START!r} ... {BLOCK_END!r})")
+    head, rest = text.split(BLOCK_START, 1)
+    return head + defaults_block() + rest.split(BLOCK_END, 1)[1]
+
+
+def main(argv=None):
+    """python -m cxrkeras.config [--write FILE | --check FILE]: print the defaults block, or update / check FILE."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cxrkeras.config", description=main.__doc__)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--write", metavar="FILE", help="replace FILE's generated block (configs/README.md)")
+    group.add_argument("--check", metavar="FILE", help="exit 1 when FILE's generated block is out of date")
+    args = parser.parse_args(argv)
+    if not (args.write or args.check):
+        print(defaults_block())
+        return 0
+    path = args.write or args.check
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    new = readme_with_defaults(text)
+    if args.check:
+        if new != text:
+            print(f"{path}: the defaults block is out of date; run python -m cxrkeras.config --write {path}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        from cxrkeras.fileio import atomic_write
+
+        atomic_write(path, new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -118,4 +118,4 @@ def slow_encode_task(task):
     return _REAL_ENCODE(task)
 
 
-from cxrkeras.data.records import _encode_task as _REAL_ENCODE  # noqa: E402 - the original, before any patching
+from cxrkeras.data.shards import _encode_task as _REAL_ENCODE  # noqa: E402 - the original, before any patching

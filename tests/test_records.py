@@ -11,8 +11,9 @@ from click.testing import CliRunner
 
 from cxrkeras.cli import cli
 from cxrkeras.data import features
+from cxrkeras.data import manifest as mf
 from cxrkeras.data import records as rec
-from cxrkeras.data import workers
+from cxrkeras.data import shards, workers
 from cxrkeras.data.inspect import inspect_records
 from cxrkeras.errors import DataError
 from cxrkeras.labels import NIH_LABELS
@@ -56,7 +57,7 @@ def test_tiny_records_match_the_csv(tiny_records, sample64):
         assert sum(v > 0 for v in m["splits"][split]["positives"].values()) >= 8
     result = inspect_records(tiny_records)
     assert result.problems == [] and result.records == 268
-    index = list(csv.DictReader(open(os.path.join(tiny_records, rec.INDEX_NAME))))
+    index = list(csv.DictReader(open(os.path.join(tiny_records, mf.INDEX_NAME))))
     assert len(index) == 268 and index[0]["OriginalImagePixelSpacing x"]
 
 
@@ -64,7 +65,7 @@ def test_rerun_writes_nothing_and_resume_after_interruption(tmp_path, sample64, 
     csv_path, images, rows = small_nih(tmp_path, sample64, n=40)
     out = str(tmp_path / "out")
     kw = dict(image_size=32, shard_size=5, workers=1, progress=False)
-    real_task, calls = rec._encode_task, []
+    real_task, calls = shards._encode_task, []
 
     def interrupted(task):
         calls.append(task)
@@ -72,10 +73,10 @@ def test_rerun_writes_nothing_and_resume_after_interruption(tmp_path, sample64, 
             raise KeyboardInterrupt
         return real_task(task)
 
-    monkeypatch.setattr(rec, "_encode_task", interrupted)
+    monkeypatch.setattr(shards, "_encode_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
         rec.build_records(csv_path, images, out, **kw)
-    monkeypatch.setattr(rec, "_encode_task", real_task)
+    monkeypatch.setattr(shards, "_encode_task", real_task)
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     assert len([f for f in os.listdir(out) if f.endswith(".tfrecord")]) == 2
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
@@ -114,7 +115,7 @@ def test_rerun_writes_nothing_and_resume_after_interruption(tmp_path, sample64, 
 
 
 def test_parallel_build_equals_serial(tmp_path, sample64, monkeypatch):
-    monkeypatch.setattr(rec, "MIN_TASKS_PER_WORKER", 1)  # use the process pool even for 30 images
+    monkeypatch.setattr(shards, "MIN_TASKS_PER_WORKER", 1)  # use the process pool even for 30 images
     contexts, get_context = [], workers.multiprocessing.get_context
     monkeypatch.setattr(workers.multiprocessing, "get_context",
                         lambda method: contexts.append(method) or get_context(method))

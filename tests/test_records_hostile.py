@@ -17,6 +17,7 @@ from PIL import Image
 from cxrkeras.cli import cli
 from cxrkeras.data import features
 from cxrkeras.data import records as rec
+from cxrkeras.data import shards
 from cxrkeras.data.inspect import inspect_records
 from cxrkeras.errors import ConfigError, DataError
 from records_helpers import images_by_patient, make_dicom, ramp12, read_records, small_nih
@@ -30,9 +31,9 @@ import sys
 if __name__ == "__main__":
     sys.path.insert(0, {TESTS!r})
     import records_helpers
-    from cxrkeras.data import records
-    records._encode_task = records_helpers.slow_encode_task
-    records.MIN_TASKS_PER_WORKER = 1
+    from cxrkeras.data import shards
+    shards._encode_task = records_helpers.slow_encode_task
+    shards.MIN_TASKS_PER_WORKER = 1
     from cxrkeras.cli import main
     sys.exit(main(sys.argv[1:]))
 """
@@ -98,7 +99,7 @@ def _wait_for(condition, timeout, what):
 
 
 def _receipts(out):
-    folder = os.path.join(out, rec.RECEIPTS)
+    folder = os.path.join(out, shards.RECEIPTS)
     return [f for f in os.listdir(folder) if f.endswith(".tfrecord.json")] if os.path.isdir(folder) else []
 
 
@@ -173,8 +174,8 @@ def test_a_second_build_into_the_same_folder_is_refused(tmp_path, sample64):
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom cxrkeras.data.records import _folder_lock\n"
-         f"with _folder_lock({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(120)"],
+        [sys.executable, "-c", "import sys, time\nfrom cxrkeras.data.shards import folder_lock\n"
+         f"with folder_lock({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(120)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -277,7 +278,7 @@ def test_rerun_with_other_options_is_refused_unless_overwrite(tmp_path, sample64
     when an interrupted build had left no manifest yet."""
     csv_path, images, _ = small_nih(tmp_path, sample64, n=20)
     out = str(tmp_path / "out")
-    real, calls = rec._encode_task, []
+    real, calls = shards._encode_task, []
 
     def interrupted(task):
         calls.append(task)
@@ -285,10 +286,10 @@ def test_rerun_with_other_options_is_refused_unless_overwrite(tmp_path, sample64
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr(rec, "_encode_task", interrupted)
+    monkeypatch.setattr(shards, "_encode_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
         rec.build_records(csv_path, images, out, image_size=32, shard_size=5, **QUIET)
-    monkeypatch.setattr(rec, "_encode_task", real)
+    monkeypatch.setattr(shards, "_encode_task", real)
     assert not os.path.exists(os.path.join(out, "manifest.json")) and len(_receipts(out)) == 1
     with pytest.raises(DataError, match=r"other options \(image_size 32 -> 48\).*--overwrite"):
         rec.build_records(csv_path, images, out, image_size=48, shard_size=5, **QUIET)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cxrkeras.data import images as imglib
-from cxrkeras.data import sources
+from cxrkeras.data import image_index, sources
 from cxrkeras.errors import ConfigError, DataError
 from cxrkeras.labels import NIH_LABELS
 
@@ -136,11 +136,11 @@ def test_image_index_searches_recursively_and_finds_unlabelled(tmp_path):
     for rel in ("images_001/images/x.png", "images_002/images/y.png", "notes.txt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
-    index = sources.ImageIndex(str(tmp_path), by_name=True)
+    index = image_index.ImageIndex(str(tmp_path), by_name=True)
     assert index.resolve("y.png").endswith("images_002/images/y.png") and index.resolve("z.png") is None
     assert [os.path.basename(p) for p in index.unlabelled([index.resolve("x.png")])] == ["y.png"]
     with pytest.raises(DataError, match="not found"):
-        sources.ImageIndex(str(tmp_path / "nope"), by_name=True)
+        image_index.ImageIndex(str(tmp_path / "nope"), by_name=True)
 
 
 def test_decode_rgba_16bit_and_palette(tmp_path, sample512):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cxrkeras.data import images as imglib
-from cxrkeras.data import sources
+from cxrkeras.data import dicom
 from records_helpers import make_dicom, ramp12
 
 
@@ -50,7 +50,7 @@ def test_not_a_dicom_with_dcm_name(tmp_path):
 
 def test_hashed_patient_id_hides_the_original(tmp_path):
     path = make_dicom(tmp_path / "p.dcm", ramp12(8), patient_id="PAT-0001")
-    read = sources.dicom_patient_reader(lambda p: p if p == path else None)
+    read = dicom.dicom_patient_reader(lambda p: p if p == path else None)
     pid = read(path)
-    assert pid.startswith("dcm-") and "PAT" not in pid and pid == sources.hash_patient_id("PAT-0001")
-    assert sources.dicom_patient_reader(lambda p: path, salt="s")(path) != pid
+    assert pid.startswith("dcm-") and "PAT" not in pid and pid == dicom.hash_patient_id("PAT-0001")
+    assert dicom.dicom_patient_reader(lambda p: path, salt="s")(path) != pid

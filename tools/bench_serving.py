@@ -62,12 +62,15 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    from cxrkeras.data.preprocess import decode_image, preprocess_for_eval
+    from cxrkeras.data.preprocessor import Preprocessor
     from cxrkeras.export.savedmodel import export
     from cxrkeras.models import build_model, get_variant
 
     size = args.image_size
-    model = build_model(args.variant, weights=None, input_shape=(size, size, 3))
+    # a model trained on build-records' default 256 px grey records: serving resizes each upload as they were built
+    pre = Preprocessor(image_size=size, preprocessing=get_variant(args.variant).preprocessing, stored_size=(256, 256),
+                       channels=1)
+    model = build_model(args.variant, weights=None, input_shape=(size, size, 3), preprocessor=pre)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = export(model, os.path.join(tmp, "bench"), verify=False, log=lambda *_: None)
@@ -77,7 +80,7 @@ def main(argv=None):
         images_fn = loaded.signatures["predict_images"]
 
         png = _png_1024()
-        x1 = preprocess_for_eval(decode_image(tf.constant(png)), size, get_variant(args.variant).preprocessing)[None]
+        x1 = pre.from_bytes(tf.constant(png))[None]
         bytes1, bytes32 = tf.constant([png]), tf.constant([png] * 32)
         x32 = tf.repeat(x1, 32, axis=0)
         keras_fn = tf.function(lambda x: model(x, training=False))
@@ -94,7 +97,8 @@ def main(argv=None):
                 for i, (name, _, _) in enumerate(paths)]
 
     ref = rows[-1][1]
-    print(f"# bench_serving: {args.variant}, {size}x{size}, weights=None, {model.count_params():,} parameters")
+    print(f"# bench_serving: {args.variant}, {size}x{size}, weights=None, {model.count_params():,} parameters; "
+          f"preprocessing: {pre.describe()}")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, TF {tf.__version__}, "
           f"Python {sys.version.split()[0]}; export took {export_s:.1f} s; {args.runs} batch-1 calls, "
           f"{args.batch_runs} batch-32 calls per path")

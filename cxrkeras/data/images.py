@@ -1,4 +1,5 @@
-"""Reading any input image (PNG/JPEG, 8/16-bit, RGBA, DICOM) into uint8, resizing once and encoding lossless PNG."""
+"""Reading any input image (PNG/JPEG, 8/16-bit, RGBA; DICOM through dicom.py) into uint8, resizing once and
+encoding lossless PNG."""
 
 import io
 import os
@@ -27,11 +28,8 @@ class ImageError(Exception):
         self.reason = reason
 
 
-def _is_dicom(path, head):
-    return head[128:132] == b"DICM" or path.lower().endswith(DICOM_EXTENSIONS)
-
-
-def _to_uint8_minmax(arr):
+def to_uint8_minmax(arr):
+    """An image of any range (16-bit, float) stretched to its own min..max onto 0..255, rounded; flat -> 0."""
     arr = np.asarray(arr, dtype=np.float64)
     lo, hi = float(np.min(arr)), float(np.max(arr))
     if hi <= lo:
@@ -39,81 +37,11 @@ def _to_uint8_minmax(arr):
     return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def _window(arr, center, width, function):
-    """DICOM PS3.3 C.11.2.1.2 windowing straight to 0..255 (LINEAR, LINEAR_EXACT, SIGMOID)."""
-    x = np.asarray(arr, dtype=np.float64)
-    if function == "SIGMOID":
-        y = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
-    elif function == "LINEAR_EXACT":
-        y = np.clip((x - center) / width + 0.5, 0.0, 1.0)
-    else:
-        width = max(width, 1.0)
-        if width == 1.0:
-            y = (x > center - 0.5).astype(np.float64)
-        else:
-            y = np.clip((x - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
-    return np.round(y * 255.0).astype(np.uint8)
-
-
-def _first(value):
-    try:
-        return float(value[0])
-    except TypeError:
-        return float(value)
-
-
-def dicom_to_uint8(ds):
-    """Pixels of a pydicom dataset as uint8 gray: modality LUT, then VOI LUT or window (else min-max), MONOCHROME1 inverted."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    if "PixelData" not in ds:
-        raise ImageError("DICOM file has no pixel data")
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for unsupported/compressed/corrupt pixel data
-        raise ImageError(f"DICOM pixel data cannot be decoded ({describe_error(exc)})") from exc
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        arr = arr[0]  # a radiograph series: the first frame is the image
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or arr.ndim == 3:
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            arr = convert_color_space(arr, photometric, "RGB")
-        return np.asarray(Image.fromarray(np.asarray(arr, dtype=np.uint8)).convert("L"))
-    arr = apply_modality_lut(arr, ds)
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        item = ds.VOILUTSequence[0]
-        bits = int(item.LUTDescriptor[2]) or 16
-        out = apply_voi_lut(arr, ds, index=0, prefer_lut=True)
-        out = np.round(np.clip(np.asarray(out, dtype=np.float64) / (2**bits - 1), 0.0, 1.0) * 255.0).astype(np.uint8)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-        out = _window(arr, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
-    else:
-        out = _to_uint8_minmax(arr)
-    if photometric == "MONOCHROME1":  # MONOCHROME1: high values are dark; flip so bone is bright like MONOCHROME2
-        out = 255 - out
-    return out
-
-
-def _read_dicom(data):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
-        raise ImageError(f"not a readable DICOM file ({describe_error(exc)})") from exc
-    return dicom_to_uint8(ds)
-
-
 def _pil_to_array(img, channels):
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # >8-bit data: X-ray PNGs often use 10-14 of 16 bits, so scale the image's own range, not 65535
-        gray = _to_uint8_minmax(np.asarray(img))
+        gray = to_uint8_minmax(np.asarray(img))
         return gray if channels == 1 else np.stack([gray] * 3, axis=-1)
     if channels == 1:
         return np.asarray(img.convert("L"))  # RGBA/LA: alpha dropped (NIH's RGBA files are opaque gray)
@@ -145,8 +73,10 @@ def read_image(path, channels=1, data=None):
     `data`: the file's bytes when the caller has already read them."""
     if data is None:
         data = read_bytes(path)
-    if _is_dicom(path, data[:132]):
-        gray = _read_dicom(data)
+    from cxrkeras.data.dicom import is_dicom, read_dicom
+
+    if is_dicom(path, data[:132]):
+        gray = read_dicom(data)
         return gray if channels == 1 else np.stack([gray] * 3, axis=-1)
     try:
         img = Image.open(io.BytesIO(data))
@@ -159,13 +89,32 @@ def read_image(path, channels=1, data=None):
     return _pil_to_array(img, channels)
 
 
+REDUCING_GAP = 3.0  # integer-block reduce first when the source is at least this many times the output
+
+
 def resize(arr, image_size):
-    """Resize once to (height, width) with an anti-aliased Lanczos filter (unchanged if already that size)."""
+    """Resize once to (height, width) with an anti-aliased Lanczos filter (unchanged if already that size).
+
+    PIL's resize(LANCZOS, reducing_gap=3) spelled out as its steps, so the result does not depend on the order in
+    which a Pillow version runs the two passes (Pillow 13 resizes tall images vertically first): `reduce()` by the
+    integer factors PIL would use, then the horizontal pass, then the vertical one, each over the exact region of
+    the reduced image. `cxrkeras.data.resize.pil_resize` computes the same pixels as TensorFlow ops.
+    """
     height, width = image_size
     if arr.shape[0] == height and arr.shape[1] == width:
         return arr
     img = Image.fromarray(arr)
-    return np.asarray(img.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0))
+    src_w, src_h = img.size
+    fx = int(src_w / width / REDUCING_GAP) or 1
+    fy = int(src_h / height / REDUCING_GAP) or 1
+    if fx > 1 or fy > 1:
+        img = img.reduce((fx, fy))
+    extent_x, extent_y = src_w / fx, src_h / fy  # the part of the reduced image that maps onto the output
+    if img.width != width or extent_x != width:
+        img = img.resize((width, img.height), Image.Resampling.LANCZOS, box=(0, 0, extent_x, img.height))
+    if img.height != height or extent_y != height:
+        img = img.resize((width, height), Image.Resampling.LANCZOS, box=(0, 0, width, extent_y))
+    return np.asarray(img)
 
 
 def encode_png(arr):

@@ -3,6 +3,7 @@
 import os
 from dataclasses import dataclass, field
 
+from cxrkeras.constants import SPLITS
 from cxrkeras.data import manifest as mf
 from cxrkeras.hashing import sha256_file
 
@@ -23,8 +24,8 @@ def _pct(n, d):
 
 def format_manifest(manifest):
     """Splits × labels table (positives and prevalence), plus images, patients, No Finding, shards, overlap."""
-    splits = [s for s in mf.SPLITS if s in manifest["splits"]] + \
-        [s for s in manifest["splits"] if s not in mf.SPLITS]
+    splits = [s for s in SPLITS if s in manifest["splits"]] + \
+        [s for s in manifest["splits"] if s not in SPLITS]
     infos = {s: manifest["splits"][s] for s in splits}
     whole = manifest.get("whole")
     cols = splits + (["all"] if whole else [])

@@ -1,4 +1,4 @@
-"""Reading a records folder's `manifest.json` (written by `cxrkeras build-records`).
+"""A records folder's `manifest.json`: reading it (every consumer) and writing it (`cxrkeras build-records`).
 
 Schema (keys every reader may rely on):
   tool_version: str; created: ISO time; options: dict of resolved build options
@@ -22,10 +22,12 @@ and options of the build writing the folder) and .lock (flock'ed by that build).
 import json
 import os
 
+from cxrkeras.constants import VERIFY_MODES
 from cxrkeras.errors import DataError
+from cxrkeras.fileio import read_json, write_json
 
 MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "val", "test")
+INDEX_NAME = "index.csv"
 
 
 def load_manifest(records_dir):
@@ -42,8 +44,7 @@ def load_manifest(records_dir):
             f"`cxrkeras build-records` (run it with `--out {records_dir}`), or that run did not finish (re-run it)"
         )
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        manifest = read_json(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot be read as JSON ({exc}); re-run `cxrkeras build-records`") from exc
     for key in ("labels", "splits"):
@@ -69,9 +70,6 @@ def shard_paths(manifest, records_dir, split):
             f"run `cxrkeras build-records` without --dry-run"
         )
     return [os.path.join(records_dir, shard["file"]) for shard in info["shards"]]
-
-
-VERIFY_MODES = ("sha256", "size")
 
 
 def verify_shards(manifest, records_dir, split, verify="sha256"):
@@ -110,3 +108,75 @@ def label_positives(manifest, split):
     """Positives per label of `split`, in manifest label order (for loss weighting and reports)."""
     info = split_info(manifest, split)
     return [int(info["positives"].get(label, 0)) for label in manifest["labels"]]
+
+
+# --- writing (build-records) ---
+
+
+def split_stats(table, mask):
+    import numpy as np
+
+    idx = np.flatnonzero(mask)
+    y = table.y[idx]
+    return {
+        "images": int(len(idx)),
+        "patients": int(len({table.patient_id[i] for i in idx})),
+        "no_finding": int((y.sum(axis=1) == 0).sum()) if len(idx) else 0,
+        "positives": {label: int(y[:, j].sum()) for j, label in enumerate(table.labels)},
+    }
+
+
+def overlap(assign, patient_ids):
+    from cxrkeras.data.split import patient_overlap
+
+    pairs = patient_overlap(assign, patient_ids)
+    return {"pairs": pairs, "ok": not any(pairs.values())}
+
+
+def split_warnings(manifest, fractions):
+    """Empty splits and labels with no positive in a split: legal, but the user should know before training."""
+    out = []
+    whole = manifest["whole"]["positives"]
+    for (name, info), fraction in zip(manifest["splits"].items(), fractions):
+        if fraction > 0 and info["images"] == 0:
+            out.append(f"split {name} is empty: too few patients for --split-fractions")
+        elif info["images"]:
+            absent = [label for label, n in info["positives"].items() if n == 0 and whole.get(label)]
+            if absent:
+                out.append(f"split {name} has no positive of: {', '.join(absent)}")
+    return out
+
+
+def write_index(out, table, assign_of_row, shard_of_row, written):
+    import csv
+
+    import numpy as np
+
+    tmp = os.path.join(out, f"{INDEX_NAME}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "shard", "image_id", "patient_id"] + list(table.columns))
+        for j in np.flatnonzero(written):
+            w.writerow([assign_of_row[j], shard_of_row[j], table.image_id[j], table.patient_id[j]] + table.raw[j])
+    os.replace(tmp, os.path.join(out, INDEX_NAME))
+
+
+def same_manifest(path, manifest):
+    try:
+        old = read_json(path)
+    except (OSError, ValueError):
+        return False
+    old.pop("created", None)
+    new = dict(manifest)
+    new.pop("created", None)
+    return json.loads(json.dumps(new)) == old
+
+
+def write_manifest(out, manifest, unchanged=False):
+    """Write `manifest` to out/manifest.json (atomically); returns whether it was written. unchanged: skip the write
+    when the file already says the same (apart from its creation time), so a re-run changes no file."""
+    path = os.path.join(out, MANIFEST_NAME)
+    if unchanged and same_manifest(path, manifest):
+        return False
+    write_json(path, manifest)
+    return True

@@ -7,7 +7,9 @@ Order of operations:
   -> [cache] -> [shuffle] -> [repeat] -> batch (the GLOBAL batch)
   -> training: vectorised augmentation of the whole batch (random crop + zoom, rotation, flip: one bilinear warp
      per image, XLA-compiled, seeds from a seeded stream) -> 3 channels + ImageNet normalisation (one matmul)
-  -> evaluation: `preprocess.preprocess_for_eval` on the batch (central square, antialiased resize, normalise)
+  -> evaluation: the `Preprocessor`'s eval transform on the batch (central square, antialiased resize,
+     normalise): the same chain serving, prediction and Grad-CAM apply to a file after bringing it to the records'
+     size
   -> prefetch(AUTOTUNE).
 Gray images stay 1-channel until the very end (3x less work); the 3 channels appear in the normalisation.
 
@@ -27,10 +29,13 @@ import os
 
 import tensorflow as tf
 
-from cxrkeras.data import features, manifest as manifest_lib, preprocess
+from cxrkeras.constants import FILL_MODES, STAGES
+from cxrkeras.data import augment, features, manifest as manifest_lib
+from cxrkeras.data.equalize import check_equalize
+from cxrkeras.data.normalize import check_mode, to_model_input
+from cxrkeras.data.preprocessor import Preprocessor
 from cxrkeras.errors import ConfigError, DataError
 
-STAGES = (1, 2)
 DEFAULT_SHUFFLE_BUFFER = 2048
 _ERROR_MARK = "cxrkeras DataError: "
 
@@ -39,11 +44,11 @@ def _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}: use 1 (images with at least one positive label; "
                           f"'No Finding' rows removed) or 2 (all images)")
-    preprocess.check_mode(preprocessing)
-    preprocess.check_equalize(equalize)
-    if fill_mode not in preprocess.FILL_MODES:
-        raise ConfigError(f"unknown fill_mode {fill_mode!r}: choose one of {', '.join(preprocess.FILL_MODES)}")
-    preprocess.check_crop_scale(crop_scale)
+    check_mode(preprocessing)
+    check_equalize(equalize)
+    if fill_mode not in FILL_MODES:
+        raise ConfigError(f"unknown fill_mode {fill_mode!r}: choose one of {', '.join(FILL_MODES)}")
+    augment.check_crop_scale(crop_scale)
     if int(batch_size) < 1 or int(image_size) < 1:
         raise ConfigError(f"batch_size and image_size must be positive, got {batch_size!r}, {image_size!r}")
     if strategy is not None and int(batch_size) % strategy.num_replicas_in_sync:
@@ -93,7 +98,7 @@ def _read_records(paths, counts, shuffle, seed, deterministic):
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
-def _decoder(num_labels, channels, stage, equalize, work_size):
+def _decoder(num_labels, channels, stage, preprocessor, work_size):
     """(shard, index, serialized, is_end) -> (shard, index, is_end, keep, image uint8 HxWxC, labels, ids)."""
     spec = features.feature_spec(num_labels)
     placeholder = (tf.zeros([1, 1, channels], tf.uint8), tf.zeros([num_labels], tf.int64), tf.constant(""),
@@ -101,7 +106,7 @@ def _decoder(num_labels, channels, stage, equalize, work_size):
 
     def decode(image_bytes):
         image = tf.io.decode_image(image_bytes, channels=channels, dtype=tf.uint8, expand_animations=False)
-        image = preprocess.equalize_image(tf.ensure_shape(image, [None, None, channels]), equalize)
+        image = preprocessor.equalize_stored(tf.ensure_shape(image, [None, None, channels]))
         if work_size is not None:
             # records are one size by construction; a record of another size is resized, never fails the batch
             image = tf.cond(
@@ -160,22 +165,34 @@ def data_error_from(exc):
     return DataError(detail.split("]", 1)[0].strip())
 
 
+def cache_path(cache, manifest_sha, split, stage, work_size, channels, equalize):
+    """The file prefix of a disk cache inside the folder `cache`: one per records folder, split, stage, stored size,
+    channels and equalisation, so that no two different streams of decoded images ever share a cache file."""
+    key = (f"{manifest_sha[:16]}-{split}-stage{stage}-{'x'.join(str(v) for v in work_size or ('native',))}-"
+           f"c{channels}-{equalize or 'plain'}")
+    os.makedirs(cache, exist_ok=True)
+    return os.path.join(cache, key)
+
+
 def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False, image_size=224,
                   preprocessing="torch", shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, cache=False, seed=None,
                   deterministic=None, drop_remainder=None, repeat=False, strategy=None, equalize=None,
                   return_ids=False, max_rotation=10.0, crop_scale=(0.8, 1.0), flip=True, fill_mode="reflect",
-                  jit=True, verify="sha256"):
+                  jit=True, verify="sha256", preprocessor=None):
     """A tf.data.Dataset of (images float32 [B,S,S,3], labels float32 [B,L]) (+ {"image_id","patient_id"} string
     [B] with return_ids) from the shards of `split` of a records folder.
 
     stage: 1 = rows with no positive label ("No Finding") removed at read time; 2 = all rows.
     training: shuffle + augmentation (rotation ±max_rotation°, horizontal flip, random crop + zoom of
-      crop_scale of the short side); else the deterministic `preprocess.preprocess_for_eval`.
+      crop_scale of the short side); else the deterministic eval transform of the `Preprocessor`.
     preprocessing: "torch" | "caffe", from the model variant (`get_variant(name).preprocessing`).
+    preprocessor: a `Preprocessor` (e.g. a model's, `cxrkeras.runs.load_source(...).preprocessor`); when given it
+      sets image_size, preprocessing and equalize.
     batch_size: the GLOBAL batch. Under a tf.distribute `strategy` keep it global (model.fit /
       strategy.experimental_distribute_dataset split it into batch_size / num_replicas_in_sync per replica);
       it must divide evenly, and drop_remainder defaults to True in training so every step is full.
-    cache: False | True (memory) | a file path; caches decoded (equalised) uint8 images, before augmentation.
+    cache: False | True (memory) | a folder path (on disk; one cache file per records folder, split, stage, size,
+      channels and equalisation); caches decoded (equalised) uint8 images, before augmentation.
     seed: fixes shard order, shuffle and augmentation (each epoch still differs, reproducibly).
     deterministic: element order; default True unless training without a seed.
     repeat: repeat forever (then pass steps_per_epoch). equalize: None | "hist" | "clahe".
@@ -184,12 +201,16 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
     verify: "sha256" (default) refuses shards whose size or sha256 differ from the manifest's, before reading;
       "size" checks only sizes (no hashing). Either way each shard's record count is checked as it is read.
     """
+    if preprocessor is not None:
+        image_size, preprocessing, equalize = preprocessor.image_size, preprocessor.preprocessing, preprocessor.equalize
     _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy, fill_mode, crop_scale)
     manifest = manifest_lib.load_manifest(records_dir)
     paths, counts = _shard_table(manifest, records_dir, split, verify)
     num_labels = len(manifest["labels"])
     channels = 3 if int(manifest.get("channels", 1)) == 3 else 1
     image_size = int(image_size)
+    if preprocessor is None:
+        preprocessor = Preprocessor.for_records(manifest, image_size, preprocessing, equalize)
     if deterministic is None:
         deterministic = not (training and seed is None)
     if drop_remainder is None:
@@ -198,7 +219,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
 
     ds = _read_records(paths, counts, training, seed, deterministic)
     # one parallel map decodes for all shards; deterministic so each shard's records stay in order for the check
-    ds = ds.map(_decoder(num_labels, channels, stage, equalize, work_size), num_parallel_calls=tf.data.AUTOTUNE,
+    ds = ds.map(_decoder(num_labels, channels, stage, preprocessor, work_size), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True).ignore_errors()  # a bad image: its element is dropped, the check names it
     names = [os.path.basename(p) for p in paths]
     ds = ds.scan(tf.zeros([len(paths)], tf.int64), _integrity_check(names, counts))
@@ -212,8 +233,13 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         # a known length lets Keras show progress and size epochs (filter/scan make it unknown otherwise);
         # the manifest's no_finding counts exactly the all-zero label rows stage 1 drops
         ds = ds.apply(tf.data.experimental.assert_cardinality(manifest_lib.stage_images(info, stage)))
-    if cache:
-        ds = ds.cache(cache if isinstance(cache, str) else "")
+    if isinstance(cache, str):
+        from cxrkeras.hashing import sha256_file
+
+        sha = sha256_file(os.path.join(records_dir, manifest_lib.MANIFEST_NAME))
+        ds = ds.cache(cache_path(cache, sha, split, stage, work_size, channels, preprocessor.equalize))
+    elif cache:
+        ds = ds.cache()
     if training and shuffle_buffer and shuffle_buffer > 1:
         ds = ds.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -232,32 +258,27 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         # one kernel at a time; warp and normalisation are two compiled functions because fused into one, XLA
         # would redo the 1-channel gathers for each of the 3 output channels. jit=False: plain TF kernels, same
         # results up to float rounding. The random transforms are drawn outside (XLA draws other numbers).
-        warp = tf.function(lambda images, t: preprocess.warp_in_range(images, t, image_size, fill_mode),
+        warp = tf.function(lambda images, t: augment.warp_in_range(images, t, image_size, fill_mode),
                            jit_compile=bool(jit))
-        to_input = tf.function(lambda images: preprocess.to_model_input(images, preprocessing),
-                               jit_compile=bool(jit))
+        to_input = tf.function(lambda images: to_model_input(images, preprocessing), jit_compile=bool(jit))
 
-        def augment(batch, r):
+        def augmented(batch, r):
             images, labels, image_id, patient_id = batch
             shape = tf.shape(images)
-            t = preprocess.augment_transforms(shape[0], shape[1], shape[2], image_size, tf.stack([r, r // 7 + 1]),
-                                              max_rotation=max_rotation, crop_scale=crop_scale, flip=flip)
+            t = augment.augment_transforms(shape[0], shape[1], shape[2], image_size, tf.stack([r, r // 7 + 1]),
+                                           max_rotation=max_rotation, crop_scale=crop_scale, flip=flip)
             return finish(to_input(warp(images, t)), labels, image_id, patient_id)
 
-        ds = tf.data.Dataset.zip((ds, randoms)).map(augment, num_parallel_calls=tf.data.AUTOTUNE,
+        ds = tf.data.Dataset.zip((ds, randoms)).map(augmented, num_parallel_calls=tf.data.AUTOTUNE,
                                                     deterministic=deterministic)
-    else:
-        def evaluate(images, labels, image_id, patient_id):
-            return finish(preprocess.preprocess_for_eval(images, image_size, preprocessing), labels, image_id,
-                          patient_id)
-
-        if work_size is None:  # sizes unknown: transform each image, then batch
-            ds = ds.map(lambda image, *rest: (preprocess.preprocess_for_eval(image, image_size, preprocessing),)
-                        + rest, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-            ds = ds.batch(int(batch_size), drop_remainder=drop_remainder).map(finish)
-        else:  # one size: batch first, then one vectorised transform per batch
-            ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
-            ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    elif work_size is None:  # sizes unknown: transform each image, then batch
+        ds = ds.map(lambda image, *rest: (preprocessor.model_input(image),) + rest,
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        ds = ds.batch(int(batch_size), drop_remainder=drop_remainder).map(finish)
+    else:  # one size: batch first, then one vectorised transform per batch
+        ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
+        ds = ds.map(lambda images, *rest: finish(preprocessor.model_input(images), *rest),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
     options = tf.data.Options()
     options.deterministic = bool(deterministic)
@@ -271,11 +292,6 @@ def count_images(records_dir, split, stage=2):
         raise ConfigError(f"unknown stage {stage!r}: use 1 or 2")
     info = manifest_lib.split_info(manifest_lib.load_manifest(records_dir), split, records_dir)
     return manifest_lib.stage_images(info, stage)
-
-
-def steps_per_epoch(records_dir, split, batch_size, stage=2, drop_remainder=True):
-    n = count_images(records_dir, split, stage)
-    return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
 def label_statistics(records_dir, stage=2):

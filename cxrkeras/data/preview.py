@@ -17,10 +17,12 @@ def _title(image_id, labels, names):
     return f"{image_id}\n{text}"
 
 
-def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=224, seed=0,
-                  preprocessing="torch", training=True, equalize=None):
+def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=None, seed=0,
+                  preprocessing=None, training=True, equalize=None, model=None):
     """Write a grid of `n` images of one batch of `build_dataset` (training augmentation unless training=False);
-    returns the output path."""
+    returns the output path. model: a run folder, .keras file or keras.Model whose preprocessing (image size,
+    equalisation, normalisation) the batch goes through; image_size / preprocessing / equalize given here win
+    (defaults without a model: 224, torch, none; the normalisation is undone for display, so it does not show)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,9 +31,17 @@ def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=
     import tensorflow as tf
 
     from cxrkeras.data import manifest as manifest_lib
+    from cxrkeras.data.normalize import denormalize
     from cxrkeras.data.pipeline import build_dataset, data_error_from
-    from cxrkeras.data.preprocess import denormalize
 
+    if model is not None:
+        from cxrkeras.runs import load_source
+
+        pre = load_source(model).preprocessor
+        image_size = image_size or pre.image_size
+        preprocessing = preprocessing or pre.preprocessing
+        equalize = equalize if equalize is not None else pre.equalize
+    image_size, preprocessing = image_size or 224, preprocessing or "torch"
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     if not out.lower().endswith(".png"):

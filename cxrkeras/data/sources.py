@@ -1,20 +1,19 @@
-"""Input tables: the NIH Data_Entry CSV (2017 and v2020), a generic path/labels/patient CSV, DICOM patient ids, image search."""
+"""Input tables: the NIH Data_Entry CSV (2017 and v2020), a generic path/labels/patient CSV, label and split lists."""
 
 import csv
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from cxrkeras.data.images import DICOM_EXTENSIONS, is_image_name
+from cxrkeras.constants import RECORD_FORMATS
 from cxrkeras.errors import ConfigError, DataError
 from cxrkeras.labels import LABEL_ALIASES, NIH_LABELS, NO_FINDING
 
 NIH_IMAGE, NIH_LABELS_COL, NIH_PATIENT = "Image Index", "Finding Labels", "Patient ID"
 NIH_FOLLOW_UP, NIH_AGE, NIH_SEX, NIH_VIEW = "Follow-up #", "Patient Age", "Patient Gender", "View Position"
-FORMATS = ("auto", "nih", "generic", "dicom")
+FORMATS = RECORD_FORMATS
 _MAX_LISTED = 10
 
 
@@ -294,135 +293,6 @@ def read_table(csv_path, fmt="auto", labels=None, path_column="path", labels_col
         sex=(get(NIH_SEX) if fmt == "nih" and NIH_SEX in col else [""] * n),
         view=(get(NIH_VIEW) if fmt == "nih" and NIH_VIEW in col else [""] * n),
         columns=columns, raw=[f for _, f in rows], unreadable=unreadable)
-
-
-def hash_patient_id(patient_id, salt=""):
-    """A stable pseudonym for a DICOM PatientID: the original never leaves this function."""
-    digest = hashlib.sha256(f"cxrkeras\0{salt}\0{patient_id}".encode("utf-8")).hexdigest()
-    return "dcm-" + digest[:16]
-
-
-def dicom_patient_reader(resolve, salt=""):
-    """A function path_text → hashed PatientID read from the DICOM header (pixels not read);
-    `resolve(path_text)` → path or None (ImageIndex.resolve), or (path, reason) (ImageIndex.locate)."""
-
-    def read(path_text):
-        import pydicom
-
-        from cxrkeras.data.images import describe_error
-
-        found = resolve(path_text)
-        path, reason = found if isinstance(found, tuple) else (found, "file not found")
-        if path is None:
-            raise DataError(f"DICOM file {path_text!r}: {reason}; the patient id is read from it: "
-                            f"check --images or give a patient column with --patient-column")
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"], force=True)
-        except Exception as exc:
-            raise DataError(f"{path}: cannot read the DICOM header ({describe_error(exc)}); "
-                            f"give a --patient-column") from exc
-        pid = str(ds.get("PatientID", "") or "").strip()
-        if not pid:
-            raise DataError(f"{path}: DICOM has no PatientID; give a patient column with --patient-column")
-        return hash_patient_id(pid, salt)
-
-    return read
-
-
-OUTSIDE_ROOT = "outside the image root"  # the skip reason of a path or link that leads out of --images
-
-
-def within(path, root):
-    """True when the absolute path `path` is `root` or below it (both already resolved with realpath)."""
-    return os.path.commonpath([path, root]) == root
-
-
-class ImageIndex:
-    """Image files under a folder, searched recursively (NIH unpacks to images_001/images/ … images_012/images/).
-
-    Confined to the folder: a CSV path, absolute or relative, and a symbolic link (file or folder) are followed
-    only when their real path stays under the folder's real path; anything else is refused as OUTSIDE_ROOT and
-    never opened. Folder links outside are not searched (`outside_dirs` lists them); a link loop is walked once.
-    """
-
-    def __init__(self, root, by_name):
-        self.root = root
-        self.by_name = by_name
-        if not os.path.isdir(root):
-            raise DataError(f"images folder {root!r} not found: give the folder holding the images with --images")
-        self.real_root = os.path.realpath(root)
-        self.files = {}  # relative path → absolute path
-        self.outside = set()  # relative paths of file links that lead outside the root
-        self.outside_names = set()
-        self.outside_dirs = []  # relative paths of folder links that lead outside the root (not searched)
-        names = {}
-        seen = {self.real_root}
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            keep = []
-            for name in sorted(dirnames):
-                full = os.path.join(dirpath, name)
-                real = os.path.realpath(full)
-                if not within(real, self.real_root):
-                    self.outside_dirs.append(os.path.relpath(full, root).replace(os.sep, "/"))
-                elif real not in seen:  # a second link to a folder already walked (or a loop): once is enough
-                    seen.add(real)
-                    keep.append(name)
-            dirnames[:] = keep
-            for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                rel = os.path.relpath(full, root).replace(os.sep, "/")
-                if os.path.islink(full) and not within(os.path.realpath(full), self.real_root):
-                    self.outside.add(rel)
-                    self.outside_names.add(name)
-                    continue
-                self.files[rel] = full
-                if by_name:
-                    if name in names and is_image_name(name):
-                        raise DataError(f"image name {name!r} found twice under {root}: {names[name]} and {full}; "
-                                        f"remove one copy")
-                    names[name] = full
-        self.names = names
-
-    def locate(self, path_text):
-        """(absolute path, None) of a CSV path entry, or (None, reason): "file not found" or OUTSIDE_ROOT."""
-        if self.by_name:
-            name = os.path.basename(path_text)
-            if name in self.names:
-                return self.names[name], None
-            return None, OUTSIDE_ROOT if name in self.outside_names else "file not found"
-        if os.path.isabs(path_text):
-            real = os.path.realpath(path_text)
-            if not within(real, self.real_root):
-                return None, OUTSIDE_ROOT
-            rel = os.path.relpath(os.path.abspath(path_text), os.path.abspath(self.root)).replace(os.sep, "/")
-            if rel in self.files:
-                return self.files[rel], None
-            return (path_text, None) if os.path.isfile(real) else (None, "file not found")
-        rel = os.path.normpath(path_text).replace(os.sep, "/")
-        if rel in self.files:
-            return self.files[rel], None
-        if rel == ".." or rel.startswith("../") or rel in self.outside:
-            return None, OUTSIDE_ROOT
-        full = os.path.join(self.root, rel)
-        if os.path.lexists(full):  # e.g. below a folder link that leads out, or a second link to a walked folder
-            if not within(os.path.realpath(full), self.real_root):
-                return None, OUTSIDE_ROOT
-            if os.path.isfile(full):
-                return full, None
-        return None, "file not found"
-
-    def resolve(self, path_text):
-        """Absolute path of a CSV path entry, or None when there is no such file under the root."""
-        return self.locate(path_text)[0]
-
-    def unlabelled(self, used_paths):
-        """Image files here that no CSV row names."""
-        used = set(used_paths)
-        return sorted(full for rel, full in self.files.items() if is_image_name(rel) and full not in used)
-
-
-def is_dicom_name(path):
-    return path.lower().endswith(DICOM_EXTENSIONS)
 
 
 def read_split_list(path):

@@ -4,9 +4,8 @@ import os
 
 import numpy as np
 
+from cxrkeras.constants import SPLITS as SPLIT_NAMES
 from cxrkeras.errors import ConfigError, DataError
-
-SPLIT_NAMES = ("train", "val", "test")
 
 
 def parse_fractions(text_or_seq):

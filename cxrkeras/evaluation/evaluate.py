@@ -1,13 +1,11 @@
 """`evaluate(...)`: predict a whole split deterministically and write metrics.json, predictions, figures, tables."""
 
-import json
 import os
-
-import numpy as np
 
 from cxrkeras.errors import CxrError, DataError
 from cxrkeras.evaluation import figures, metrics, published
-from cxrkeras.evaluation.source import EVALUATION_DIR, resolve
+from cxrkeras.fileio import atomic_write, write_json
+from cxrkeras.runs import EVALUATION_DIR, load_source
 
 THRESHOLDS_FILE = "thresholds.json"
 METRICS_FILE = "metrics.json"
@@ -62,32 +60,27 @@ def predict_split(source, records_dir, split, batch_size=32, progress=None, veri
 
     from cxrkeras.data.manifest import load_manifest
     from cxrkeras.data.pipeline import build_dataset, data_error_from
+    from cxrkeras.inference import predict_dataset
 
     manifest = load_manifest(records_dir)
     check_labels(source.labels, manifest["labels"], f"the records {records_dir}")
     expected = split_size(manifest, split, records_dir)
     ds = build_dataset(records_dir, split, stage=2, batch_size=check_batch_size(batch_size), training=False,
-                       image_size=source.image_size, preprocessing=source.preprocessing, equalize=source.equalize,
-                       drop_remainder=False, deterministic=True, return_ids=True, verify=verify)
-    infer = tf.function(lambda x: source.model(x, training=False), reduce_retracing=True)
-    probs, labels, image_ids, patient_ids = [], [], [], []
+                       preprocessor=source.preprocessor, drop_remainder=False, deterministic=True, return_ids=True,
+                       verify=verify)
     try:
-        for images, y, ids in ds:
-            probs.append(np.asarray(infer(images), dtype=np.float64))
-            labels.append(y.numpy())
-            image_ids += [v.decode("utf-8") for v in ids["image_id"].numpy()]
-            patient_ids += [v.decode("utf-8") for v in ids["patient_id"].numpy()]
-            if progress:
-                progress(len(image_ids), expected)
+        probs, labels, ids = predict_dataset(source.model, ds,
+                                             progress=(lambda n: progress(n, expected)) if progress else None)
     except tf.errors.OpError as exc:
         err = data_error_from(exc)
         if err is not None:
             raise err from exc
         raise
-    if len(image_ids) != expected:
-        raise DataError(f"{records_dir}: split {split!r} yielded {len(image_ids)} images but manifest.json lists "
+    got = len(ids["image_id"]) if ids else 0
+    if got != expected:
+        raise DataError(f"{records_dir}: split {split!r} yielded {got} images but manifest.json lists "
                         f"{expected}; re-build the records")
-    return np.concatenate(probs), np.concatenate(labels), image_ids, patient_ids
+    return probs, labels, ids["image_id"], ids["patient_id"]
 
 
 def write_predictions_csv(path, labels, probs, y, image_ids, patient_ids, thresholds=None):
@@ -127,7 +120,7 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
         raise CxrError(f"unknown threshold method {threshold_method!r}: choose "
                        f"{' or '.join(metrics.THRESHOLD_METHODS)}")
     check_batch_size(batch_size)
-    source = resolve(model_or_run)
+    source = load_source(model_or_run)
     if source.note:
         log(source.note)
     records_dir = records_dir or source.records_dir
@@ -139,6 +132,7 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
 
     log(f"evaluating {source.model_path or 'model'} on {records_dir} split {split!r} "
         f"({source.image_size}px, {source.preprocessing} preprocessing)")
+    _note_other_records(source.preprocessor, records_dir, log)
     probs, y, image_ids, patient_ids = predict_split(source, records_dir, split, batch_size, verify=verify_records)
 
     thresholds, val_summary = None, None
@@ -167,17 +161,16 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
     result.update(split=split, val_split=val_split, validation=val_summary, records=os.path.abspath(records_dir),
                   model=source.model_path, model_sha256=source.model_sha256, variant=source.variant,
                   image_size=source.image_size, preprocessing=source.preprocessing, equalize=source.equalize,
+                  preprocessor=source.preprocessor.to_config(),
                   default_threshold_method=threshold_method,
                   protocol="whole split, deterministic eval preprocessing (central square, resize), no TTA")
-    with open(os.path.join(out_dir, METRICS_FILE), "w", encoding="utf-8") as f:
-        json.dump(metrics.to_jsonable(result), f, indent=2, allow_nan=False)
+    write_json(os.path.join(out_dir, METRICS_FILE), result)
     thr_doc = {"labels": labels, "default_method": threshold_method, "chosen_on": val_split if val_summary else None,
                "model_sha256": source.model_sha256, "model": source.model_path,
                "methods": {m: {lbl: v["threshold"] for lbl, v in t.items()} for m, t in thresholds.items()},
                "reasons": {m: {lbl: v["reason"] for lbl, v in t.items() if v.get("reason")}
                            for m, t in thresholds.items()}}
-    with open(os.path.join(out_dir, THRESHOLDS_FILE), "w", encoding="utf-8") as f:
-        json.dump(metrics.to_jsonable(thr_doc), f, indent=2, allow_nan=False)
+    write_json(os.path.join(out_dir, THRESHOLDS_FILE), thr_doc)
     tvec = metrics.threshold_vector(thresholds[threshold_method], labels)
     write_predictions_csv(os.path.join(out_dir, f"predictions_{split}.csv"), labels, probs, y, image_ids,
                           patient_ids, tvec)
@@ -189,13 +182,27 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
         figures.reliability_figure(result["calibration"], os.path.join(out_dir, f"reliability_{split}.png"))
     table = published.comparison_markdown(result["auc"], labels,
                                           title=f"Per-label test AUC: {split} split, {len(y)} images")
-    with open(os.path.join(out_dir, f"comparison_{split}.md"), "w", encoding="utf-8") as f:
-        f.write(table)
+    atomic_write(os.path.join(out_dir, f"comparison_{split}.md"), table)
     log(table)
     log(summary_text(result, threshold_method))
     log(f"written to {out_dir}")
     result["out_dir"] = out_dir
     return result
+
+
+def _note_other_records(preprocessor, records_dir, log):
+    """Say so when the records are not of the size or channels the model was trained on (legal, but the user
+    should know: the scores then include that change of input)."""
+    from cxrkeras.data.manifest import load_manifest
+
+    manifest = load_manifest(records_dir)
+    stored, size = preprocessor.stored_size, manifest.get("image_size")
+    channels = int(manifest.get("channels", 1))
+    if stored and size and tuple(size) != tuple(stored):
+        log(f"note: the model was trained on {stored[0]}x{stored[1]} records; {records_dir} holds {size[0]}x{size[1]}")
+    if preprocessor.channels and preprocessor.channels != channels:
+        log(f"note: the model was trained on {preprocessor.channels}-channel records; {records_dir} holds "
+            f"{channels}-channel images")
 
 
 def summary_text(result, method="youden"):

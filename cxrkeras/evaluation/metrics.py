@@ -5,7 +5,9 @@ import math
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-THRESHOLD_METHODS = ("youden", "f1")
+from cxrkeras.constants import THRESHOLD_METHODS
+from cxrkeras.fileio import jsonable
+
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -32,6 +34,19 @@ def single_class_reason(y):
 
 
 # --- ROC AUC with a patient-level bootstrap ---------------------------------------------------------------
+
+
+def per_label_auc(y_true, y_prob, labels=None):
+    """({label: ROC AUC, NaN where the label is single-class}, their mean over the defined labels (NaN if none)):
+    the validation metric of training and the point estimates of `auc_with_ci`."""
+    y_true, y_prob = _as_2d(y_true, y_prob)
+    labels = list(labels) if labels is not None else [f"label_{i}" for i in range(y_true.shape[1])]
+    out = {}
+    for j, name in enumerate(labels):
+        defined = single_class_reason(y_true[:, j]) is None
+        out[name] = float(roc_auc_score(y_true[:, j] > 0.5, y_prob[:, j])) if defined else float("nan")
+    values = [v for v in out.values() if math.isfinite(v)]
+    return out, (float(np.mean(values)) if values else float("nan"))
 
 
 class _SortedLabel:
@@ -95,14 +110,14 @@ def auc_with_ci(y_true, y_prob, groups, labels=None, n_boot=1000, seed=0, confid
     rng = np.random.default_rng(seed)
     tail = (1.0 - confidence) / 2.0
 
-    evaluable, sorted_labels, reasons, point = [], {}, {}, np.full(n_labels, np.nan)
+    point = np.array(list(per_label_auc(y_true, y_prob, labels)[0].values()))
+    evaluable, sorted_labels, reasons = [], {}, {}
     for j in range(n_labels):
         reason = single_class_reason(y_true[:, j])
         if reason:
             reasons[j] = reason
             continue
         evaluable.append(j)
-        point[j] = roc_auc_score(y_true[:, j] > 0.5, y_prob[:, j])
         sorted_labels[j] = _SortedLabel(y_true[:, j], y_prob[:, j])
 
     boot = np.full((n_boot, n_labels), np.nan)
@@ -303,22 +318,7 @@ def compute_all(y_true, y_prob, patient_ids, labels, y_val=None, p_val=None, thr
     return result
 
 
-def to_jsonable(obj):
-    """NaN/inf → None and NumPy scalars → Python, so json.dump writes strict JSON."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [to_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
+to_jsonable = jsonable  # strict-JSON conversion; cxrkeras.fileio owns it
 
 
 def _ratio(a, b):

@@ -1,20 +1,15 @@
 """Grad-CAM / Grad-CAM++ heatmaps, overlays, a TensorBoard callback and a localisation score on NIH's boxes."""
 
+from cxrkeras.lazy import lazy_exports
+
 _EXPORTS = {
     "GradCAM": "cxrkeras.explain.gradcam",
-    "HeatmapEngine": "cxrkeras.explain.gradcam",
-    "compute_heatmaps": "cxrkeras.explain.gradcam",
+    "HeatmapEngine": "cxrkeras.explain.engine", "get_engine": "cxrkeras.explain.engine",
+    "compute_heatmaps": "cxrkeras.explain.engine",
     "GradCAMCallback": "cxrkeras.explain.callback",
     "overlay_figure": "cxrkeras.explain.overlay",
+    "explain_files": "cxrkeras.explain.files",
+    "localize": "cxrkeras.explain.localize",
 }
-
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    # lazy: importing cxrkeras.explain must not import TensorFlow (the CLI imports it inside commands)
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cxrkeras.explain' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

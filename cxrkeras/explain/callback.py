@@ -11,13 +11,13 @@ from cxrkeras.errors import ConfigError
 def display_images(model, images):
     """Model inputs → uint8 RGB for display: undo the model's ImageNet normalisation when model_info knows it."""
     from cxrkeras.explain.overlay import to_display
-    from cxrkeras.explain.target import model_metadata
+    from cxrkeras.models.build import model_info
 
-    mode = model_metadata(model).get("preprocessing")
-    if mode:
-        from cxrkeras.data.preprocess import denormalize
+    info = model_info(model, strict=False)
+    if info and info.get("preprocessing"):
+        from cxrkeras.data.normalize import denormalize
 
-        return np.stack([to_display(np.asarray(img)) for img in np.asarray(denormalize(images, mode))])
+        return np.stack([to_display(np.asarray(img)) for img in np.asarray(denormalize(images, info["preprocessing"]))])
     return np.stack([to_display(img) for img in images])
 
 
@@ -72,7 +72,7 @@ class GradCAMCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         import tensorflow as tf
 
-        from cxrkeras.explain.gradcam import get_engine
+        from cxrkeras.explain.engine import get_engine
 
         # checked now, not at the first epoch's end, so a bad layer/class fails before any training time is spent
         self._engine = get_engine(self.model, self.layer_name, self.method, self.use_guided_grads)

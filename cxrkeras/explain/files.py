@@ -1,100 +1,81 @@
-"""Grad-CAM on image files (PNG/JPEG/DICOM): load a run's model, preprocess as evaluation does, write overlays."""
+"""Grad-CAM on image files (PNG/JPEG/DICOM): the run's model and `Preprocessor` through the serving graph's input
+path, so an explained file is the very input a served request or an evaluated record gives the model."""
 
-import json
 import os
 import re
 import warnings
 
 import numpy as np
 
-from cxrkeras.errors import ConfigError, CxrError, DataError
-
-
-def load_model(path):
-    """A .keras file, or a run folder (its best model: stage 2's, else stage 1's)."""
-    from cxrkeras.evaluation.source import load_keras_model
-    from cxrkeras.training.rundir import best_model_path
-
-    if not os.path.exists(path):
-        raise CxrError(f"model {path!r} not found: give a run folder (runs/<name>) or a .keras file")
-    model_file = best_model_path(path) if os.path.isdir(path) else path
-    if not model_file.endswith(".keras"):
-        raise CxrError(f"model {path!r} is not a .keras file or a run folder")
-    return load_keras_model(model_file)
-
-
-def model_inputs_spec(model):
-    """(image_size, preprocessing mode, label names) of a cxrkeras model, from model_info."""
-    from cxrkeras.explain.target import model_metadata
-
-    info = model_metadata(model)
-    if not info:
-        raise ConfigError(f"model {model.name!r} was not built by cxrkeras (no model_info): its preprocessing and "
-                          "labels are unknown; use the Python API (GradCAM / compute_heatmaps) on preprocessed arrays")
-    height, width = info["input_shape"][:2]
-    if height != width:
-        raise ConfigError(f"model input {height}x{width} is not square; the eval transform makes square images")
-    return int(height), info["preprocessing"], list(info["labels"])
-
-
-def load_inputs(paths, image_size, mode):
-    """(originals uint8 [H, W] list, model inputs [N, S, S, 3]); an unreadable file raises DataError naming it."""
-    import tensorflow as tf
-
-    from cxrkeras.data.images import ImageError, read_image
-    from cxrkeras.data.preprocess import preprocess_for_eval
-
-    originals, inputs = [], []
-    for path in paths:
-        try:
-            arr = read_image(path, channels=1)
-        except ImageError as exc:
-            raise DataError(f"image {path}: {exc.reason}") from exc
-        originals.append(arr)
-        inputs.append(preprocess_for_eval(tf.constant(arr[..., None], tf.float32), image_size, mode).numpy())
-    return originals, np.stack(inputs)
-
-
-def central_square(height, width):
-    """The region (top, left, side, side) of the original that preprocess_for_eval shows the model."""
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side, side
+from cxrkeras.errors import ConfigError, DataError
 
 
 def _safe(text):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
+def read_inputs(paths, preprocessor, batch_size=8):
+    """(originals uint8 [H, W] for display, model inputs float32 [n, S, S, 3], indices of those n in `paths`,
+    {index: reason} of the files that cannot be used): each file through `preprocessor` exactly as `predict` and
+    the SavedModel take it."""
+    from cxrkeras.data.images import ImageError, read_image
+    from cxrkeras.export.predict import FileError, read_file_bytes
+    from cxrkeras.export.serving import inputs_of
+
+    originals, blobs, readable, errors = {}, [], [], {}
+    for i, path in enumerate(paths):
+        try:
+            blobs.append(read_file_bytes(path))
+            originals[i] = read_image(path, channels=1)
+            readable.append(i)
+        except (FileError, ImageError) as exc:
+            errors[i] = getattr(exc, "reason", None) or str(exc)
+            if len(blobs) > len(readable):
+                blobs.pop()
+    x, good, bad = inputs_of(blobs, preprocessor, batch_size)
+    errors.update({readable[j]: reason for j, reason in bad.items()})
+    good = [readable[j] for j in good]
+    return [originals[i] for i in good], x, good, errors
+
+
 def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=None, method="gradcam",
-                  alpha=0.4, batch_size=8):
+                  alpha=0.4, batch_size=8, log=None):
     """Write one overlay PNG per image and class to out_dir plus gradcam.json; returns the list of entries.
 
-    Classes: `class_names` (names or indices) for every image, else each image's `top_k` most probable labels.
-    One backward pass per batch covers all classes asked for in that batch.
+    model: a run folder, a stage folder, a .keras file or a keras.Model built by cxrkeras (its stored or rebuilt
+    `Preprocessor` prepares the images). Classes: `class_names` (names or indices) for every image, else each
+    image's `top_k` most probable labels. One backward pass per batch covers all classes asked for in that batch.
     """
-    from cxrkeras.explain.gradcam import get_engine
+    from cxrkeras.explain.engine import get_engine
     from cxrkeras.explain.overlay import overlay_figure, to_original_frame
     from cxrkeras.explain.target import resolve_classes
+    from cxrkeras.fileio import write_json
+    from cxrkeras.inference import inference_step
+    from cxrkeras.runs import load_source
 
     if not images:
         raise ConfigError("no image given: pass one or more PNG/JPEG/DICOM files")
-    model_ref = model if isinstance(model, str) else model.name
-    if isinstance(model, str):
-        model = load_model(model)
-    size, mode, labels = model_inputs_spec(model)
-    engine = get_engine(model, layer_name, method)
+    source = load_source(model)
+    for note in (source.note, source.preprocessor_note):
+        if note and log:
+            log(note)
+    net, labels, pre = source.model, source.labels, source.preprocessor
+    engine = get_engine(net, layer_name, method)
     fixed = None
     if class_names:
-        fixed, _ = resolve_classes(model, list(class_names), engine.num_outputs)
+        fixed, _ = resolve_classes(net, list(class_names), engine.num_outputs)
     elif not 1 <= int(top_k) <= len(labels):
         raise ConfigError(f"top_k must be between 1 and {len(labels)} (the model's labels), got {top_k}")
     os.makedirs(out_dir, exist_ok=True)
     entries, stems = [], set()
     for start in range(0, len(images), batch_size):
         paths = list(images[start:start + batch_size])
-        originals, x = load_inputs(paths, size, mode)
+        originals, x, _, errors = read_inputs(paths, pre, batch_size)
+        if errors:
+            at = min(errors)
+            raise DataError(f"image {paths[at]}: {errors[at]}")
         if fixed is None:
-            probs = np.asarray(model(x, training=False))
+            probs = np.asarray(inference_step(net)(x))
             chosen = [list(np.argsort(-p, kind="stable")[:int(top_k)]) for p in probs]
         else:
             chosen = [list(fixed) for _ in paths]
@@ -107,7 +88,7 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
             if stem in stems:  # same file name from another folder: keep both
                 stem = f"{stem}-{start + i + 1}"
             stems.add(stem)
-            region = central_square(*original.shape[:2])
+            region = pre.region(*original.shape[:2])
             for rank, index in enumerate(chosen[i], start=1):
                 label = labels[int(index)]
                 heat = maps[i, wanted.index(int(index))]
@@ -119,7 +100,7 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
                 peak = [int(v) for v in np.unravel_index(full.argmax(), full.shape)]
                 entries.append(dict(image=path, label=label, probability=round(float(probs[i, index]), 6),
                                     rank=rank, overlay=out, peak_row_col=peak, heatmap_max=float(heat.max())))
-    with open(os.path.join(out_dir, "gradcam.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(model=model_ref, layer=engine.layer_name, method=method, image_size=size,
-                       preprocessing=mode, overlays=entries), f, indent=2)
+    write_json(os.path.join(out_dir, "gradcam.json"), dict(
+        model=source.model_path or getattr(net, "name", None), layer=engine.layer_name, method=method,
+        image_size=pre.image_size, preprocessing=pre.preprocessing, preprocessor=pre.to_config(), overlays=entries))
     return entries

@@ -9,6 +9,7 @@ from collections import OrderedDict, defaultdict
 
 import numpy as np
 
+from cxrkeras.data.image_index import OUTSIDE_ROOT
 from cxrkeras.errors import ConfigError, DataError
 
 BOX_FRAME = 1024  # NIH's box coordinates are in the 1024x1024 original images
@@ -90,18 +91,6 @@ def read_boxes(path):
     return boxes, bad
 
 
-def find_images(images_dir):
-    """{file name: path} of every file under images_dir (recursive); the first of duplicate names wins."""
-    if not os.path.isdir(images_dir):
-        raise DataError(f"images folder {images_dir!r} not found")
-    found = {}
-    for root, dirs, files in os.walk(images_dir):
-        dirs.sort()
-        for name in sorted(files):
-            found.setdefault(name, os.path.join(root, name))
-    return found
-
-
 # --- the whole score ---
 
 
@@ -130,13 +119,12 @@ def _summarise(rows, labels):
     return per_label, stats(rows)
 
 
-def _score_case(heatmap, image_shape, boxes, threshold, rng, draws):
-    """Grad-CAM and random maps of one image and label, scored in the image's own pixel frame."""
-    from cxrkeras.explain.files import central_square
+def _score_case(heatmap, image_shape, region, boxes, threshold, rng, draws):
+    """Grad-CAM and random maps of one image and label, scored in the image's own pixel frame; `region`: the part
+    of the image the model saw (Preprocessor.region)."""
     from cxrkeras.explain.overlay import to_original_frame
 
     height, width = image_shape
-    region = central_square(height, width)  # the part preprocess_for_eval showed the model
     mask = box_mask(boxes, height, width)
     hit, iou = score_map(to_original_frame(heatmap, height, width, region), mask, threshold)
     rand = [score_map(to_original_frame(r, height, width, region), mask, threshold)
@@ -155,71 +143,69 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
     same for `random_draws` seeded random maps per box), rows (one per image and label; several boxes of one label
     in one image are scored as their union), and the boxes left out (image not found, unreadable, unknown label).
     """
-    import tensorflow as tf
-
-    from cxrkeras.data.images import ImageError, read_image
-    from cxrkeras.data.preprocess import preprocess_for_eval
-    from cxrkeras.explain.files import load_model, model_inputs_spec
-    from cxrkeras.explain.gradcam import get_engine
+    from cxrkeras.data.image_index import ImageIndex
+    from cxrkeras.explain import engine as engine_lib
+    from cxrkeras.explain.files import read_inputs
+    from cxrkeras.runs import load_source
 
     if not 0.0 < float(threshold) <= 1.0:
         raise ConfigError(f"threshold must be in (0, 1] (a fraction of each heatmap's maximum), got {threshold}")
     if int(random_draws) < 1:
         raise ConfigError(f"random_draws must be >= 1, got {random_draws}")
-    model_path = model if isinstance(model, str) else None
-    if model_path:
-        model = load_model(model_path)
-    size, mode, labels = model_inputs_spec(model)
-    engine = get_engine(model, layer_name, method)
+    source = load_source(model)
+    net, labels, pre = source.model, source.labels, source.preprocessor
+    engine = engine_lib.get_engine(net, layer_name, method)
     boxes, bad_rows = read_boxes(boxes_csv)
-    files = find_images(images_dir)
+    index = ImageIndex(images_dir, by_name=True, duplicates="first")
+    files = index.names
 
     by_image = OrderedDict()
-    not_found, unknown_label = [], []
+    not_found, unknown_label, unreadable = [], [], []
     for b in boxes:
         if b["label"] not in labels:
             unknown_label.append(f"{b['image']} ({b['label']}, row {b['row']})")
+        elif b["image"] in index.outside_names:
+            unreadable.append(f"{b['image']}: {OUTSIDE_ROOT}")
         elif b["image"] not in files:
             not_found.append(b["image"])
         else:
             by_image.setdefault(b["image"], defaultdict(list))[b["label"]].append(b["box"])
+    unreadable = sorted(set(unreadable))
     # images sorted by their labels so that a batch mostly asks for one class (K small in the backward pass)
     order = sorted(by_image, key=lambda name: (tuple(sorted(by_image[name])), name))
 
-    rows, unreadable = [], []
+    rows = []
     iterator = range(0, len(order), batch_size)
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(iterator, desc="localize", unit="batch")
     for start in iterator:
-        names, arrays = [], []
-        for name in order[start:start + batch_size]:
-            try:
-                arrays.append(read_image(files[name], channels=1))
-                names.append(name)
-            except ImageError as exc:
-                unreadable.append(f"{files[name]}: {exc.reason}")
+        batch = order[start:start + batch_size]
+        arrays, x, good, errors = read_inputs([files[name] for name in batch], pre, batch_size)
+        unreadable += [f"{files[batch[i]]}: {reason}" for i, reason in sorted(errors.items())]
+        names = [batch[i] for i in good]
         if not names:
             continue
-        x = np.stack([preprocess_for_eval(tf.constant(a[..., None], tf.float32), size, mode).numpy() for a in arrays])
         wanted = sorted({labels.index(lbl) for n in names for lbl in by_image[n]})
         with warnings.catch_warnings():  # zero maps are counted in the result (zero_maps) instead
             warnings.simplefilter("ignore", UserWarning)
             maps, probs = engine(x, wanted, batch_size=batch_size)
         for i, (name, arr) in enumerate(zip(names, arrays)):
             for label, label_boxes in sorted(by_image[name].items()):
-                index = labels.index(label)
-                row = _score_case(maps[i, wanted.index(index)], arr.shape[:2], label_boxes, threshold,
-                                  np.random.default_rng([int(seed), zlib.crc32(name.encode()), index]), random_draws)
+                col = labels.index(label)
+                row = _score_case(maps[i, wanted.index(col)], arr.shape[:2], pre.region(*arr.shape[:2]),
+                                  label_boxes, threshold,
+                                  np.random.default_rng([int(seed), zlib.crc32(name.encode()), col]), random_draws)
                 rows.append(OrderedDict(image=name, label=label, boxes=len(label_boxes), height=arr.shape[0],
-                                        width=arr.shape[1], probability=round(float(probs[i, index]), 6), **row,
+                                        width=arr.shape[1], probability=round(float(probs[i, col]), 6), **row,
                                         path=files[name]))
     per_label, overall = _summarise(rows, labels)
     return OrderedDict(
-        settings=OrderedDict(model=model_path or model.name, layer=engine.layer_name, method=method,
+        settings=OrderedDict(model=source.model_path or net.name, layer=engine.layer_name, method=method,
                              threshold=float(threshold), seed=int(seed), random_draws=int(random_draws),
-                             image_size=size, preprocessing=mode, boxes_csv=os.path.abspath(boxes_csv),
+                             image_size=pre.image_size, preprocessing=pre.preprocessing,
+                             preprocessor=pre.to_config(), boxes_csv=os.path.abspath(boxes_csv),
                              images_dir=os.path.abspath(images_dir)),
         boxes_in_file=len(boxes), boxed_images_in_file=len({b["image"] for b in boxes}),
         images_scored=len({r["image"] for r in rows}), overall=overall, per_label=per_label,
@@ -259,13 +245,11 @@ def format_table(result):
 
 def write_result(result, out_dir):
     """localization.json (everything) and localization.csv (one row per image and label); returns both paths."""
-    import json
+    from cxrkeras.fileio import write_json
 
     os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, "localization.json")
+    json_path = write_json(os.path.join(out_dir, "localization.json"), result)
     csv_path = os.path.join(out_dir, "localization.csv")
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
     fields = list(result["rows"][0]) if result["rows"] else ["image", "label"]
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

@@ -4,7 +4,7 @@ import operator
 
 import numpy as np
 
-from cxrkeras.errors import ConfigError, CxrError
+from cxrkeras.errors import ConfigError
 
 
 def _output_rank(layer):
@@ -19,14 +19,11 @@ def spatial_layers(model):
     return [layer.name for layer in model.layers if _output_rank(layer) == 4]
 
 
-def model_metadata(model):
-    """model_info(model) when the model was built by cxrkeras, else {} (a plain Keras model)."""
-    from cxrkeras.models import model_info
+def _info(model):
+    """model_info of a cxrkeras model, {} for a plain Keras model (the caller then searches the graph)."""
+    from cxrkeras.models.build import model_info
 
-    try:
-        return dict(model_info(model) or {})
-    except CxrError:  # a plain Keras model: the caller searches the graph instead
-        return {}
+    return model_info(model, strict=False) or {}
 
 
 def _candidates_text(names, limit=20):
@@ -39,7 +36,7 @@ def _candidates_text(names, limit=20):
 
 def default_layer(model):
     """The recorded feature layer (last LKA output, else last conv block), else the last layer with a 4-D output."""
-    name = model_metadata(model).get("feature_layer")
+    name = _info(model).get("feature_layer")
     if name:
         return resolve_layer(model, name)
     names = spatial_layers(model)
@@ -67,7 +64,7 @@ def resolve_layer(model, layer_name=None):
 
 def model_labels(model):
     """The label names the model's outputs stand for (from model_info), or None when it does not record them."""
-    labels = model_metadata(model).get("labels")
+    labels = _info(model).get("labels")
     return list(labels) if labels else None
 
 

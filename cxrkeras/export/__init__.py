@@ -1,6 +1,8 @@
 """TF Serving export (`export`: SavedModel taking image bytes) and `predict` for image/DICOM files."""
 
-from cxrkeras.export.predict import predict
-from cxrkeras.export.savedmodel import export
+from cxrkeras.lazy import lazy_exports
 
-__all__ = ["export", "predict"]
+_EXPORTS = {"export": "cxrkeras.export.savedmodel", "predict": "cxrkeras.export.predict",
+            "load_predictor": "cxrkeras.export.predict"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

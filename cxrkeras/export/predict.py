@@ -1,7 +1,6 @@
 """`predict(model, files)`: per-label probabilities and findings for image/DICOM files, from an export, a run or
 a .keras file; an unreadable file is reported and the others are still predicted."""
 
-import json
 import os
 
 import numpy as np
@@ -33,17 +32,24 @@ def read_file_bytes(path):
 
 
 class _SavedModelPredictor:
+    """An exported SavedModel: its serving_default signature does the preprocessing in the graph."""
+
     def __init__(self, version_dir):
         import tensorflow as tf
+
+        from cxrkeras.fileio import read_json
 
         self.path = version_dir
         self.note = None
         self.fn = tf.saved_model.load(version_dir).signatures["serving_default"]
         assets = os.path.join(version_dir, "assets")
-        with open(os.path.join(assets, "labels.txt"), encoding="utf-8") as f:
-            self.labels = [ln.strip() for ln in f if ln.strip()]
-        with open(os.path.join(assets, "thresholds.json"), encoding="utf-8") as f:
-            doc = json.load(f)
+        try:
+            with open(os.path.join(assets, "labels.txt"), encoding="utf-8") as f:
+                self.labels = [ln.strip() for ln in f if ln.strip()]
+            doc = read_json(os.path.join(assets, "thresholds.json"))
+        except (OSError, ValueError) as exc:
+            raise CxrError(f"{version_dir}: its assets (labels.txt, thresholds.json) cannot be read ({exc}); "
+                           f"export the model again with `cxrkeras export`") from exc
         self.thresholds = np.asarray(doc["thresholds"], dtype=np.float64)
         self.warning = doc.get("warning")
 
@@ -55,12 +61,14 @@ class _SavedModelPredictor:
 
 
 class _KerasPredictor:
-    def __init__(self, target, log):
-        from cxrkeras.evaluation.source import resolve
-        from cxrkeras.export.savedmodel import resolve_thresholds
+    """A run folder or .keras file: the model's own Preprocessor, through the serving graph's `bytes_to_inputs`."""
 
-        self.source = resolve(target)
-        self.note = self.source.note
+    def __init__(self, target, log):
+        from cxrkeras.export.savedmodel import resolve_thresholds
+        from cxrkeras.runs import load_source
+
+        self.source = load_source(target)
+        self.note = "\n".join(n for n in (self.source.note, self.source.preprocessor_note) if n) or None
         self.path = self.source.model_path
         self.labels = self.source.labels
         thresholds, info = resolve_thresholds(self.source, None, log=lambda *_: None)
@@ -72,9 +80,10 @@ class _KerasPredictor:
 
         from cxrkeras.export.serving import bytes_to_inputs
 
-        s = self.source
-        x = bytes_to_inputs(tf.constant(blobs), s.image_size, s.preprocessing, s.equalize)
-        probs = np.asarray(s.model(x, training=False), dtype=np.float64)
+        from cxrkeras.inference import inference_step
+
+        x = bytes_to_inputs(tf.constant(blobs), self.source.preprocessor)
+        probs = np.asarray(inference_step(self.source.model)(x), dtype=np.float64)
         return probs, probs >= self.thresholds.astype(np.float32)
 
 
@@ -97,7 +106,7 @@ def load_predictor(model, log=print):
 def expand_inputs(paths):
     """[(file, error or None)]: files as given; a folder searched recursively for PNG/JPEG/DICOM files (sorted),
     never following a link out of it (such files are listed with the error "outside the image root")."""
-    from cxrkeras.data.sources import OUTSIDE_ROOT, ImageIndex
+    from cxrkeras.data.image_index import OUTSIDE_ROOT, ImageIndex
 
     out = []
     for path in paths:

@@ -1,17 +1,15 @@
 """`export(run_or_model, out_base)`: a TF Serving SavedModel in the next numbered version folder, checked after."""
 
-import datetime
-import json
 import os
 import re
 import shutil
 import tempfile
 
+from cxrkeras.constants import THRESHOLD_METHODS
 from cxrkeras.errors import CxrError
 from cxrkeras.evaluation import metrics
-from cxrkeras.evaluation.source import resolve
-
-THRESHOLD_METHODS = metrics.THRESHOLD_METHODS
+from cxrkeras.fileio import atomic_write, json_text, utc_now, yaml_text
+from cxrkeras.runs import load_source
 
 
 def version_dirs(out_base):
@@ -28,15 +26,8 @@ def next_version(out_base):
 
 def _thresholds_from_evaluation(source, method, log):
     """Thresholds of this very model from a previous `cxrkeras evaluate --run` (matched by the .keras sha256)."""
-    if not source.model_sha256:
-        return None
-    for folder in source.evaluation_dirs():
-        path = os.path.join(folder, "thresholds.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-        if doc.get("model_sha256") != source.model_sha256:
+    for path, doc, ours in source.evaluation_files("thresholds.json"):
+        if not ours:
             log(f"note: {path} belongs to another model file (sha256 differs): not used")
             continue
         if doc.get("labels") != source.labels or method not in doc.get("methods", {}):
@@ -49,15 +40,9 @@ def _thresholds_from_evaluation(source, method, log):
 
 def _test_metrics_from_evaluation(source):
     """The metrics.json of a previous test-split evaluation of this model file, or None."""
-    if not source.model_sha256:
-        return None
-    for folder in source.evaluation_dirs():
-        path = os.path.join(folder, "metrics.json")
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
-            if doc.get("model_sha256") == source.model_sha256 and doc.get("split") == "test":
-                return path
+    for path, doc, ours in source.evaluation_files("metrics.json"):
+        if ours and doc.get("split") == "test":
+            return path
     return None
 
 
@@ -89,37 +74,32 @@ def resolve_thresholds(source, records_dir=None, method="youden", val_split="val
 
 
 def _write_assets(folder, source, thresholds, thr_info, method, test_metrics_path):
-    import yaml
-
     from cxrkeras import __version__
 
     paths = {}
 
     def put(name, text):
-        path = os.path.join(folder, name)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        paths[os.path.splitext(name)[0]] = path
+        paths[os.path.splitext(name)[0]] = atomic_write(os.path.join(folder, name), text)
 
     put("labels.txt", "\n".join(source.labels) + "\n")
-    put("thresholds.json", json.dumps(metrics.to_jsonable(
-        {"labels": source.labels, "thresholds": thresholds, "method": method, **thr_info}), indent=2) + "\n")
-    config = source.config or {"data": {"image_size": source.image_size, "equalize": source.equalize},
-                               "model": {"variant": source.variant}}
-    put("config.yaml", yaml.safe_dump(config, sort_keys=False))
+    put("thresholds.json", json_text({"labels": source.labels, "thresholds": thresholds, "method": method,
+                                      **thr_info}))
+    config = source.config.to_dict() if source.config else {
+        "data": {"image_size": source.image_size, "equalize": source.equalize}, "model": {"variant": source.variant}}
+    put("config.yaml", yaml_text(config))
     if test_metrics_path:
         shutil.copyfile(test_metrics_path, os.path.join(folder, "test_metrics.json"))
         paths["test_metrics"] = os.path.join(folder, "test_metrics.json")
-    info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cxrkeras": __version__, "model": source.model_path, "model_sha256": source.model_sha256,
-            "variant": source.variant, "labels": source.labels, "image_size": source.image_size,
-            "preprocessing": source.preprocessing, "equalize": source.equalize, "threshold_method": method,
+    info = {"created": utc_now(), "cxrkeras": __version__, "model": source.model_path,
+            "model_sha256": source.model_sha256, "variant": source.variant, "labels": source.labels,
+            "image_size": source.image_size, "preprocessing": source.preprocessing, "equalize": source.equalize,
+            "preprocessor": source.preprocessor.to_config(), "threshold_method": method,
             "thresholds_source": thr_info.get("source"), "warning": thr_info.get("warning"),
             "signatures": {"serving_default": "image_bytes: string [batch] (PNG/JPEG) -> probabilities float32 "
                                               "[batch, labels], findings bool [batch, labels]",
                            "predict_images": f"images: float32 [batch, {source.image_size}, {source.image_size}, 3] "
                                              f"(preprocessed) -> probabilities, findings"}}
-    put("export_info.json", json.dumps(metrics.to_jsonable(info), indent=2) + "\n")
+    put("export_info.json", json_text(info))
     return paths
 
 
@@ -140,9 +120,11 @@ def export(run_or_model, out_base, records_dir=None, threshold_method="youden", 
             os.path.isfile(os.path.join(out_base, "saved_model.pb")):
         raise CxrError(f"--out {out_base!r} is a version folder of an export: give its parent (the model base "
                        f"folder); the next version number is chosen there")
-    source = resolve(run_or_model)
-    if source.note:
-        log(source.note)
+    source = load_source(run_or_model)
+    for note in (source.note, source.preprocessor_note):
+        if note:
+            log(note)
+    log(f"preprocessing: {source.preprocessor.describe()}")
     thresholds, thr_info = resolve_thresholds(source, records_dir, threshold_method, val_split, batch_size, log)
     os.makedirs(out_base, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".export-", dir=out_base)  # not numeric: TF Serving ignores it
@@ -152,8 +134,7 @@ def export(run_or_model, out_base, records_dir=None, threshold_method="youden", 
         assets = _write_assets(asset_dir, source, thresholds, thr_info, threshold_method,
                                _test_metrics_from_evaluation(source))
         staged = os.path.join(work, "model")
-        archive = build_archive(source.model, thresholds, source.image_size, source.preprocessing, source.equalize,
-                                asset_paths=assets)
+        archive = build_archive(source.model, thresholds, source.preprocessor, asset_paths=assets)
         archive.write_out(staged, verbose=False)
         # a numbered folder appears only complete (rename), so a polling TF Serving never loads half a model
         while True:
@@ -171,7 +152,7 @@ def export(run_or_model, out_base, records_dir=None, threshold_method="youden", 
                   "labels": source.labels, "warning": thr_info.get("warning")}
         if verify:
             case_dir = os.path.join(work, "case")
-            write_case(case_dir, source.model, source.image_size, source.preprocessing, source.equalize)
+            write_case(case_dir, source.model, source.preprocessor)
             check = run_fresh(target, case_dir)
             result["verification"] = check
             log(check["signatures"])

@@ -1,10 +1,15 @@
-"""The serving graph: encoded image bytes → in-graph eval preprocessing → probabilities and thresholded findings."""
+"""The serving graph: encoded image bytes → the model's `Preprocessor` in the graph → probabilities and findings.
+
+`bytes_to_inputs` is also how predict, Grad-CAM and localisation turn files into model inputs, so every consumer
+sees the pixels a served request sees, and those are the pixels evaluation sees in the records.
+"""
 
 import re
 
+import numpy as np
 import tensorflow as tf
 
-from cxrkeras.data.preprocess import decode_levels, preprocess_for_eval
+from cxrkeras.data.preprocessor import Preprocessor
 
 BYTES_SIGNATURE = "serving_default"
 IMAGES_SIGNATURE = "predict_images"
@@ -80,15 +85,24 @@ def _declared_size(contents):
                    lambda: tf.cast(tf.io.extract_jpeg_shape(contents)[:2], tf.int64), png)
 
 
-def bytes_to_inputs(image_bytes, image_size, preprocessing, equalize=None):
-    """[B] encoded images → [B, S, S, 3] float32 model inputs, exactly the evaluation transform.
+def as_preprocessor(preprocessor, preprocessing=None, equalize=None):
+    """A Preprocessor, or one made from the former (image_size, preprocessing, equalize) arguments."""
+    if isinstance(preprocessor, Preprocessor):
+        return preprocessor
+    return Preprocessor(image_size=int(preprocessor), preprocessing=preprocessing or "torch", equalize=equalize)
+
+
+def bytes_to_inputs(image_bytes, preprocessor, preprocessing=None, equalize=None):
+    """[B] encoded images → [B, S, S, 3] float32 model inputs through `preprocessor` (a Preprocessor; an image size
+    with `preprocessing` and `equalize`, as this function took before, makes one that records no stored size).
 
     Every bad item fails the whole request with one InvalidArgumentError "image_bytes[i]: ..." naming the first bad
     item: not PNG/JPEG, empty, over MAX_IMAGE_SIDE / MAX_IMAGE_PIXELS, or undecodable (truncated/corrupt). The
     images are decoded in a tf.data pipeline whose `ignore_errors` drops an item the decoder refuses, so the
     missing index names it (a decoder error alone would not say which item it was).
     """
-    image_size = int(image_size)
+    preprocessor = as_preprocessor(preprocessor, preprocessing, equalize)
+    image_size = preprocessor.image_size
     image_bytes = check_image_bytes(tf.convert_to_tensor(image_bytes, tf.string))
     n = tf.shape(image_bytes)[0]
     blank = tf.zeros([image_size, image_size, 3], tf.float32)
@@ -96,8 +110,7 @@ def bytes_to_inputs(image_bytes, image_size, preprocessing, equalize=None):
     def one(contents, index):
         hw = _declared_size(contents)
         too_big = tf.logical_or(tf.reduce_any(hw > MAX_IMAGE_SIDE), hw[0] * hw[1] > MAX_IMAGE_PIXELS)
-        image = tf.cond(too_big, lambda: blank,
-                        lambda: preprocess_for_eval(decode_levels(contents), image_size, preprocessing, equalize))
+        image = tf.cond(too_big, lambda: blank, lambda: preprocessor.from_bytes(contents))
         return tf.ensure_shape(image, blank.shape), index, too_big, hw
 
     items = tf.data.Dataset.from_tensor_slices((image_bytes, tf.range(n)))
@@ -125,17 +138,18 @@ def bytes_to_inputs(image_bytes, image_size, preprocessing, equalize=None):
         return tf.identity(images)
 
 
-def make_endpoints(model, thresholds, image_size, preprocessing, equalize=None):
+def make_endpoints(model, thresholds, preprocessor, preprocessing=None, equalize=None):
     """(bytes_fn, images_fn, specs): plain functions of the two signatures and their input signatures."""
+    preprocessor = as_preprocessor(preprocessor, preprocessing, equalize)
     thresholds = tf.constant(thresholds, tf.float32, name="thresholds")
-    image_size = int(image_size)
+    image_size = preprocessor.image_size
 
     def outputs(images):
         probs = tf.cast(model(images, training=False), tf.float32)
         return {"probabilities": probs, "findings": tf.greater_equal(probs, thresholds)}
 
     def serve_bytes(image_bytes):
-        return outputs(bytes_to_inputs(image_bytes, image_size, preprocessing, equalize))
+        return outputs(bytes_to_inputs(image_bytes, preprocessor))
 
     def serve_images(images):
         return outputs(images)
@@ -145,11 +159,11 @@ def make_endpoints(model, thresholds, image_size, preprocessing, equalize=None):
     return serve_bytes, serve_images, specs
 
 
-def build_archive(model, thresholds, image_size, preprocessing, equalize=None, asset_paths=None):
+def build_archive(model, thresholds, preprocessor, asset_paths=None):
     """A keras.export.ExportArchive with both signatures (serving_default first) and `asset_paths` as assets."""
     import keras
 
-    serve_bytes, serve_images, specs = make_endpoints(model, thresholds, image_size, preprocessing, equalize)
+    serve_bytes, serve_images, specs = make_endpoints(model, thresholds, preprocessor)
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(BYTES_SIGNATURE, serve_bytes, input_signature=specs[BYTES_SIGNATURE])
@@ -159,6 +173,40 @@ def build_archive(model, thresholds, image_size, preprocessing, equalize=None, a
     for name, path in (asset_paths or {}).items():
         setattr(trackable, f"asset_{name}", tf.saved_model.Asset(path))
     return archive
+
+
+def inputs_of(blobs, preprocessor, batch_size=16):
+    """(model inputs float32 [n, S, S, 3] of the good items, their indices, {index: reason} of the bad ones) for
+    encoded images `blobs`, through `bytes_to_inputs`: a bad item is named and costs the others nothing."""
+    preprocessor = as_preprocessor(preprocessor)
+    good, index, errors = [], [], {}
+
+    def convert(items):
+        return bytes_to_inputs(tf.constant([blobs[i] for i in items]), preprocessor).numpy()
+
+    for start in range(0, len(blobs), max(1, int(batch_size))):
+        chunk = list(range(start, min(start + max(1, int(batch_size)), len(blobs))))
+        while chunk:
+            try:
+                x = convert(chunk)
+            except tf.errors.InvalidArgumentError as exc:
+                at, reason = item_error(exc.message)
+                if at is not None and 0 <= at < len(chunk):
+                    errors[chunk[at]] = reason
+                    chunk = chunk[:at] + chunk[at + 1:]
+                    continue
+                for i in chunk:  # no index in the message: one item at a time finds the culprit
+                    try:
+                        good.append(convert([i])[0])
+                        index.append(i)
+                    except tf.errors.InvalidArgumentError as one:
+                        errors[i] = item_error(one.message)[1]
+                break
+            good += list(x)
+            index += chunk
+            break
+    size = preprocessor.image_size
+    return (np.stack(good) if good else np.zeros((0, size, size, 3), np.float32)), index, errors
 
 
 def item_error(message):

@@ -70,22 +70,21 @@ def verification_images(sample_dir=None):
     return out
 
 
-def write_case(case_dir, model, image_size, preprocessing, equalize=None, images=None):
-    """Keras-side reference: inputs and expected outputs of both signatures, saved to case_dir/case.npz."""
+def write_case(case_dir, model, preprocessor, images=None):
+    """Keras-side reference: inputs (each file through `preprocessor`, eagerly, one at a time) and expected outputs
+    of both signatures, saved to case_dir/case.npz."""
     import tensorflow as tf
 
-    from cxrkeras.data.preprocess import decode_image, preprocess_for_eval
+    from cxrkeras.fileio import write_json
 
     images = images or verification_images()
     os.makedirs(case_dir, exist_ok=True)
-    x = np.stack([preprocess_for_eval(decode_image(tf.constant(b)), image_size, preprocessing, equalize).numpy()
-                  for _, b in images])
+    x = np.stack([preprocessor.from_bytes(tf.constant(b)).numpy() for _, b in images])
     expected = np.asarray(model(x, training=False), dtype=np.float32)
     blobs = {f"bytes_{i}": np.frombuffer(b, dtype=np.uint8) for i, (_, b) in enumerate(images)}
     np.savez(os.path.join(case_dir, "case.npz"), images=x.astype(np.float32), expected=expected,
              n=np.array(len(images)), **blobs)
-    with open(os.path.join(case_dir, "names.json"), "w", encoding="utf-8") as f:
-        json.dump([name for name, _ in images], f)
+    write_json(os.path.join(case_dir, "names.json"), [name for name, _ in images])
     return expected
 
 
@@ -116,7 +115,8 @@ def _check(version_dir, case_dir):
     case = np.load(os.path.join(case_dir, "case.npz"))
     n = int(case["n"])
     blobs = [case[f"bytes_{i}"].tobytes() for i in range(n)]
-    thresholds = json.load(open(os.path.join(version_dir, "assets", "thresholds.json"), encoding="utf-8"))
+    with open(os.path.join(version_dir, "assets", "thresholds.json"), encoding="utf-8") as f:
+        thresholds = json.load(f)  # plain json: this check must not depend on cxrkeras
     thr = np.asarray(thresholds["thresholds"], dtype=np.float32)
     loaded = tf.saved_model.load(version_dir)
     serve = loaded.signatures["serving_default"]

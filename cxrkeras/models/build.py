@@ -72,7 +72,7 @@ def _batch_norm(spec, options, overrides):
 
 
 def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3), label_names=None,
-                weights_labels=None, **overrides):
+                weights_labels=None, preprocessor=None, **overrides):
     """Build a registered variant as a functional keras.Model ending in a sigmoid layer named "predictions".
 
     overrides: lka_blocks ("none" | "after" | "last2"/"last3" | "full" | list of block numbers and/or "after"),
@@ -88,8 +88,11 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
     fastai files); or a local .keras / .h5 (by layer name) / .weights.h5 (same architecture) file.
     weights_labels: the output order of a full PyTorch checkpoint's head (a list, "paper" or "nih"); default: the
     paper's order for files in the paper's layout, else the file's order is taken as `label_names`.
+    preprocessor: a `cxrkeras.data.Preprocessor` (or its config) of the data the model is trained on; stored with
+    the model (model_info) so that serving and Grad-CAM rebuild the evaluation's preprocessing. Its normalisation
+    and image size must be the model's.
     """
-    from cxrkeras.data.preprocess import check_mode
+    from cxrkeras.data.normalize import check_mode
 
     spec = get_variant(variant)
     options = build_options(spec.name, weights, **overrides)
@@ -134,7 +137,8 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
                       bn_epsilon=bn and bn["epsilon"], bn_momentum=bn and bn["momentum"],
                       final_relu=final_relu if spec.backbone == "densenet121" else None)
     metadata = dict(labels=labels, variant=spec.name, preprocessing=preprocessing,
-                    feature_layer=feature_layer, build_args=build_args)
+                    feature_layer=feature_layer, build_args=build_args,
+                    preprocessor=_preprocessor_config(preprocessor, preprocessing, shape))
     outputs = apply_head(x, len(labels), dropout, metadata)
     model = keras.Model(inputs, outputs, name=options.get("name") or spec.name.replace("-", "_"))
     if weights is not None:
@@ -149,18 +153,36 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
     return model
 
 
-def model_info(model):
-    """dict(variant, labels, preprocessing, feature_layer, input_shape) of a model made by build_model.
+def _preprocessor_config(preprocessor, preprocessing, shape):
+    """The stored form of `preprocessor`, checked against the model it goes with (None stays None)."""
+    if preprocessor is None:
+        return None
+    from cxrkeras.data.preprocessor import Preprocessor
 
-    Works on a model reloaded from .keras: everything is read from its "predictions" layer's config.
+    if not isinstance(preprocessor, Preprocessor):
+        preprocessor = Preprocessor.from_config(dict(preprocessor))
+    if preprocessor.preprocessing != preprocessing or (preprocessor.image_size,) * 2 != tuple(shape[:2]):
+        raise ConfigError(f"preprocessor ({preprocessor.describe()}) does not fit the model: its input is "
+                          f"{shape[0]}x{shape[1]} with {preprocessing} normalisation")
+    return preprocessor.to_config()
+
+
+def model_info(model, strict=True):
+    """dict(variant, labels, preprocessing, feature_layer, input_shape, build_args, preprocessor) of a model made by
+    build_model (preprocessor: its stored Preprocessor config, or None).
+
+    Works on a model reloaded from .keras: everything is read from its "predictions" layer's config. A model not
+    made by build_model raises CxrError, or gives None with strict=False (a plain Keras model in the API).
     """
     try:
         head = model.get_layer("predictions")
-    except ValueError:
+    except (ValueError, AttributeError):
         head = None
     if not isinstance(head, MultiLabelDense):
+        if not strict:
+            return None
         raise CxrError(f"model {getattr(model, 'name', model)!r} was not built by cxrkeras.models.build_model "
                        "(no MultiLabelDense layer named 'predictions'); rebuild it with build_model")
     return dict(variant=head.variant, labels=list(head.labels), preprocessing=head.preprocessing,
                 feature_layer=head.feature_layer, input_shape=tuple(model.input_shape[1:]),
-                build_args=dict(head.build_args))
+                build_args=dict(head.build_args), preprocessor=getattr(head, "preprocessor", None))

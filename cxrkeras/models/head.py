@@ -12,18 +12,22 @@ class MultiLabelDense(keras.layers.Dense):
     """
 
     def __init__(self, units, labels=(), variant=None, preprocessing=None, feature_layer=None, build_args=None,
-                 activation="sigmoid", **kwargs):
+                 preprocessor=None, activation="sigmoid", **kwargs):
         super().__init__(units, activation=activation, **kwargs)
         self.labels = [str(label) for label in labels]
         self.variant = variant
         self.preprocessing = preprocessing
         self.feature_layer = feature_layer
         self.build_args = dict(build_args or {})
+        # Preprocessor.to_config() of the data the model was trained on (records' size and channels, equalisation):
+        # serving and Grad-CAM rebuild the same chain from it. None for models built outside training.
+        self.preprocessor = dict(preprocessor) if preprocessor else None
 
     def get_config(self):
         config = super().get_config()
         config.update(labels=list(self.labels), variant=self.variant, preprocessing=self.preprocessing,
-                      feature_layer=self.feature_layer, build_args=dict(self.build_args))
+                      feature_layer=self.feature_layer, build_args=dict(self.build_args),
+                      preprocessor=dict(self.preprocessor) if self.preprocessor else None)
         return config
 
 

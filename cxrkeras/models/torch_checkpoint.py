@@ -13,7 +13,6 @@ Any other file is a full checkpoint: every tensor must map and every layer must 
 no layer, a missing tensor or a shape mismatch is an error naming the tensor and the layer.
 """
 
-import logging
 import os
 import re
 import zipfile
@@ -23,8 +22,6 @@ import numpy as np
 from cxrkeras.errors import ConfigError
 from cxrkeras.labels import NIH_LABELS, PAPER_LABEL_ORDER
 from cxrkeras.models.torch_names import HEAD_PREFIXES, densenet_names, describe_layout, imagenet_head, vgg_names
-
-log = logging.getLogger(__name__)
 
 TORCH_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_EXTENSION = ".safetensors"
@@ -320,7 +317,7 @@ def _all_targets(model):
 # --- loading, reporting, converting ---
 
 def load_torch_checkpoint(model, path, variant, weights_labels=None, state=None, notes=()):
-    """Map a PyTorch checkpoint onto `model` (all or nothing) and return the report (also logged)."""
+    """Map a PyTorch checkpoint onto `model` (all or nothing) and return the report (`format_report` prints it)."""
     from cxrkeras.models.build import model_info
 
     if state is None:
@@ -333,7 +330,6 @@ def load_torch_checkpoint(model, path, variant, weights_labels=None, state=None,
                                "preprocessing='torch'")
     for layer, arrays in plan:
         layer.set_weights([np.asarray(a, dtype=w.dtype) for a, w in zip(arrays, layer.weights)])
-    log.info("%s", format_report(report))
     return report
 
 

@@ -7,7 +7,6 @@ input preprocessing ("caffe" for keras.applications' plain VGG16, "torch" = Imag
 """
 
 import json
-import logging
 import os
 import re
 import warnings
@@ -16,8 +15,6 @@ import zipfile
 import numpy as np
 
 from cxrkeras.errors import ConfigError, CxrError
-
-log = logging.getLogger(__name__)
 
 _BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 _HF = "https://huggingface.co/timm/"
@@ -104,29 +101,17 @@ def origin_defaults(variant, weights):
 
 def _keras_file_settings(path):
     """{origin, preprocessing, bn_epsilon, bn_momentum} recorded in a .keras file's config.json (those found)."""
+    from cxrkeras.models.keras_file import batch_norm_settings, head_config, read_keras_config
+
     try:
-        with zipfile.ZipFile(path) as z:
-            config = json.loads(z.read("config.json"))
-    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+        config = read_keras_config(path)
+    except CxrError:
         return {}
-    found = {}
-
-    def walk(node):
-        if isinstance(node, dict):
-            name, cfg = node.get("class_name"), node.get("config")
-            if isinstance(cfg, dict):
-                if name == "BatchNormalization" and "bn_epsilon" not in found:
-                    found.update(bn_epsilon=cfg.get("epsilon"), bn_momentum=cfg.get("momentum"))
-                if str(name).endswith("MultiLabelDense") and cfg.get("preprocessing"):
-                    found["preprocessing"] = cfg["preprocessing"]
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(config)
-    if "bn_epsilon" in found:
+    found = dict(batch_norm_settings(config))
+    head = head_config(config) or {}
+    if head.get("preprocessing"):
+        found["preprocessing"] = head["preprocessing"]
+    if found.get("bn_epsilon") is not None:
         found["origin"] = "torch" if abs(float(found["bn_epsilon"]) - 1e-5) < 1e-9 else "keras"
     return found
 
@@ -339,8 +324,6 @@ def assign_by_name(model, arrays_by_name, source, strict_missing=False):
     for layer, arrays in matched:
         layer.set_weights(arrays)
     unused = sorted(set(arrays_by_name) - {layer.name for layer, _ in matched})
-    log.info("loaded %d layers from %s; kept initial values for %s; unused in file: %s", len(matched), source,
-             missing or "none", unused or "none")
     return dict(loaded=[layer.name for layer, _ in matched], missing=missing, unused=unused, source=str(source))
 
 

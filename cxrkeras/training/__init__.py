@@ -1,14 +1,8 @@
 """Two-stage training (`train(config, stage)`), run folders and device strategy; TensorFlow loads on first use."""
 
+from cxrkeras.lazy import lazy_exports
 
-def train(config, stage, init=None, callbacks=(), log=print):
-    """See `cxrkeras.training.trainer.train` (imported lazily so `import cxrkeras.training` stays light)."""
-    from cxrkeras.training.trainer import train as _train
-
-    return _train(config, stage, init=init, callbacks=callbacks, log=log)
-
-
-def best_model_path(run_dir):
-    from cxrkeras.training.rundir import best_model_path as _best
-
-    return _best(run_dir)
+_EXPORTS = {"train": "cxrkeras.training.trainer", "TrainResult": "cxrkeras.training.trainer",
+            "best_model_path": "cxrkeras.runs"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

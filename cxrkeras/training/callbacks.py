@@ -15,7 +15,9 @@ import time
 import keras
 import numpy as np
 
-MONITOR = "val_auc_mean"
+from cxrkeras.evaluation.metrics import per_label_auc
+
+MONITOR = "val_auc_mean"  # the default monitored value; every callback here takes `monitor`
 
 
 def _finite(value):
@@ -28,18 +30,6 @@ def current_lr(optimizer):
     if callable(lr) and not hasattr(lr, "numpy"):
         lr = lr(optimizer.iterations)
     return float(keras.ops.convert_to_numpy(lr))
-
-
-def auc_per_label(y_true, y_score, labels):
-    """Exact ROC AUC per label (NaN where the split has only one class) and their mean over defined labels."""
-    from sklearn.metrics import roc_auc_score
-
-    out = {}
-    for j, label in enumerate(labels):
-        col = y_true[:, j]
-        out[label] = float(roc_auc_score(col, y_score[:, j])) if 0 < col.sum() < len(col) else float("nan")
-    defined = [v for v in out.values() if math.isfinite(v)]
-    return out, (float(np.mean(defined)) if defined else float("nan"))
 
 
 class Guard:
@@ -107,7 +97,6 @@ class ValidationAUC(keras.callbacks.Callback):
         self.labels = list(labels)
         self.guard = guard
         self.loss_fn = loss_fn
-        self._predict = None
         self.last = None  # (per-label dict, mean)
 
     @staticmethod
@@ -115,17 +104,11 @@ class ValidationAUC(keras.callbacks.Callback):
         return f"val_auc_{label}"
 
     def predict(self):
-        import tensorflow as tf
+        """(labels, probabilities) over the whole validation split (cxrkeras.inference's one loop)."""
+        from cxrkeras.inference import predict_dataset
 
-        if self._predict is None:
-            model = self.model
-            self._predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        ys, ps = [], []
-        for batch in self.dataset:
-            x, y = batch[0], batch[1]
-            ps.append(np.asarray(self._predict(x), dtype=np.float64))
-            ys.append(np.asarray(y))
-        return np.concatenate(ys), np.concatenate(ps)
+        probs, labels, _ = predict_dataset(self.model, self.dataset)
+        return labels, probs
 
     def _loss(self, y, p):
         return float(keras.ops.convert_to_numpy(self.loss_fn(y.astype("float32"), p.astype("float32"))))
@@ -137,7 +120,7 @@ class ValidationAUC(keras.callbacks.Callback):
         logs["learning_rate"] = current_lr(self.model.optimizer)
         finite = bool(np.all(np.isfinite(p)))
         if finite:
-            per_label, mean = auc_per_label(y, p, self.labels)
+            per_label, mean = per_label_auc(y, p, self.labels)
             self.last = (per_label, mean)
             if self.loss_fn is not None:
                 logs["val_loss"] = self._loss(y, p)
@@ -225,9 +208,9 @@ class EarlyStop(_Patience):
 class PlateauLR(_Patience):
     """Multiply the learning rate by `factor` after `patience` epochs without a better monitored value."""
 
-    def __init__(self, factor, patience, min_lr, monitor=MONITOR):
+    def __init__(self, factor, patience, min_lr, monitor=MONITOR, log=print):
         super().__init__(patience, monitor)
-        self.factor, self.min_lr = factor, min_lr
+        self.factor, self.min_lr, self.log = factor, min_lr, log
 
     def on_epoch_end(self, epoch, logs=None):
         if not (self._stalled(logs) and self.wait >= self.patience):
@@ -236,7 +219,7 @@ class PlateauLR(_Patience):
         new = max(lr * self.factor, self.min_lr)
         if new < lr:
             self.model.optimizer.learning_rate.assign(new)
-            print(f"epoch {epoch + 1}: {self.monitor} has not improved for {self.wait} epochs; "
+            self.log(f"epoch {epoch + 1}: {self.monitor} has not improved for {self.wait} epochs; "
                   f"learning rate {lr:.3g} -> {new:.3g}")
         self.wait = 0
 
@@ -339,7 +322,7 @@ class ResumeSnapshot(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.stopped or not self.enabled:
             return
-        from cxrkeras.training.rundir import write_json
+        from cxrkeras.fileio import write_json
 
         save_model(self.model, self.last_path)
         os.makedirs(self.resume_dir, exist_ok=True)
@@ -356,12 +339,17 @@ class ResumeSnapshot(keras.callbacks.Callback):
 
 def load_resume_state(resume_dir):
     """The snapshot written by ResumeSnapshot, or None (with the weights path made absolute)."""
-    from cxrkeras.training.rundir import read_json
+    from cxrkeras.errors import CxrError
+    from cxrkeras.fileio import read_json
 
     path = os.path.join(resume_dir, "state.json")
-    if not os.path.isfile(path):
+    try:
+        state = read_json(path, missing_ok=True)
+    except (OSError, ValueError) as exc:
+        raise CxrError(f"{path}: the resume snapshot cannot be read ({exc}); pass --overwrite to train the stage "
+                       f"again") from exc
+    if state is None:
         return None
-    state = read_json(path)
     state["weights"] = os.path.join(resume_dir, state["weights"])
     if not os.path.isfile(state["weights"]):
         return None

@@ -1,31 +1,20 @@
-"""The run folder `<root>/<name>/stage1|stage2/`: config, run_info.json, history, checkpoints, resume state."""
+"""Writing the run folder `<root>/<name>/stage1|stage2/`: creating or resuming a stage folder (refusing another
+config), its config.yaml, and the facts run_info.json records (git commit, versions, the records' fingerprint).
+Its layout and every reader live in cxrkeras.runs."""
 
-import datetime
-import json
 import os
 import platform
 import shutil
 import subprocess
 
-import yaml
-
-from cxrkeras.errors import ConfigError, CxrError, DataError
+from cxrkeras.errors import ConfigError, DataError
+from cxrkeras.fileio import atomic_write, read_yaml
 from cxrkeras.hashing import sha256_file
-
-CONFIG_FILE = "config.yaml"
-RUN_INFO_FILE = "run_info.json"
-HISTORY_FILE = "history.csv"
-BEST_FILE = "best.keras"
-LAST_FILE = "last.keras"
-TENSORBOARD_DIR = "tensorboard"
-RESUME_DIR = "resume"  # weights + optimiser state and callback state after the last finished epoch
+from cxrkeras.runs import (BEST_FILE, CONFIG_FILE, HISTORY_FILE, LAST_FILE, RESUME_DIR, RUN_INFO_FILE,  # noqa: F401
+                           TENSORBOARD_DIR, RunInfo, best_model_choice, best_model_path, stage_name)
 
 # Keys that may change between a run and its resumption without it counting as a different run.
 RESUMABLE_DIFFERENCES = ("run.overwrite", "train.epochs", "train.verbose", "data.verify_records")
-
-
-def stage_name(stage):
-    return f"stage{int(stage)}"
 
 
 def run_path(config):
@@ -34,48 +23,6 @@ def run_path(config):
 
 def stage_path(config, stage):
     return os.path.join(run_path(config), stage_name(stage))
-
-
-def best_model_path(run_dir):
-    """The best .keras of a run folder: stage 2's if present, else stage 1's; accepts a stage folder or a .keras."""
-    return best_model_choice(run_dir)[0]
-
-
-def best_model_choice(run_dir):
-    """(best_model_path, note): the note is one line saying that a run folder's stage 1 model is used because
-    stage 2 has no best.keras (None otherwise), for the commands to print."""
-    if os.path.isfile(run_dir) and run_dir.endswith(".keras"):
-        return run_dir, None
-    candidates = [os.path.join(run_dir, BEST_FILE)]
-    candidates += [os.path.join(run_dir, stage_name(s), BEST_FILE) for s in (2, 1)]
-    for path in candidates:
-        if os.path.isfile(path):
-            note = None
-            if path == candidates[2]:
-                stage2 = os.path.join(run_dir, stage_name(2))
-                why = ("stage 2 has no best.keras (not finished, or stopped before a good epoch)"
-                       if os.path.isdir(stage2) else "the run has no stage 2")
-                note = f"note: {why}: using stage 1's model {path}"
-            return path, note
-    raise CxrError(f"{run_dir!r} holds no {BEST_FILE} (looked in {run_dir}/stage2 and stage1): train it first with "
-                   f"`cxrkeras train --config ... --stage 1`, or give a .keras file")
-
-
-def atomic_write(path, text):
-    """Write text so that a kill mid-write leaves the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def write_json(path, data):
-    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def manifest_sha256(records_dir):
@@ -145,15 +92,13 @@ def prepare_stage_dir(config, stage, overwrite=False):
             raise ConfigError(f"{path} exists but holds no {CONFIG_FILE}, so it is not a cxrkeras run folder of "
                               f"this config: pass --overwrite to replace it, or choose another --name")
         else:
-            with open(cfg_path, encoding="utf-8") as f:
-                old = yaml.safe_load(f) or {}
+            old = read_yaml(cfg_path, what="run config")
             diffs = config_differences(old, config.to_dict())
             if diffs:
                 raise ConfigError(f"{path} holds a run of a different config ({'; '.join(diffs)}): pass --overwrite "
                                   f"to replace it, or choose another run name with --name")
-            info_path = os.path.join(path, RUN_INFO_FILE)
-            info = read_json(info_path) if os.path.isfile(info_path) else {}
-            finished = info.get("finished") and info.get("epochs_requested") == config.train.epochs
+            info = RunInfo.read(path) or RunInfo()
+            finished = info.finished and info.epochs_requested == config.train.epochs
             state = "finished" if finished else "resume"
     os.makedirs(path, exist_ok=True)
     return path, state
@@ -163,7 +108,3 @@ def write_config(path, config):
     from cxrkeras.config import dump_yaml
 
     atomic_write(os.path.join(path, CONFIG_FILE), dump_yaml(config))
-
-
-def now():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -3,7 +3,7 @@
 import json
 import os
 
-from cxrkeras.errors import ConfigError
+from cxrkeras.errors import ConfigError, CxrError
 
 
 def tf_config():
@@ -104,12 +104,54 @@ def is_multi_worker(strategy):
         strategy.extended._num_workers > 1  # noqa: SLF001  (no public accessor for the worker count)
 
 
+# Keras releases whose private keras.src.backend.tensorflow.trainer has the two functions the multi-worker patch
+# uses, with these signatures (read in each minor release's source, 3.3 to 3.15; the 2-worker test ran on 3.15).
+# A newer Keras is refused for multi-worker training until it is checked and this range extended.
+KERAS_PATCH_RANGE = ((3, 3), (3, 15))
+_PATCH_TARGETS = {"reduce_per_replica": ("values", "strategy", "reduction"),
+                  "_collective_all_reduce_multi_worker": ("strategy",)}
+
+
+def keras_version():
+    import keras
+
+    return tuple(int(part) for part in keras.__version__.split(".")[:2])
+
+
+def check_keras_patch_targets():
+    """The private Keras trainer module the multi-worker patch replaces a function of, checked to be the one it was
+    written for (version in KERAS_PATCH_RANGE, functions present with their signatures); a CxrError naming what
+    differs otherwise: never a silently unpatched (hanging or failing) multi-worker fit."""
+    import inspect
+
+    import keras
+
+    low, high = KERAS_PATCH_RANGE
+    version = keras_version()
+    advice = (f"multi-worker training needs Keras {low[0]}.{low[1]} to {high[0]}.{high[1]} "
+              f"(pip install 'keras>={low[0]}.{low[1]},<{high[0]}.{high[1] + 1}'); single-process training works "
+              "with any Keras 3")
+    if not low <= version <= high:
+        raise CxrError(f"Keras {keras.__version__} is not a version cxrkeras' multi-worker fix (keras-team/keras"
+                       f"#20585) was checked on: {advice}")
+    try:
+        from keras.src.backend.tensorflow import trainer as tf_trainer
+    except ImportError as exc:
+        raise CxrError(f"Keras {keras.__version__} has no keras.src.backend.tensorflow.trainer: {advice}") from exc
+    for name, params in _PATCH_TARGETS.items():
+        fn = getattr(tf_trainer, name, None)
+        got = tuple(inspect.signature(fn).parameters) if callable(fn) else None
+        if got != params:
+            raise CxrError(f"Keras {keras.__version__} changed keras.src.backend.tensorflow.trainer.{name} "
+                           f"(expected parameters {params}, found {got}): {advice}")
+    return tf_trainer
+
+
 def _patch_keras_multi_worker_reduce():
     """Keras 3's fit reduces per-replica scalar logs with strategy.reduce("MEAN", v, axis=0), which fails under a
     multi-worker MultiWorkerMirroredStrategy (keras-team/keras#20585, tensorflow/tensorflow#72388). Reduce them
     with axis=None (a mean over replicas) instead; gradients are all-reduced by the optimizer as usual."""
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
+    tf_trainer = check_keras_patch_targets()
     if getattr(tf_trainer, "_cxrkeras_patched", False):
         return
     original = tf_trainer.reduce_per_replica

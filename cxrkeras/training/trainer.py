@@ -1,24 +1,20 @@
-"""`train(config, stage)`: one training stage (1: BCE on abnormal images; 2: focal loss on all, from stage 1)."""
+"""`train(config, stage)`: one training stage (1: BCE on abnormal images; 2: focal loss on all, from stage 1).
+
+This module checks the inputs and prepares the stage folder before any TensorFlow work; `StageRun`
+(cxrkeras.training.stage) builds the model and callbacks and runs the fit phases.
+"""
 
 import dataclasses
-import json
-import math
 import os
 import shutil
 import tempfile
-import time
-import zipfile
 
 from cxrkeras.errors import ConfigError, CxrError, DataError
 from cxrkeras.hashing import sha256_file
-from cxrkeras.losses import make_loss
 from cxrkeras.training import rundir
-from cxrkeras.training.callbacks import (MONITOR, BestCheckpoint, EarlyStop, EpochLog, Guard, HistoryCSV, NanGuard,
-                                         PlateauLR, ResumeSnapshot, ValidationAUC, current_lr, load_resume_state,
-                                         read_history, truncate_history)
+from cxrkeras.training.callbacks import MONITOR, read_history
+from cxrkeras.training.optim import HEAD_LAYERS, make_optimizer, set_backbone_trainable  # noqa: F401 (their old home)
 from cxrkeras.training.summary import best_row, format_summary
-
-HEAD_LAYERS = ("avg_pool", "head_dropout", "predictions")
 
 
 @dataclasses.dataclass
@@ -64,28 +60,16 @@ def _check_data(config, stage):
     return manifest, labels, counts, positives
 
 
-def _keras_file_info(path):
-    """(variant, labels) from a .keras file's config.json, without loading the model."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            cfg = json.loads(zf.read("config.json"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise CxrError(f"{path}: not a readable .keras model file ({exc})") from exc
-    for layer in cfg.get("config", {}).get("layers", []):
-        if layer.get("config", {}).get("name") == "predictions":
-            return layer["config"].get("variant"), list(layer["config"].get("labels") or [])
-    raise CxrError(f"{path}: not a cxrkeras model (no 'predictions' layer); build it with cxrkeras")
-
-
 # --init none: stage 2 without stage 1 (the paper's one-stage ablation; single-label tasks)
 INIT_NONE = "none"
 
 
 def _stage2_init(config, init, manifest_sha, labels, variant):
     """Path of the stage-2 starting weights, after checking they come from the same records, labels and variant;
-    (None, {}) for `init == "none"`: one-stage training from model.weights."""
+    (None, None) for `init == "none"`: one-stage training from model.weights. The info: the RunInfo of the
+    checkpoint's stage folder."""
     if init == INIT_NONE:
-        return None, {}
+        return None, None
     stage1 = rundir.stage_path(config, 1)
     path = init or os.path.join(stage1, rundir.BEST_FILE)
     if not os.path.isfile(path):
@@ -95,16 +79,18 @@ def _stage2_init(config, init, manifest_sha, labels, variant):
                        f"`cxrkeras train --config <same config> --stage 1 --name {config.run.name}` first "
                        f"(same --run-dir/--name), or pass --init PATH to a stage-1 .keras file, or --init none to "
                        f"train stage 2 alone from model.weights")
-    file_variant, file_labels = _keras_file_info(path)
+    from cxrkeras.models.keras_file import keras_file_info
+    from cxrkeras.runs import RunInfo
+
+    file_info = keras_file_info(path)
     problems = []
-    if file_variant != variant:
-        problems.append(f"variant {file_variant!r} there, {variant!r} here")
-    if file_labels != list(labels):
-        problems.append(f"labels {file_labels} there, {list(labels)} here (records label order)")
-    info_path = os.path.join(os.path.dirname(os.path.abspath(path)), rundir.RUN_INFO_FILE)
-    info = rundir.read_json(info_path) if os.path.isfile(info_path) else {}
-    if info.get("manifest_sha256") and info["manifest_sha256"] != manifest_sha:
-        problems.append(f"records {info.get('records')!r} (manifest sha256 {info['manifest_sha256'][:12]}…) there, "
+    if file_info["variant"] != variant:
+        problems.append(f"variant {file_info['variant']!r} there, {variant!r} here")
+    if file_info["labels"] != list(labels):
+        problems.append(f"labels {file_info['labels']} there, {list(labels)} here (records label order)")
+    info = RunInfo.read(os.path.dirname(os.path.abspath(path))) or RunInfo()
+    if info.manifest_sha256 and info.manifest_sha256 != manifest_sha:
+        problems.append(f"records {info.records!r} (manifest sha256 {info.manifest_sha256[:12]}…) there, "
                         f"{config.data.records!r} (manifest sha256 {manifest_sha[:12]}…) here")
     if problems:
         raise ConfigError(f"stage 2 refuses to start from {path}: it was trained on different inputs "
@@ -126,15 +112,25 @@ def model_options(config):
     return build_options(config.model.variant, config.model.weights, **overrides)
 
 
-def make_datasets(config, stage, strategy=None, seed=None, verify=None):
+def stage_preprocessor(config, manifest=None):
+    """The Preprocessor of a run's data: the model size, the model's normalisation, data.equalize, and the records'
+    stored size and channels (from `manifest`, else the records' manifest)."""
+    from cxrkeras.data.manifest import load_manifest
+    from cxrkeras.data.preprocessor import Preprocessor
+
+    manifest = manifest or load_manifest(config.data.records)
+    return Preprocessor.for_records(manifest, config.data.image_size, model_options(config)["preprocessing"],
+                                    config.data.equalize)
+
+
+def make_datasets(config, stage, strategy=None, seed=None, verify=None, preprocessor=None):
     """(training dataset: shuffled, augmented, repeated, global batches; validation dataset: the whole split,
     deterministic eval transform, last partial batch kept). Stage 1 reads no 'No Finding' image.
     `verify`: how shards are checked against the manifest (default data.verify_records)."""
     from cxrkeras.data.pipeline import build_dataset
 
-    common = dict(stage=stage, image_size=config.data.image_size, equalize=config.data.equalize,
-                  preprocessing=model_options(config)["preprocessing"],
-                  verify=verify or config.data.verify_records)
+    preprocessor = preprocessor or stage_preprocessor(config)
+    common = dict(stage=stage, preprocessor=preprocessor, verify=verify or config.data.verify_records)
     train_ds = build_dataset(config.data.records, config.data.train_split, batch_size=config.data.batch_size,
                              training=True, shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache,
                              seed=config.train.seed if seed is None else seed, repeat=True, strategy=strategy,
@@ -142,30 +138,6 @@ def make_datasets(config, stage, strategy=None, seed=None, verify=None):
     val_ds = build_dataset(config.data.records, config.data.val_split, batch_size=config.data.batch_size,
                            training=False, drop_remainder=False, **common)
     return train_ds, val_ds
-
-
-def make_optimizer(optim, total_steps):
-    import keras
-
-    lr = optim.lr
-    if optim.schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(optim.lr, decay_steps=max(1, total_steps), alpha=optim.cosine_alpha)
-    kw = {"clipnorm": optim.clipnorm} if optim.clipnorm else {}
-    if optim.optimizer == "adam":
-        return keras.optimizers.Adam(lr, **kw)
-    if optim.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=optim.weight_decay, **kw)
-    return keras.optimizers.SGD(lr, momentum=optim.momentum, nesterov=optim.nesterov, **kw)
-
-
-def set_backbone_trainable(model, trainable):
-    """Freeze/unfreeze the backbone: every layer with weights except the LKA blocks and the head."""
-    from cxrkeras.models import LargeKernelAttention
-
-    for layer in model.layers:
-        if layer.name in HEAD_LAYERS or isinstance(layer, LargeKernelAttention) or not layer.weights:
-            continue
-        layer.trainable = trainable
 
 
 def weights_fingerprint(model):
@@ -180,17 +152,7 @@ def weights_fingerprint(model):
     return h.hexdigest()
 
 
-def _tensorboard_available():
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
-
-
-def _count(variables):
-    return int(sum(math.prod(v.shape) for v in variables))
-
-
-def _summary_result(stage, stage_dir, labels, history, seconds, resumed_from, stopped_early, positives, log):
+def summary_result(stage, stage_dir, labels, history, seconds, resumed_from, stopped_early, positives, log):
     row = best_row(history)
     log(format_summary(stage, labels, history, positives, seconds, stage_dir, stopped_early))
     best_path = os.path.join(stage_dir, rundir.BEST_FILE)
@@ -221,7 +183,7 @@ def train(config, stage, init=None, callbacks=(), log=print):
     variant = get_variant(config.model.variant)
     manifest, labels, counts, positives = _check_data(config, stage)
     manifest_sha = rundir.manifest_sha256(config.data.records)
-    init_path, init_info = (None, {})
+    init_path, init_info = None, None
     if stage == 2:
         init_path, init_info = _stage2_init(config, init, manifest_sha, labels, variant.name)
     elif init:
@@ -238,8 +200,10 @@ def train(config, stage, init=None, callbacks=(), log=print):
     info_path = os.path.join(out_dir, rundir.RUN_INFO_FILE)
     history_path = os.path.join(out_dir, rundir.HISTORY_FILE)
 
+    from cxrkeras.runs import RunInfo
+
     if stage == 2 and state != "new" and os.path.isfile(info_path):
-        before = (rundir.read_json(info_path).get("init") or {}).get("sha256")
+        before = ((RunInfo.read(out_dir) or RunInfo()).init or {}).get("sha256")
         now = sha256_file(init_path) if init_path else None
         if before != now:
             was = "model.weights (--init none)" if before is None else "another stage-1 checkpoint"
@@ -247,200 +211,22 @@ def train(config, stage, init=None, callbacks=(), log=print):
             raise ConfigError(f"{stage_dir} was started from {was}, not from {given} as now (stage 1 retrained?): "
                               f"pass --overwrite to train stage 2 again")
     if state == "finished":
-        info = rundir.read_json(info_path)
+        info = RunInfo.read(out_dir)
         log(f"stage {stage} of run {config.run.name!r} already finished ({stage_dir}); "
             f"pass --overwrite to train it again")
-        return _summary_result(stage, stage_dir, labels, read_history(history_path), info.get("seconds", 0.0),
-                               info.get("resumed_from", 0), info.get("stopped_early"), positives, log)
+        return summary_result(stage, stage_dir, labels, read_history(history_path), info.seconds or 0.0,
+                              info.resumed_from or 0, info.stopped_early, positives, log)
     if chief:
         rundir.write_config(stage_dir, config)
+    from cxrkeras.training.stage import StageContext, StageRun
+
+    context = StageContext(config=config, stage=stage, variant=variant, labels=labels, counts=counts,
+                           positives=positives, manifest_sha=manifest_sha,
+                           preprocessor=stage_preprocessor(config, manifest), build_options=model_options(config),
+                           init_path=init_path, init_info=init_info, stage_dir=stage_dir, out_dir=out_dir,
+                           state=state, chief=chief)
     try:
-        return _run(config, stage, variant, manifest, labels, counts, positives, manifest_sha, init_path,
-                    init_info, stage_dir, out_dir, state, chief, list(callbacks), log)
+        return StageRun(context, callbacks, log).run()
     finally:
         if not chief:
             shutil.rmtree(out_dir, ignore_errors=True)
-
-
-def _run(config, stage, variant, manifest, labels, counts, positives, manifest_sha, init_path, init_info,
-         stage_dir, out_dir, state, chief, extra_callbacks, log):
-    from cxrkeras.training.strategy import (choose_strategy, describe_devices, fit_scope, precision_policy,
-                                            resolve_mixed_precision)
-
-    # The strategy first: MultiWorkerMirroredStrategy must exist before other TensorFlow work starts.
-    strategy = choose_strategy(config.train.strategy)
-    import keras
-    import tensorflow as tf
-
-    from cxrkeras.data.pipeline import data_error_from
-    from cxrkeras.models import build_model
-
-    info_path = os.path.join(out_dir, rundir.RUN_INFO_FILE)
-    history_path = os.path.join(out_dir, rundir.HISTORY_FILE)
-    resume_dir = os.path.join(stage_dir, rundir.RESUME_DIR)
-    resume = load_resume_state(resume_dir) if state == "resume" else None
-    start_epoch = int(resume["epoch"]) if resume else 0
-    if chief:
-        truncate_history(history_path, start_epoch)
-    prior_seconds = float(resume.get("seconds", 0.0)) if resume else 0.0
-    epochs = config.train.epochs
-    batch = config.data.batch_size
-    replicas = int(strategy.num_replicas_in_sync)
-    steps = config.train.steps_per_epoch or max(1, counts[config.data.train_split] // batch)
-    mixed = resolve_mixed_precision(config.train.mixed_precision)
-    image_size = config.data.image_size
-
-    info = rundir.read_json(info_path) if (resume and os.path.isfile(info_path)) else {}
-    info.update({
-        "stage": stage, "run": config.run.name, "created": info.get("created", rundir.now()), "updated": rundir.now(),
-        "records": os.path.abspath(config.data.records), "manifest_sha256": manifest_sha,
-        "variant": variant.name, "labels": labels, "image_size": image_size,
-        "preprocessing": model_options(config)["preprocessing"],
-        "equalize": config.data.equalize, "git_commit": rundir.git_commit(), "versions": rundir.versions(),
-        "devices": describe_devices(strategy), "mixed_precision": mixed, "xla": config.train.xla,
-        "global_batch_size": batch, "per_replica_batch_size": batch // replicas if batch % replicas == 0 else None,
-        "steps_per_epoch": steps, "train_images": counts[config.data.train_split],
-        "val_images": counts[config.data.val_split], "epochs_requested": epochs, "finished": False,
-        "init": {"path": os.path.abspath(init_path), "sha256": sha256_file(init_path),
-                 "stage1_best_epoch": init_info.get("best_epoch")} if init_path else None,
-    })
-    if resume:
-        info.setdefault("resumes", []).append({"at": rundir.now(), "from_epoch": start_epoch})
-    if chief:
-        rundir.write_json(info_path, info)
-    log(f"stage {stage}: {variant.name}, {counts[config.data.train_split]} training / "
-        f"{counts[config.data.val_split]} validation images, {image_size}px, global batch {batch} over {replicas} "
-        f"replica(s) ({type(strategy).__name__}), {steps} steps/epoch, mixed precision {'on' if mixed else 'off'}"
-        f"{', XLA' if config.train.xla else ''} -> {stage_dir}")
-    if resume:
-        log(f"resuming stage {stage} after epoch {start_epoch} from {resume['weights']}")
-
-    t0 = time.time()
-    guard = Guard()
-    with precision_policy(mixed):
-        keras.utils.set_random_seed(config.train.seed + start_epoch)
-        data_seed = config.train.seed + 1000 * start_epoch  # a resumed run does not replay epoch 1's order
-        train_ds, val_ds = make_datasets(config, stage, strategy, data_seed, verify="size")  # hashed in _check_data
-
-        overrides = model_options(config)
-        weights = config.model.weights if (init_path is None and not resume) else None
-        with strategy.scope():
-            model = build_model(variant.name, num_classes=len(labels), weights=weights,
-                                input_shape=(image_size, image_size, 3), label_names=labels, **overrides)
-            if getattr(model, "weights_report", None):
-                log(model.weights_report)
-            if init_path and not resume:
-                try:
-                    model.load_weights(init_path)
-                except (ValueError, KeyError) as exc:
-                    raise CxrError(f"cannot initialise stage 2 from {init_path}: its architecture differs from "
-                                   f"this config's model ({exc}); use the same model settings as stage 1") from exc
-        if init_path and not resume:
-            info["init"]["weights_fingerprint"] = weights_fingerprint(model)
-            if chief:
-                rundir.write_json(info_path, info)
-            log(f"stage 2: initialised from {init_path}"
-                + (f" (stage 1 best epoch {init_info['best_epoch']}, mean val AUC {init_info['val_auc_mean']:.4f})"
-                   if init_info.get("best_epoch") and init_info.get("val_auc_mean") is not None else "")
-                + f", weights fingerprint {info['init']['weights_fingerprint'][:16]}")
-
-        loss = make_loss(config, stage)
-        auc_cb = ValidationAUC(val_ds, labels, guard, loss_fn=loss)
-        best_cb = BestCheckpoint(os.path.join(out_dir, rundir.BEST_FILE), guard)
-        early_cb = EarlyStop(config.train.early_stopping_patience)
-        stateful = {"best": best_cb, "early_stopping": early_cb}
-        cbs = [NanGuard(guard), auc_cb]
-        if config.optim.schedule == "plateau":
-            plateau_cb = PlateauLR(config.optim.factor, config.optim.patience, config.optim.min_lr)
-            stateful["plateau"] = plateau_cb
-            cbs.append(plateau_cb)
-        cbs += [best_cb, early_cb]
-        tb_dir = os.path.join(out_dir, rundir.TENSORBOARD_DIR)
-        if config.train.gradcam_every:
-            from cxrkeras.explain.callback import GradCAMCallback
-
-            cbs.append(GradCAMCallback(val_ds, None, os.path.join(tb_dir, "gradcam"),
-                                       every=config.train.gradcam_every, max_images=config.train.gradcam_images))
-        if _tensorboard_available():
-            cbs.append(keras.callbacks.TensorBoard(tb_dir, write_graph=False, profile_batch=0))
-        else:
-            log("tensorboard is not installed: no TensorBoard logs (pip install tensorboard); history.csv has all")
-        cbs.append(HistoryCSV(history_path, guard))
-        if config.train.verbose:
-            cbs.append(EpochLog(epochs, log))
-        if resume:
-            for name, cb in stateful.items():
-                cb.set_state(resume.get("callbacks", {}).get(name))
-
-        freeze = min(config.train.freeze_backbone_epochs, epochs)
-        phases = []
-        if start_epoch < freeze:
-            phases.append((start_epoch, freeze, True))
-        if max(start_epoch, freeze) < epochs:
-            phases.append((max(start_epoch, freeze), epochs, False))
-        snapshot = ResumeSnapshot(
-            os.path.join(out_dir, rundir.RESUME_DIR), os.path.join(out_dir, rundir.LAST_FILE), guard, stateful,
-            lambda epoch: {"seconds": prior_seconds + time.time() - t0})
-        cbs += [snapshot] + extra_callbacks
-
-        stopped_before = (resume or {}).get("callbacks", {}).get("early_stopping", {}).get("stopped_epoch")
-        if stopped_before:
-            phases = []
-        carried = None
-        for i, (begin, end, frozen) in enumerate(phases):
-            set_backbone_trainable(model, not frozen)
-            with strategy.scope():
-                model.compile(optimizer=make_optimizer(config.optim, epochs * steps), loss=loss,
-                              jit_compile=bool(config.train.xla))
-                model.optimizer.build(model.trainable_variables)
-            if i == 0 and resume:
-                model.load_weights(resume["weights"])
-            elif carried is not None:  # after unfreezing: keep the schedule position and the current rate
-                model.optimizer.iterations.assign(carried[0])
-                if config.optim.schedule != "cosine":
-                    model.optimizer.learning_rate.assign(carried[1])
-            log(f"epochs {begin + 1}-{end}: backbone {'frozen' if frozen else 'trainable'}, "
-                f"{_count(model.trainable_variables):,} trainable parameters")
-            try:
-                with fit_scope(model, strategy):
-                    model.fit(train_ds, epochs=end, initial_epoch=begin, steps_per_epoch=steps, callbacks=cbs,
-                              shuffle=False, verbose=1 if config.train.verbose == 1 else 0)
-            except tf.errors.OpError as exc:
-                err = data_error_from(exc)
-                if err is not None:
-                    raise err from None
-                raise
-            if guard.stopped or model.stop_training:
-                break
-            carried = (int(keras.ops.convert_to_numpy(model.optimizer.iterations)), current_lr(model.optimizer))
-
-    seconds = prior_seconds + time.time() - t0
-    history = read_history(history_path)
-    if guard.stopped:
-        kept = [f"{name} (epoch {e})" for name, e in (("best.keras", best_cb.best_epoch),
-                                                     ("last.keras", len(history) or None)) if e]
-        if guard.nan_at is not None:
-            epoch, batch_index, value = guard.nan_at
-            info["nan_at"] = {"epoch": epoch + 1, "batch": batch_index}
-            what = f"the training loss became {value} at epoch {epoch + 1}, batch {batch_index}"
-        else:
-            epoch, reason = guard.collapsed
-            info["collapsed_at"] = {"epoch": epoch + 1, "reason": reason}
-            what = f"at epoch {epoch + 1} {reason}"
-        info.update({"seconds": seconds, "updated": rundir.now()})
-        if chief:
-            rundir.write_json(info_path, info)
-        raise CxrError(f"stage {stage}: {what}; training stopped. The last good checkpoints are kept in {stage_dir}: "
-                       f"{', '.join(kept) or 'none (no good epoch)'}. Lower the learning rate (--lr) or turn "
-                       f"mixed precision off, then retrain with --overwrite (or --name for a new run)")
-    stopped_early = early_cb.stopped_epoch
-    row = best_row(history)
-    info.update({"finished": True, "updated": rundir.now(), "seconds": round(seconds, 2),
-                 "epochs_run": len(history), "stopped_early": stopped_early,
-                 "best_epoch": int(row["epoch"]) if row else None,
-                 "val_auc_mean": float(row[MONITOR]) if row else None,
-                 "val_auc": {label: float(row.get(f"val_auc_{label}") or "nan") for label in labels} if row else None,
-                 "resumed_from": start_epoch})
-    if chief:
-        rundir.write_json(info_path, info)
-    return _summary_result(stage, stage_dir, labels, history, seconds, start_epoch, stopped_early, positives, log)

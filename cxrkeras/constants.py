@@ -1,0 +1,19 @@
+"""Names shared by the CLI, the config, the data and the models: split names, stages and every choice list."""
+
+SPLITS = ("train", "val", "test")  # the splits build-records writes, in this order
+STAGES = (1, 2)  # 1: images with a finding, BCE; 2: all images, focal loss
+
+PREPROCESSING = ("torch", "caffe")  # input normalisation: ImageNet mean/std RGB, or keras.applications' plain VGG16
+EQUALIZE = ("hist", "clahe")  # contrast equalisation of the stored images (None: off)
+CHANNELS = (1, 3)  # records: grayscale or RGB
+RECORD_FORMATS = ("auto", "nih", "generic", "dicom")  # build-records --format
+VERIFY_MODES = ("sha256", "size")  # how shards are checked against manifest.json before reading
+FILL_MODES = ("reflect", "nearest", "constant")  # augmentation: pixels outside the image
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("plateau", "cosine", "constant")
+MIXED_PRECISION = ("auto", "on", "off")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+
+THRESHOLD_METHODS = ("youden", "f1")  # thresholds chosen on validation
+HEATMAP_METHODS = ("gradcam", "gradcam++")

@@ -1,0 +1,331 @@
+"""`StageRun`: one training stage in its run folder: model, callbacks and fit phases, each in its own method.
+
+`train()` prepares a `StageContext` (checked records, the stage folder and its resume state, stage 2's starting
+weights) and calls `StageRun(context).run()`. A training recipe changes one piece by overriding its method:
+`plan_phases` (the epochs and what is frozen in each), `build_optimizer` (per phase), `build_loss`,
+`build_callbacks` (its list, which values survive a resume) and `monitor` (the value that picks best.keras and
+drives early stopping and the plateau schedule).
+"""
+
+import dataclasses
+import os
+import time
+
+from cxrkeras.errors import CxrError
+from cxrkeras.fileio import utc_now
+from cxrkeras.runs import BEST_FILE, HISTORY_FILE, LAST_FILE, RESUME_DIR, TENSORBOARD_DIR, RunInfo
+from cxrkeras.training import callbacks as cb
+from cxrkeras.training import optim
+from cxrkeras.training import rundir
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What `train()` has checked and prepared before any TensorFlow work."""
+
+    config: object
+    stage: int
+    variant: object  # cxrkeras.models.registry.Variant
+    labels: list
+    counts: dict  # {split: images the stage reads}
+    positives: dict  # {label: validation positives}
+    manifest_sha: str
+    preprocessor: object  # cxrkeras.data.preprocessor.Preprocessor of the stage's data
+    build_options: dict  # build_model options of config.model (model_options)
+    init_path: str = None  # stage 2: the .keras it starts from (None: model.weights)
+    init_info: RunInfo = None
+    stage_dir: str = None
+    out_dir: str = None  # stage_dir on the chief, a scratch folder on other workers
+    state: str = "new"  # new | resume
+    chief: bool = True
+
+
+@dataclasses.dataclass
+class Phase:
+    """Epochs [begin, end) of one `model.fit`, with the backbone frozen or not."""
+
+    begin: int
+    end: int
+    frozen: bool = False
+
+
+@dataclasses.dataclass
+class Fitted:
+    """What the fit left: the guard's verdict, the stateful callbacks and the time spent (prior runs included)."""
+
+    guard: object
+    best: object
+    early: object
+    seconds: float
+
+
+class StageRun:
+    monitor = cb.MONITOR
+
+    def __init__(self, context, extra_callbacks=(), log=print):
+        self.ctx = context
+        self.config = context.config
+        self.extra_callbacks = list(extra_callbacks)
+        self.log = log
+        self.info_path = os.path.join(context.out_dir, rundir.RUN_INFO_FILE)
+        self.history_path = os.path.join(context.out_dir, HISTORY_FILE)
+        self.resume = cb.load_resume_state(os.path.join(context.stage_dir, RESUME_DIR)) \
+            if context.state == "resume" else None
+        self.start_epoch = int(self.resume["epoch"]) if self.resume else 0
+        self.prior_seconds = float(self.resume.get("seconds", 0.0)) if self.resume else 0.0
+        self.steps = self.config.train.steps_per_epoch or max(
+            1, context.counts[self.config.data.train_split] // self.config.data.batch_size)
+
+    # --- the pieces a recipe may replace ---
+
+    def plan_phases(self):
+        """[Phase]: the frozen-backbone epochs (train.freeze_backbone_epochs) then the rest, from where a resumed
+        run stopped."""
+        epochs, start = self.config.train.epochs, self.start_epoch
+        freeze = min(self.config.train.freeze_backbone_epochs, epochs)
+        phases = []
+        if start < freeze:
+            phases.append(Phase(start, freeze, True))
+        if max(start, freeze) < epochs:
+            phases.append(Phase(max(start, freeze), epochs, False))
+        return phases
+
+    def build_optimizer(self, phase):
+        return optim.make_optimizer(self.config.optim, self.config.train.epochs * self.steps)
+
+    def build_loss(self):
+        from cxrkeras.losses import make_loss
+
+        return make_loss(self.config, self.ctx.stage)
+
+    def build_model(self):
+        """The stage's model inside the strategy's scope: model.weights for a new stage 1 (or --init none), no
+        weights when a checkpoint follows (stage 2's start, a resume)."""
+        from cxrkeras.models import build_model
+
+        ctx, size = self.ctx, self.config.data.image_size
+        weights = self.config.model.weights if (ctx.init_path is None and not self.resume) else None
+        with self.strategy.scope():
+            model = build_model(ctx.variant.name, num_classes=len(ctx.labels), weights=weights,
+                                input_shape=(size, size, 3), label_names=ctx.labels, preprocessor=ctx.preprocessor,
+                                **ctx.build_options)
+            if getattr(model, "weights_report", None):
+                self.log(model.weights_report)
+            if ctx.init_path and not self.resume:
+                try:
+                    model.load_weights(ctx.init_path)
+                except (ValueError, KeyError) as exc:
+                    raise CxrError(f"cannot initialise stage 2 from {ctx.init_path}: its architecture differs from "
+                                   f"this config's model ({exc}); use the same model settings as stage 1") from exc
+        return model
+
+    def build_callbacks(self, guard, loss, val_ds, t0):
+        """(callbacks in order, {name: callback whose state a resume restores})."""
+        import keras
+
+        config, out_dir, monitor = self.config, self.ctx.out_dir, self.monitor
+        auc = cb.ValidationAUC(val_ds, self.ctx.labels, guard, loss_fn=loss)
+        best = cb.BestCheckpoint(os.path.join(out_dir, BEST_FILE), guard, monitor=monitor)
+        early = cb.EarlyStop(config.train.early_stopping_patience, monitor=monitor)
+        stateful = {"best": best, "early_stopping": early}
+        callbacks = [cb.NanGuard(guard), auc]
+        if config.optim.schedule == "plateau":
+            plateau = cb.PlateauLR(config.optim.factor, config.optim.patience, config.optim.min_lr, monitor=monitor,
+                                   log=self.log)
+            stateful["plateau"] = plateau
+            callbacks.append(plateau)
+        callbacks += [best, early]
+        tb_dir = os.path.join(out_dir, TENSORBOARD_DIR)
+        if config.train.gradcam_every:
+            from cxrkeras.explain.callback import GradCAMCallback
+
+            callbacks.append(GradCAMCallback(val_ds, None, os.path.join(tb_dir, "gradcam"),
+                                             every=config.train.gradcam_every, max_images=config.train.gradcam_images))
+        if _tensorboard_available():
+            callbacks.append(keras.callbacks.TensorBoard(tb_dir, write_graph=False, profile_batch=0))
+        else:
+            self.log("tensorboard is not installed: no TensorBoard logs (pip install tensorboard); history.csv has all")
+        callbacks.append(cb.HistoryCSV(self.history_path, guard))
+        if config.train.verbose:
+            callbacks.append(cb.EpochLog(config.train.epochs, self.log))
+        callbacks.append(cb.ResumeSnapshot(
+            os.path.join(out_dir, RESUME_DIR), os.path.join(out_dir, LAST_FILE), guard, stateful,
+            lambda epoch: {"seconds": self.prior_seconds + time.time() - t0}))
+        return callbacks + self.extra_callbacks, stateful
+
+    # --- the run ---
+
+    def run_info(self, mixed):
+        """run_info.json of this stage as the run starts (a resumed run keeps what it had)."""
+        from cxrkeras.hashing import sha256_file
+        from cxrkeras.training.strategy import describe_devices
+
+        ctx, config = self.ctx, self.config
+        info = (RunInfo.read(ctx.out_dir) if self.resume else None) or RunInfo(created=utc_now())
+        batch, replicas = config.data.batch_size, int(self.strategy.num_replicas_in_sync)
+        pre = ctx.preprocessor
+        info.created = info.created or utc_now()
+        updates = dict(
+            stage=ctx.stage, run=config.run.name, updated=utc_now(), records=os.path.abspath(config.data.records),
+            manifest_sha256=ctx.manifest_sha,
+            records_image_size=list(pre.stored_size) if pre.stored_size else None, records_channels=pre.channels,
+            variant=ctx.variant.name, labels=ctx.labels, image_size=config.data.image_size,
+            preprocessing=pre.preprocessing, equalize=pre.equalize, preprocessor=pre.to_config(),
+            git_commit=rundir.git_commit(), versions=rundir.versions(), devices=describe_devices(self.strategy),
+            mixed_precision=mixed, xla=config.train.xla, global_batch_size=batch,
+            per_replica_batch_size=batch // replicas if batch % replicas == 0 else None,
+            steps_per_epoch=self.steps, train_images=ctx.counts[config.data.train_split],
+            val_images=ctx.counts[config.data.val_split], epochs_requested=config.train.epochs, finished=False,
+            init={"path": os.path.abspath(ctx.init_path), "sha256": sha256_file(ctx.init_path),
+                  "stage1_best_epoch": ctx.init_info.best_epoch if ctx.init_info else None}
+            if ctx.init_path else None)
+        for key, value in updates.items():
+            setattr(info, key, value)
+        if self.resume:
+            info.resumes.append({"at": utc_now(), "from_epoch": self.start_epoch})
+        return info
+
+    def write_info(self, info):
+        if self.ctx.chief:
+            info.write(self.ctx.out_dir)
+
+    def run(self):
+        from cxrkeras.training.strategy import (check_keras_patch_targets, choose_strategy, is_multi_worker,
+                                                resolve_mixed_precision)
+
+        # The strategy first: MultiWorkerMirroredStrategy must exist before other TensorFlow work starts.
+        self.strategy = choose_strategy(self.config.train.strategy)
+        if is_multi_worker(self.strategy):
+            check_keras_patch_targets()  # before any work: a Keras the fix was not checked on is refused now
+        ctx, config = self.ctx, self.config
+        if ctx.chief:
+            cb.truncate_history(self.history_path, self.start_epoch)
+        mixed = resolve_mixed_precision(config.train.mixed_precision)
+        info = self.run_info(mixed)
+        self.write_info(info)
+        replicas = int(self.strategy.num_replicas_in_sync)
+        self.log(f"stage {ctx.stage}: {ctx.variant.name}, {ctx.counts[config.data.train_split]} training / "
+                 f"{ctx.counts[config.data.val_split]} validation images, {config.data.image_size}px, global batch "
+                 f"{config.data.batch_size} over {replicas} replica(s) ({type(self.strategy).__name__}), "
+                 f"{self.steps} steps/epoch, mixed precision {'on' if mixed else 'off'}"
+                 f"{', XLA' if config.train.xla else ''} -> {ctx.stage_dir}")
+        self.log(f"preprocessing: {ctx.preprocessor.describe()}")
+        if self.resume:
+            self.log(f"resuming stage {ctx.stage} after epoch {self.start_epoch} from {self.resume['weights']}")
+        fitted = self.fit(info, mixed)
+        return self.finish(info, fitted)
+
+    def fit(self, info, mixed):
+        """Build everything and run the phases; returns a `Fitted`."""
+        import keras
+
+        from cxrkeras.training.strategy import precision_policy
+
+        ctx, config = self.ctx, self.config
+        t0 = time.time()
+        guard = cb.Guard()
+        with precision_policy(mixed):
+            keras.utils.set_random_seed(config.train.seed + self.start_epoch)
+            data_seed = config.train.seed + 1000 * self.start_epoch  # a resumed run does not replay epoch 1's order
+            from cxrkeras.training.trainer import make_datasets
+
+            train_ds, val_ds = make_datasets(config, ctx.stage, self.strategy, data_seed, verify="size",
+                                             preprocessor=ctx.preprocessor)  # hashed by train()'s checks
+            model = self.build_model()
+            if ctx.init_path and not self.resume:
+                from cxrkeras.training.trainer import weights_fingerprint
+
+                info.init["weights_fingerprint"] = weights_fingerprint(model)
+                self.write_info(info)
+                init = ctx.init_info
+                self.log(f"stage 2: initialised from {ctx.init_path}"
+                         + (f" (stage 1 best epoch {init.best_epoch}, mean val AUC {init.val_auc_mean:.4f})"
+                            if init and init.best_epoch and init.val_auc_mean is not None else "")
+                         + f", weights fingerprint {info.init['weights_fingerprint'][:16]}")
+            loss = self.build_loss()
+            callbacks, stateful = self.build_callbacks(guard, loss, val_ds, t0)
+            if self.resume:
+                for name, callback in stateful.items():
+                    callback.set_state(self.resume.get("callbacks", {}).get(name))
+            stopped_before = (self.resume or {}).get("callbacks", {}).get("early_stopping", {}).get("stopped_epoch")
+            phases = [] if stopped_before else self.plan_phases()
+            carried = None
+            for i, phase in enumerate(phases):
+                carried = self.fit_phase(model, phase, i, loss, train_ds, callbacks, carried)
+                if guard.stopped or model.stop_training:
+                    break
+        return Fitted(guard, stateful["best"], stateful["early_stopping"],
+                      self.prior_seconds + time.time() - t0)
+
+    def fit_phase(self, model, phase, index, loss, train_ds, callbacks, carried):
+        """One `model.fit` over the phase's epochs; returns (optimiser iterations, learning rate) to carry on."""
+        import keras
+        import tensorflow as tf
+
+        from cxrkeras.data.pipeline import data_error_from
+        from cxrkeras.training.strategy import fit_scope
+
+        config = self.config
+        optim.set_backbone_trainable(model, not phase.frozen)
+        with self.strategy.scope():
+            model.compile(optimizer=self.build_optimizer(phase), loss=loss, jit_compile=bool(config.train.xla))
+            model.optimizer.build(model.trainable_variables)
+        if index == 0 and self.resume:
+            model.load_weights(self.resume["weights"])
+        elif carried is not None:  # after unfreezing: keep the schedule position and the current rate
+            model.optimizer.iterations.assign(carried[0])
+            if config.optim.schedule != "cosine":
+                model.optimizer.learning_rate.assign(carried[1])
+        self.log(f"epochs {phase.begin + 1}-{phase.end}: backbone {'frozen' if phase.frozen else 'trainable'}, "
+                 f"{optim.count_params(model.trainable_variables):,} trainable parameters")
+        try:
+            with fit_scope(model, self.strategy):
+                model.fit(train_ds, epochs=phase.end, initial_epoch=phase.begin, steps_per_epoch=self.steps,
+                          callbacks=callbacks, shuffle=False, verbose=1 if config.train.verbose == 1 else 0)
+        except tf.errors.OpError as exc:
+            err = data_error_from(exc)
+            if err is not None:
+                raise err from None
+            raise
+        return int(keras.ops.convert_to_numpy(model.optimizer.iterations)), cb.current_lr(model.optimizer)
+
+    def finish(self, info, fitted):
+        """Record the outcome in run_info.json; raise for a NaN loss or a collapse, else the TrainResult."""
+        from cxrkeras.training.summary import best_row
+        from cxrkeras.training.trainer import summary_result
+
+        ctx, guard = self.ctx, fitted.guard
+        history = cb.read_history(self.history_path)
+        if guard.stopped:
+            kept = [f"{name} (epoch {e})" for name, e in ((BEST_FILE, fitted.best.best_epoch),
+                                                         (LAST_FILE, len(history) or None)) if e]
+            if guard.nan_at is not None:
+                epoch, batch_index, value = guard.nan_at
+                info.nan_at = {"epoch": epoch + 1, "batch": batch_index}
+                what = f"the training loss became {value} at epoch {epoch + 1}, batch {batch_index}"
+            else:
+                epoch, reason = guard.collapsed
+                info.collapsed_at = {"epoch": epoch + 1, "reason": reason}
+                what = f"at epoch {epoch + 1} {reason}"
+            info.seconds, info.updated = fitted.seconds, utc_now()
+            self.write_info(info)
+            raise CxrError(f"stage {ctx.stage}: {what}; training stopped. The last good checkpoints are kept in "
+                           f"{ctx.stage_dir}: {', '.join(kept) or 'none (no good epoch)'}. Lower the learning rate "
+                           f"(--lr) or turn mixed precision off, then retrain with --overwrite (or --name for a new "
+                           f"run)")
+        row = best_row(history, self.monitor)
+        info.finished, info.updated, info.seconds = True, utc_now(), round(fitted.seconds, 2)
+        info.epochs_run, info.stopped_early = len(history), fitted.early.stopped_epoch
+        info.best_epoch = int(row["epoch"]) if row else None
+        info.val_auc_mean = float(row[cb.MONITOR]) if row else None
+        info.val_auc = {label: float(row.get(f"val_auc_{label}") or "nan") for label in ctx.labels} if row else None
+        info.resumed_from = self.start_epoch
+        self.write_info(info)
+        return summary_result(ctx.stage, ctx.stage_dir, ctx.labels, history, fitted.seconds, self.start_epoch,
+                              fitted.early.stopped_epoch, ctx.positives, self.log)
+
+
+def _tensorboard_available():
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
