@@ -38,7 +38,8 @@ class DataConfig:
 
     records: str = doc("tfrecords/nih-256", "folder made by `cxrkeras build-records` (its default --out for the "
                        "NIH CSV)")
-    image_size: int = doc(224, "the model's square input (records are resized to it by the eval transform)")
+    image_size: int = doc(224, "the model's square input (augmentation crops and the eval transform bring the "
+                          "records to it)")
     batch_size: int = doc(32, "GLOBAL batch: split over all replicas (GPUs x workers); must divide evenly")
     shuffle_buffer: int = doc(2048)
     cache: Union[bool, str] = doc(False, "false | true: decoded images cached in memory | a folder: cached on disk "

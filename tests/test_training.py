@@ -167,10 +167,10 @@ def test_stage2_refuses_other_records(two_stage, tiny_records, tmp_path):
         train(cfg, 2)
 
 
-def test_stage_datasets(tiny_records):
+def test_stage_datasets(tiny_records, tmp_path):
     from cxrkeras.training.trainer import make_datasets
 
-    cfg = tiny_config(tiny_records, "unused", "unused")
+    cfg = tiny_config(tiny_records, "unused", "unused", data={"cache": str(tmp_path / "cache")})
     for stage in (1, 2):
         train_ds, val_ds = make_datasets(cfg, stage)
         train_rows = np.concatenate([y.numpy() for _, y in train_ds.take(30)])
@@ -180,6 +180,11 @@ def test_stage_datasets(tiny_records):
             assert train_rows.sum(axis=1).min() >= 1 and val_rows.sum(axis=1).min() >= 1
         else:
             assert (val_rows.sum(axis=1) == 0).any() and (train_rows.sum(axis=1) == 0).any()
+        # data.cache as a folder: once a whole pass has been read, each stage's training images are cached on disk
+        # there, each stage in its own file (stage 2 reads 187 images: 60 batches of 4 cover a pass)
+        for _ in train_ds.take(60):
+            pass
+        assert any(f"-train-stage{stage}-" in name for name in os.listdir(tmp_path / "cache"))
 
 
 class Interrupt(keras.callbacks.Callback):

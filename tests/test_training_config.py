@@ -79,3 +79,32 @@ def test_run_folder_of_a_different_config_is_refused(tmp_path):
     other.run.overwrite = True
     assert prepare_stage_dir(other, 1, overwrite=True)[1] == "new"
     assert not os.listdir(path)
+
+
+def test_configs_readme_defaults_are_generated_from_the_dataclasses():
+    """configs/README.md's defaults block is `python -m cxrkeras.config`'s output: it cannot drift from the code."""
+    import dataclasses
+
+    from cxrkeras.config import defaults_yaml, main, readme_with_defaults
+
+    path = os.path.join(CONFIGS, "README.md")
+    text = open(path, encoding="utf-8").read()
+    assert readme_with_defaults(text) == text, "run: python -m cxrkeras.config --write configs/README.md"
+    assert main(["--check", path]) == 0
+    block = yaml.safe_load(defaults_yaml())
+    assert config_from_dict(block) == Config()  # the documented values are the defaults, every key of them
+    for section in dataclasses.fields(Config):
+        assert set(block[section.name]) == {f.name for f in dataclasses.fields(getattr(Config(), section.name))}
+    edited = text.replace("  lr: 0.0001", "  lr: 0.001")
+    assert edited != text and readme_with_defaults(edited) == text  # a hand-edited default is put back
+
+
+def test_data_cache_takes_a_flag_or_a_folder(tmp_path):
+    assert load_config(sets=["data.cache=true"]).data.cache is True
+    assert load_config(sets=["data.cache=off"]).data.cache is False
+    assert load_config(sets=[f"data.cache={tmp_path / 'cache'}"]).data.cache == str(tmp_path / "cache")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="data.cache .* is a file: give a folder"):
+        load_config(sets=[f"data.cache={tmp_path / 'file'}"])
+    with pytest.raises(ConfigError, match="expected true, false or a folder path"):
+        load_config(overrides={"data": {"cache": 3}})
