@@ -124,6 +124,12 @@ class EncoderPool:
                 proc.terminate()
         for proc in self.processes.values():
             proc.join(timeout=5.0)
+        # Let the executor's manager thread finish closing its wakeup pipe now: left running, it races
+        # concurrent.futures' exit hook, which then writes to the closed pipe and prints an OSError traceback
+        # after our one-line message (seen after a worker was SIGKILLed). Private attribute: no public handle.
+        manager = getattr(self.executor, "_executor_manager_thread", None)
+        if manager is not None:
+            manager.join(timeout=10.0)
 
 
 @contextlib.contextmanager
