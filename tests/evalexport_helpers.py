@@ -6,8 +6,9 @@ import os
 import numpy as np
 
 
-def tiny_model(size=32, labels=None, seed=0):
-    """Conv -> LargeKernelAttention -> GAP -> MultiLabelDense: model_info works, outputs vary, custom layers saved."""
+def tiny_model(size=32, labels=None, seed=0, preprocessor=None):
+    """Conv -> LargeKernelAttention -> GAP -> MultiLabelDense: model_info works, outputs vary, custom layers saved.
+    preprocessor: a Preprocessor config stored with the model (as training stores it), or None (an older model)."""
     import keras
 
     from cxrkeras.labels import NIH_LABELS
@@ -20,7 +21,7 @@ def tiny_model(size=32, labels=None, seed=0):
     x = LargeKernelAttention(name="lka")(x)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     outputs = MultiLabelDense(len(labels), labels=labels, variant="tiny-test", preprocessing="torch",
-                              feature_layer="lka", build_args={}, name="predictions")(x)
+                              feature_layer="lka", build_args={}, preprocessor=preprocessor, name="predictions")(x)
     model = keras.Model(inputs, outputs, name="tiny")
     rng = np.random.default_rng(seed)
     model.set_weights([rng.normal(0, 1.5 / np.sqrt(np.prod(w.shape[:-1])), w.shape).astype("float32")

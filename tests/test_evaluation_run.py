@@ -167,7 +167,7 @@ def test_figures_are_images(evaluated):
 def test_mixed_precision_model_is_evaluated_in_float32(rng):
     import keras
 
-    from cxrkeras.evaluation.source import as_float32
+    from cxrkeras.runs import as_float32
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+import keras
 
-from cxrkeras.errors import ConfigError, CxrError  # noqa: E402
-from cxrkeras.models import (LargeKernelAttention, build_model, fvcore_flops, get_variant, gflops,  # noqa: E402
-                             list_variants, lka_param_count, model_info, trainable_params)
+from cxrkeras.errors import ConfigError, CxrError
+from cxrkeras.models import (LargeKernelAttention, build_model, fvcore_flops, get_variant, gflops, list_variants,
+                             lka_param_count, model_info, trainable_params)
 
 PAPER = {  # variant: (trainable params at 14 classes, GFLOPs at 224 by fvcore on the paper's modules), published
     "densenet121-lka-full": (9_609_870, 3.64),

@@ -8,7 +8,9 @@ import pytest
 from cxrkeras.data import sources, split
 from cxrkeras.errors import ConfigError, DataError
 
-ALL_LABELS = "/work/shared/data/nih-labels/all_labels.csv"
+# the shared data sit beside the repository: <parent>/shared/data (see the README)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_LABELS = os.path.join(REPO, os.pardir, "shared", "data", "nih-labels", "all_labels.csv")
 
 
 def _synthetic(n_patients=2000, seed=0):
@@ -92,7 +94,8 @@ def test_lists_putting_a_patient_in_two_splits_are_refused():
                              (0.7, 0.1, 0.2), 0)
 
 
-@pytest.mark.skipif(not os.path.isfile(ALL_LABELS), reason="needs /work/shared/data/nih-labels")
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(ALL_LABELS), reason="needs ../shared/data/nih-labels beside the repository")
 def test_full_nih_table_meets_the_split_targets():
     table = sources.read_table(ALL_LABELS)
     assert len(table) == 112120

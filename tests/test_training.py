@@ -92,6 +92,12 @@ def test_two_stages_through_the_cli(two_stage, tiny_records):
     assert best_model_path(run) == os.path.join(run, "stage2", "best.keras")
     model = keras.saving.load_model(best_model_path(run), compile=False)
     assert model.output_shape == (None, len(manifest["labels"]))
+    # the model and run_info.json store the preprocessing of the data it was trained on (records of 64 px, grey)
+    from cxrkeras.models import model_info
+
+    stored = {"image_size": 32, "preprocessing": "torch", "equalize": None, "stored_size": [64, 64], "channels": 1}
+    assert model_info(model)["preprocessor"] == stored == info2["preprocessor"]
+    assert info2["records_image_size"] == [64, 64] and info2["records_channels"] == 1
 
 
 def test_rerun_refusal_and_finished(two_stage, tiny_records):

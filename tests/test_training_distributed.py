@@ -55,6 +55,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.timeout(330)
 def test_mirrored_two_logical_cpus_gives_the_same_loss_as_one_device():
     proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True, text=True, env=ENV,
                           timeout=300)
@@ -78,6 +79,7 @@ def _free_ports(n):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_two_worker_multi_worker_mirrored_run_completes(tiny_records, tmp_path):
     ports = _free_ports(2)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
@@ -104,3 +106,54 @@ def test_two_worker_multi_worker_mirrored_run_completes(tiny_records, tmp_path):
     assert info["global_batch_size"] == 4 and info["per_replica_batch_size"] == 2
     assert (tmp_path / "mw" / "stage1" / "best.keras").is_file()
     assert "over 2 replica(s)" in outputs[0] and "stage 1 summary" in outputs[0]
+
+
+def test_the_multi_worker_patch_fits_the_installed_keras():
+    """training/strategy.py replaces a private Keras function for multi-worker fit (keras-team/keras#20585). This
+    fails, loudly, as soon as the installed Keras is outside the range the patch was checked on or its private
+    trainer changed: extend KERAS_PATCH_RANGE only after checking the new Keras (and running `pytest -m slow`)."""
+    import keras
+
+    from cxrkeras.training import strategy
+
+    low, high = strategy.KERAS_PATCH_RANGE
+    assert low <= strategy.keras_version() <= high, (
+        f"Keras {keras.__version__} is outside the range the multi-worker patch was checked on {low}-{high}")
+    tf_trainer = strategy.check_keras_patch_targets()
+    original = tf_trainer.reduce_per_replica
+    try:
+        strategy._patch_keras_multi_worker_reduce()
+        assert tf_trainer.reduce_per_replica is not original and tf_trainer._cxrkeras_patched
+
+        class MultiWorker:  # what the patch does under a multi-worker strategy: a mean over replicas, axis None
+            seen = []
+
+            def reduce(self, op, value, axis):
+                self.seen.append((op, axis))
+                return value
+
+        saved = tf_trainer._collective_all_reduce_multi_worker
+        tf_trainer._collective_all_reduce_multi_worker = lambda s: isinstance(s, MultiWorker)
+        try:
+            assert tf_trainer.reduce_per_replica({"loss": 1.5}, MultiWorker(), reduction="auto") == {"loss": 1.5}
+            assert MultiWorker.seen == [("MEAN", None)]
+        finally:
+            tf_trainer._collective_all_reduce_multi_worker = saved
+    finally:
+        tf_trainer.reduce_per_replica = original
+        tf_trainer._cxrkeras_patched = False
+
+
+def test_an_unchecked_keras_is_refused_for_multi_worker_training(monkeypatch):
+    from cxrkeras.errors import CxrError
+    from cxrkeras.training import strategy
+
+    monkeypatch.setattr(strategy, "keras_version", lambda: (3, 99))
+    with pytest.raises(CxrError, match=r"not a version cxrkeras' multi-worker fix .* was checked on.*keras>=3.3,<3.16"):
+        strategy.check_keras_patch_targets()
+    monkeypatch.undo()
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    monkeypatch.setattr(tf_trainer, "reduce_per_replica", lambda values, strategy: values)
+    with pytest.raises(CxrError, match=r"changed keras.src.backend.tensorflow.trainer.reduce_per_replica"):
+        strategy.check_keras_patch_targets()
