@@ -19,6 +19,13 @@ def _choice(values):
     return click.Choice([str(v) for v in values])
 
 
+def _run_or_model(run_dir, model_path):
+    """The one of --run / --model that was given; a usage error for none or both."""
+    if bool(run_dir) == bool(model_path):
+        raise click.UsageError("give exactly one of --run RUN_DIR or --model PATH")
+    return run_dir or model_path
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -208,7 +215,7 @@ def localize_cmd(model_path, boxes, images_dir, out, threshold, seed, random_dra
     from cxrkeras.explain.localize import format_table, localize, write_result
 
     result = localize(model_path, boxes, images_dir, threshold=threshold, seed=seed, random_draws=random_draws,
-                      layer_name=layer, method=method, progress=True)
+                      layer_name=layer, method=method, progress=True, log=click.echo)
     click.echo(format_table(result))
     if result["not_found"]:
         click.echo(f"not found under {images_dir}: {len(result['not_found'])} boxed images, e.g. "
@@ -241,13 +248,12 @@ def localize_cmd(model_path, boxes, images_dir, out, threshold, seed, random_dra
 def evaluate_cmd(run_dir, model_path, records, split, val_split, out_dir, batch_size, n_boot, seed, threshold_method,
                  no_figures, verify_records):
     """Score a model on a whole records split: AUC with patient-bootstrap CIs, AP, thresholds, calibration, figures."""
-    if bool(run_dir) == bool(model_path):
-        raise click.UsageError("give exactly one of --run RUN_DIR or --model PATH")
+    target = _run_or_model(run_dir, model_path)
     if model_path and not out_dir:
         raise click.UsageError("--out is required with --model")
     from cxrkeras.evaluation.evaluate import evaluate
 
-    evaluate(run_dir or model_path, records, split=split, val_split=val_split, out_dir=out_dir,
+    evaluate(target, records, split=split, val_split=val_split, out_dir=out_dir,
              batch_size=batch_size, n_boot=n_boot, seed=seed, threshold_method=threshold_method,
              figures_on=not no_figures, log=click.echo, verify_records=verify_records)
 
@@ -264,11 +270,10 @@ def evaluate_cmd(run_dir, model_path, records, split, val_split, out_dir, batch_
 @click.option("--no-verify", is_flag=True, help="Skip the fresh-process check against the Keras model.")
 def export_cmd(run_dir, model_path, out_base, records, val_split, threshold_method, no_verify):
     """Export a SavedModel for TF Serving (image bytes in, probabilities and findings out)."""
-    if bool(run_dir) == bool(model_path):
-        raise click.UsageError("give exactly one of --run RUN_DIR or --model PATH")
+    target = _run_or_model(run_dir, model_path)
     from cxrkeras.export.savedmodel import export
 
-    export(run_dir or model_path, out_base, records_dir=records, threshold_method=threshold_method,
+    export(target, out_base, records_dir=records, threshold_method=threshold_method,
            val_split=val_split, verify=not no_verify, log=click.echo)
 
 

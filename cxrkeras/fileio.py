@@ -1,5 +1,6 @@
 """The one door for the project's small files: JSON/YAML reading, atomic writes (strict JSON), UTC timestamps."""
 
+import contextlib
 import datetime
 import json
 import math
@@ -13,16 +14,25 @@ def utc_now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def atomic_write(path, text):
-    """Write `text` so that a kill mid-write leaves the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+@contextlib.contextmanager
+def replacing(path, suffix=""):
+    """Yield a temporary path beside `path` (`<path>.tmp-<pid><suffix>`) to write the file to; it replaces `path`
+    only when the block ends without an error, and is removed otherwise: a kill or an error mid-write leaves the
+    old file or the new one, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write(path, text):
+    """Write `text` to `path` through `replacing`; returns the path."""
+    with replacing(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
     return path
 
 
@@ -63,6 +73,15 @@ def read_json(path, default=None, missing_ok=False):
         return default
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_json_or(path, default=None):
+    """The JSON in `path`, or `default` when it is missing, unreadable or not JSON (bookkeeping files that are
+    simply rebuilt when damaged: shard receipts, an earlier manifest)."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return default
 
 
 def read_yaml(path, what="YAML file", missing_ok=False):

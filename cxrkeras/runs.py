@@ -10,7 +10,7 @@ import os
 from typing import Optional
 
 from cxrkeras.errors import CxrError
-from cxrkeras.fileio import read_json, write_json
+from cxrkeras.fileio import read_json, read_json_or, write_json
 
 # <root>/<name>/stage1|stage2/ holds these; <run>/evaluation/<split>/ the results of `cxrkeras evaluate --run`
 CONFIG_FILE = "config.yaml"
@@ -276,10 +276,7 @@ class ModelSource:
         out = []
         for folder in self.evaluation_dirs():
             path = os.path.join(folder, name)
-            try:
-                doc = read_json(path, missing_ok=True)
-            except (OSError, ValueError):
-                continue  # a damaged evaluation is not this model's: evaluate again
+            doc = read_json_or(path)  # missing or damaged: not this model's evaluation (evaluate again)
             if isinstance(doc, dict):
                 out.append((path, doc, bool(self.model_sha256) and doc.get("model_sha256") == self.model_sha256))
         return out

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+from evalexport_helpers import write_dicom
 
 from cxrkeras.explain.localize import box_mask, format_table, read_boxes, score_map
 from cxrkeras.explain.overlay import to_original_frame
@@ -154,25 +155,6 @@ def test_localize_known_answer_through_the_whole_pipeline(thin_model, tmp_path, 
     assert result["overall"]["pointing"] == 0.0 and result["overall"]["iou"] < 0.05
 
 
-def _write_dicom(path, arr16):
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(path, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
-    ds.Rows, ds.Columns = arr16.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = arr16.astype(np.uint16).tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
-
-
 def test_cli_gradcam_png_and_dicom(thin_model, tmp_path):
     from click.testing import CliRunner
     from PIL import Image
@@ -181,7 +163,7 @@ def test_cli_gradcam_png_and_dicom(thin_model, tmp_path):
 
     png = os.path.join(SAMPLE, "nih-512px", "images", "00009745_000.png")
     gray = np.asarray(Image.open(png).convert("L"), dtype=np.uint16)
-    dcm = _write_dicom(str(tmp_path / "wide.dcm"), (gray[128:384, :] * 16))  # 256 x 512, 12 bit
+    dcm = write_dicom(str(tmp_path / "wide.dcm"), (gray[128:384, :] * 16))  # 256 x 512, 12 bit
     out = tmp_path / "cams"
     runner = CliRunner()
     res = runner.invoke(cli, ["gradcam", "--model", thin_model, png, dcm, "--top-k", "2", "--out", str(out)])

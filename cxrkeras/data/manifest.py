@@ -24,7 +24,7 @@ import os
 
 from cxrkeras.constants import VERIFY_MODES
 from cxrkeras.errors import DataError
-from cxrkeras.fileio import read_json, write_json
+from cxrkeras.fileio import json_text, read_json, read_json_or, write_json
 
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.csv"
@@ -152,24 +152,24 @@ def write_index(out, table, assign_of_row, shard_of_row, written):
 
     import numpy as np
 
-    tmp = os.path.join(out, f"{INDEX_NAME}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    from cxrkeras.fileio import replacing
+
+    with replacing(os.path.join(out, INDEX_NAME)) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["split", "shard", "image_id", "patient_id"] + list(table.columns))
         for j in np.flatnonzero(written):
             w.writerow([assign_of_row[j], shard_of_row[j], table.image_id[j], table.patient_id[j]] + table.raw[j])
-    os.replace(tmp, os.path.join(out, INDEX_NAME))
 
 
 def same_manifest(path, manifest):
-    try:
-        old = read_json(path)
-    except (OSError, ValueError):
+    """Whether the manifest file at `path` already says what `manifest` says, apart from its creation time."""
+    old = read_json_or(path)
+    if not isinstance(old, dict):
         return False
     old.pop("created", None)
     new = dict(manifest)
     new.pop("created", None)
-    return json.loads(json.dumps(new)) == old
+    return json.loads(json_text(new)) == old
 
 
 def write_manifest(out, manifest, unchanged=False):

@@ -21,9 +21,11 @@ Each shard is read with `ignore_errors` after `enumerate`, so a bad record leave
 numbers (a CRC error ends the shard; an undecodable image drops that one element); a sentinel carrying the
 manifest's record count closes each shard, and an in-graph check fails on the first gap with
 "cxrkeras DataError: shard <file>: record <n> ..." (an InvalidArgumentError whose message names the shard and
-the record number). `data_error_from(exc)` turns such an error into a `DataError`.
+the record number). `data_error_from(exc)` turns such an error into a `DataError`; `with data_errors():` does it
+for a block.
 """
 
+import contextlib
 import math
 import os
 
@@ -163,6 +165,19 @@ def data_error_from(exc):
         return None
     detail = text.split(_ERROR_MARK, 1)[1]
     return DataError(detail.split("]", 1)[0].strip())
+
+
+@contextlib.contextmanager
+def data_errors():
+    """Inside: an error raised by the in-graph record check surfaces as the DataError it stands for (shard and
+    record named), without TensorFlow's traceback; any other error passes unchanged."""
+    try:
+        yield
+    except tf.errors.OpError as exc:
+        err = data_error_from(exc)
+        if err is None:
+            raise
+        raise err from None
 
 
 def cache_path(cache, manifest_sha, split, stage, work_size, channels, equalize):

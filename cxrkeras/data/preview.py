@@ -28,11 +28,10 @@ def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    import tensorflow as tf
 
     from cxrkeras.data import manifest as manifest_lib
     from cxrkeras.data.normalize import denormalize
-    from cxrkeras.data.pipeline import build_dataset, data_error_from
+    from cxrkeras.data.pipeline import build_dataset, data_errors
 
     if model is not None:
         from cxrkeras.runs import load_source
@@ -50,10 +49,8 @@ def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=
     ds = build_dataset(records_dir, split, stage=stage, batch_size=n, training=training, image_size=image_size,
                        preprocessing=preprocessing, seed=seed, drop_remainder=False, return_ids=True,
                        equalize=equalize, shuffle_buffer=256)
-    try:
+    with data_errors():
         batch = next(iter(ds), None)
-    except tf.errors.OpError as exc:
-        raise (data_error_from(exc) or exc) from exc
     if batch is None:
         raise DataError(f"{records_dir}: split {split!r} has no images for stage {stage}")
     images, labels, ids = batch

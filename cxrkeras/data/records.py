@@ -21,7 +21,7 @@ from cxrkeras.data.dicom import dicom_patient_reader
 from cxrkeras.data.image_index import OUTSIDE_ROOT, ImageIndex
 from cxrkeras.data.workers import AHEAD, CHUNK, WorkerDied, available_memory, stop_on_sigterm
 from cxrkeras.errors import ConfigError, DataError, Interrupted
-from cxrkeras.fileio import read_json, utc_now, write_json
+from cxrkeras.fileio import read_json_or, utc_now, write_json
 from cxrkeras.hashing import sha256_file
 from cxrkeras.labels import NO_FINDING
 
@@ -354,11 +354,9 @@ def _input_warnings(table, list_info, unsalted_dicom_ids):
 def _previous_build(out):
     """What the records in `out` were built from: the manifest, else the build.json of an unfinished build."""
     for path in (os.path.join(out, mf.MANIFEST_NAME), os.path.join(out, shards.RECEIPTS, shards.BUILD_FILE)):
-        if os.path.isfile(path):
-            try:
-                return read_json(path)
-            except (OSError, ValueError):
-                continue
+        found = read_json_or(path)
+        if isinstance(found, dict):
+            return found
     return None
 
 

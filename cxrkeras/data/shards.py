@@ -17,7 +17,7 @@ from cxrkeras.constants import SPLITS
 from cxrkeras.data import images as imglib
 from cxrkeras.data.workers import EncoderPool
 from cxrkeras.errors import DataError
-from cxrkeras.fileio import read_json, write_json
+from cxrkeras.fileio import read_json_or, replacing, write_json
 from cxrkeras.hashing import sha256_file
 
 RECEIPTS = ".receipts"  # one JSON per finished shard: what makes re-runs idempotent and resumable
@@ -115,11 +115,8 @@ def plan_shards(table, assign, shard_size, seed, fingerprint, paths, sizes, imag
 def load_receipt(out, fname, plan_hash):
     path = os.path.join(out, RECEIPTS, fname + ".json")
     shard = os.path.join(out, fname)
-    try:
-        receipt = read_json(path)
-    except (OSError, ValueError):
-        return None
-    if receipt.get("plan") != plan_hash or not os.path.isfile(shard) or os.path.getsize(shard) != receipt.get("bytes"):
+    receipt = read_json_or(path)
+    if not isinstance(receipt, dict) or receipt.get("plan") != plan_hash or not os.path.isfile(shard) or os.path.getsize(shard) != receipt.get("bytes"):
         return None
     # re-hash: a damaged shard of the right size must be rewritten, not kept (~1 GB/s, seconds for all of NIH)
     return receipt if sha256_file(shard) == receipt.get("sha256") else None
@@ -164,48 +161,42 @@ def write_shards(out, todo, table, assign_names, paths, reasons, image_size, cha
         results = (fn(task) for task in tasks)
     bar = tqdm(total=sum(len(rows) for _, rows, _ in todo), unit="img", desc="build-records", disable=not progress,
                dynamic_ncols=True)
-    tmp = None
     try:
         for fname, rows, plan_hash in todo:
             split_name = assign_names[fname]
-            tmp = os.path.join(out, f"{fname}.tmp-{os.getpid()}")
             skipped, upsampled, count = [], [], 0
-            with tf.io.TFRecordWriter(tmp) as writer:
-                for j in rows:
-                    if paths[j]:
-                        png, h, w, c, source, reason = next(results)
-                    else:
-                        png, h, w, c, source, reason = None, 0, 0, 0, None, reasons[j]
-                    bar.update(1)
-                    if reason is not None:
-                        where = paths[j] or table.path[j]
-                        if strict:
-                            raise DataError(f"{where} (CSV line {int(table.rows[j])}): {reason}; "
-                                            f"fix or remove the file, or run without --strict to skip it")
-                        skipped.append({"image": table.image_id[j], "row": int(table.rows[j]), "reason": reason,
-                                        "split": split_name})
-                        continue
-                    if min(source) < image_size:
-                        upsampled.append({"image": table.image_id[j], "row": int(table.rows[j]),
-                                          "size": [int(source[0]), int(source[1])]})
-                    ex = features.make_example(
-                        png, h, w, c, table.y[j].tolist(), table.image_id[j], table.patient_id[j],
-                        follow_up=int(table.follow_up[j]), age=int(table.age[j]), sex=table.sex[j],
-                        view=table.view[j], split=split_name)
-                    writer.write(ex.SerializeToString())
-                    count += 1
-            digest = sha256_file(tmp)
-            size = os.path.getsize(tmp)
-            os.replace(tmp, os.path.join(out, fname))
-            tmp = None
+            with replacing(os.path.join(out, fname)) as tmp:  # complete shards only ever carry a shard's name
+                with tf.io.TFRecordWriter(tmp) as writer:
+                    for j in rows:
+                        if paths[j]:
+                            png, h, w, c, source, reason = next(results)
+                        else:
+                            png, h, w, c, source, reason = None, 0, 0, 0, None, reasons[j]
+                        bar.update(1)
+                        if reason is not None:
+                            where = paths[j] or table.path[j]
+                            if strict:
+                                raise DataError(f"{where} (CSV line {int(table.rows[j])}): {reason}; "
+                                                f"fix or remove the file, or run without --strict to skip it")
+                            skipped.append({"image": table.image_id[j], "row": int(table.rows[j]),
+                                            "reason": reason, "split": split_name})
+                            continue
+                        if min(source) < image_size:
+                            upsampled.append({"image": table.image_id[j], "row": int(table.rows[j]),
+                                              "size": [int(source[0]), int(source[1])]})
+                        ex = features.make_example(
+                            png, h, w, c, table.y[j].tolist(), table.image_id[j], table.patient_id[j],
+                            follow_up=int(table.follow_up[j]), age=int(table.age[j]), sex=table.sex[j],
+                            view=table.view[j], split=split_name)
+                        writer.write(ex.SerializeToString())
+                        count += 1
+                digest, size = sha256_file(tmp), os.path.getsize(tmp)
             receipt = {"plan": plan_hash, "file": fname, "records": count, "bytes": size, "sha256": digest,
                        "skipped": skipped, "upsampled": upsampled}
             write_json(os.path.join(out, RECEIPTS, fname + ".json"), receipt)
             receipts[fname] = receipt
     finally:
         bar.close()
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
         if pool is not None:
             pool.close()
     return workers

@@ -1,5 +1,6 @@
 """Input tables: the NIH Data_Entry CSV (2017 and v2020), a generic path/labels/patient CSV, label and split lists."""
 
+import contextlib
 import csv
 import os
 import re
@@ -74,25 +75,10 @@ def normalize_header(header):
     return out
 
 
-def read_header(csv_path):
-    """The normalised column names (header row only)."""
-    if not os.path.isfile(csv_path):
-        raise DataError(f"CSV file {csv_path!r} not found: give the labels CSV with --csv")
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), None)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{csv_path}: not a UTF-8 text CSV (invalid byte at offset {exc.start}); "
-                        f"save it as UTF-8 CSV") from exc
-    except csv.Error as exc:
-        raise DataError(f"{csv_path}: not a readable CSV ({exc})") from exc
-    if header is None:
-        raise DataError(f"{csv_path}: the file is empty; expected a header row and one row per image")
-    return normalize_header(header)
-
-
-def read_csv_rows(csv_path):
-    """(columns, [(line, fields)]) with the NIH header quirks resolved; errors name the file and line."""
+@contextlib.contextmanager
+def _csv_reader(csv_path):
+    """(csv.reader, normalised columns) of a UTF-8 CSV file with a header; errors name the file (not found, empty,
+    not UTF-8, not a CSV)."""
     if not os.path.isfile(csv_path):
         raise DataError(f"CSV file {csv_path!r} not found: give the labels CSV with --csv")
     try:
@@ -101,25 +87,36 @@ def read_csv_rows(csv_path):
             header = next(reader, None)
             if header is None:
                 raise DataError(f"{csv_path}: the file is empty; expected a header row and one row per image")
-            columns = normalize_header(header)
-            rows, short = [], []
-            for fields in reader:
-                if not any(x.strip() for x in fields):
-                    continue
-                while len(fields) > len(columns) and not fields[-1].strip():
-                    fields = fields[:-1]
-                if len(fields) > len(columns):
-                    raise DataError(
-                        f"{csv_path} line {reader.line_num}: {len(fields)} fields but the header has "
-                        f"{len(columns)} columns ({', '.join(columns)}); fix the row or the header")
-                if len(fields) < len(columns):
-                    short.append((reader.line_num, len(fields)))
-                rows.append((reader.line_num, fields))
+            yield reader, normalize_header(header)
     except UnicodeDecodeError as exc:
         raise DataError(f"{csv_path}: not a UTF-8 text CSV (invalid byte at offset {exc.start}); "
                         f"save it as UTF-8 CSV") from exc
     except csv.Error as exc:
         raise DataError(f"{csv_path}: not a readable CSV ({exc})") from exc
+
+
+def read_header(csv_path):
+    """The normalised column names (header row only)."""
+    with _csv_reader(csv_path) as (_, columns):
+        return columns
+
+
+def read_csv_rows(csv_path):
+    """(columns, [(line, fields)]) with the NIH header quirks resolved; errors name the file and line."""
+    with _csv_reader(csv_path) as (reader, columns):
+        rows, short = [], []
+        for fields in reader:
+            if not any(x.strip() for x in fields):
+                continue
+            while len(fields) > len(columns) and not fields[-1].strip():
+                fields = fields[:-1]
+            if len(fields) > len(columns):
+                raise DataError(
+                    f"{csv_path} line {reader.line_num}: {len(fields)} fields but the header has "
+                    f"{len(columns)} columns ({', '.join(columns)}); fix the row or the header")
+            if len(fields) < len(columns):
+                short.append((reader.line_num, len(fields)))
+            rows.append((reader.line_num, fields))
     if short:
         # a short row is a broken row (a lost separator or quote), never silently padded with empty fields
         listed = "; ".join(f"line {line} has {n} field{'s' if n != 1 else ''}" for line, n in short[:_MAX_LISTED])

@@ -2,6 +2,6 @@
 
 from cxrkeras.lazy import lazy_exports
 
-_EXPORTS = {"evaluate": "cxrkeras.evaluation.evaluate", "predict_split": "cxrkeras.evaluation.evaluate"}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "evaluate": "evaluate predict_split",
+})

@@ -56,10 +56,8 @@ def predict_split(source, records_dir, split, batch_size=32, progress=None, veri
     the manifest lists are refused (`verify`: "sha256" or "size", see build_dataset), and the count is checked
     against the manifest so no image is silently dropped or counted twice.
     """
-    import tensorflow as tf
-
     from cxrkeras.data.manifest import load_manifest
-    from cxrkeras.data.pipeline import build_dataset, data_error_from
+    from cxrkeras.data.pipeline import build_dataset, data_errors
     from cxrkeras.inference import predict_dataset
 
     manifest = load_manifest(records_dir)
@@ -68,14 +66,9 @@ def predict_split(source, records_dir, split, batch_size=32, progress=None, veri
     ds = build_dataset(records_dir, split, stage=2, batch_size=check_batch_size(batch_size), training=False,
                        preprocessor=source.preprocessor, drop_remainder=False, deterministic=True, return_ids=True,
                        verify=verify)
-    try:
+    with data_errors():
         probs, labels, ids = predict_dataset(source.model, ds,
                                              progress=(lambda n: progress(n, expected)) if progress else None)
-    except tf.errors.OpError as exc:
-        err = data_error_from(exc)
-        if err is not None:
-            raise err from exc
-        raise
     got = len(ids["image_id"]) if ids else 0
     if got != expected:
         raise DataError(f"{records_dir}: split {split!r} yielded {got} images but manifest.json lists "

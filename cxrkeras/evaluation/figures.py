@@ -26,14 +26,29 @@ def _legend(ax, n):
               fontsize=8, frameon=False)
 
 
+def _curves(labels):
+    """(figure, axes, colour per label) of a per-label curves figure."""
+    fig, ax = _pyplot().subplots(figsize=(9, 6.5), dpi=110)
+    return fig, ax, _colors(len(labels))
+
+
+def _save_curves(fig, ax, path, entries):
+    """Grid, legend (for `entries` lines), layout; write `path` and close the figure."""
+    ax.grid(alpha=0.3)
+    _legend(ax, entries)
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def roc_figure(y_true, y_prob, labels, path, auc_result=None, title="ROC curves"):
     """Per-label ROC curves plus the macro-average curve (TPR averaged on a common FPR grid); writes `path`."""
-    plt = _pyplot()
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
-    fig, ax = plt.subplots(figsize=(9, 6.5), dpi=110)
+    fig, ax, colors = _curves(labels)
     grid = np.linspace(0, 1, 201)
     tprs = []
-    for j, (name, color) in enumerate(zip(labels, _colors(len(labels)))):
+    for j, (name, color) in enumerate(zip(labels, colors)):
         if single_class_reason(y_true[:, j]):
             continue
         fpr, tpr, _ = roc_curve(y_true[:, j] > 0.5, y_prob[:, j])
@@ -52,20 +67,14 @@ def roc_figure(y_true, y_prob, labels, path, auc_result=None, title="ROC curves"
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 − specificity)",
            ylabel="True positive rate (sensitivity)", title=title)
-    ax.grid(alpha=0.3)
-    _legend(ax, len(labels) + 1)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_curves(fig, ax, path, len(labels) + 1)
 
 
 def pr_figure(y_true, y_prob, labels, path, ap_result=None, title="Precision–recall curves"):
     """Per-label precision–recall curves with AP in the legend and each label's prevalence as a dotted baseline."""
-    plt = _pyplot()
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
-    fig, ax = plt.subplots(figsize=(9, 6.5), dpi=110)
-    for j, (name, color) in enumerate(zip(labels, _colors(len(labels)))):
+    fig, ax, colors = _curves(labels)
+    for j, (name, color) in enumerate(zip(labels, colors)):
         if not np.any(y_true[:, j] > 0.5):
             continue
         precision, recall, _ = precision_recall_curve(y_true[:, j] > 0.5, y_prob[:, j])
@@ -76,12 +85,7 @@ def pr_figure(y_true, y_prob, labels, path, ap_result=None, title="Precision–r
     m = (ap_result or {}).get("map")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="Recall (sensitivity)", ylabel="Precision",
            title=title + (f" — mAP {m:.3f}" if m is not None else ""))
-    ax.grid(alpha=0.3)
-    _legend(ax, len(labels))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_curves(fig, ax, path, len(labels))
 
 
 def reliability_figure(calibration_result, path, title="Reliability diagram (all labels pooled)"):

@@ -2,14 +2,11 @@
 
 from cxrkeras.lazy import lazy_exports
 
-_EXPORTS = {
-    "GradCAM": "cxrkeras.explain.gradcam",
-    "HeatmapEngine": "cxrkeras.explain.engine", "get_engine": "cxrkeras.explain.engine",
-    "compute_heatmaps": "cxrkeras.explain.engine",
-    "GradCAMCallback": "cxrkeras.explain.callback",
-    "overlay_figure": "cxrkeras.explain.overlay",
-    "explain_files": "cxrkeras.explain.files",
-    "localize": "cxrkeras.explain.localize",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "gradcam": "GradCAM",
+    "engine": "HeatmapEngine get_engine compute_heatmaps",
+    "callback": "GradCAMCallback",
+    "overlay": "overlay_figure",
+    "files": "explain_files",
+    "localize": "localize",
+})

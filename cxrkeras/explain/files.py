@@ -39,7 +39,7 @@ def read_inputs(paths, preprocessor, batch_size=8):
 
 
 def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=None, method="gradcam",
-                  alpha=0.4, batch_size=8, log=None):
+                  alpha=0.4, batch_size=8, log=print):
     """Write one overlay PNG per image and class to out_dir plus gradcam.json; returns the list of entries.
 
     model: a run folder, a stage folder, a .keras file or a keras.Model built by cxrkeras (its stored or rebuilt
@@ -57,7 +57,7 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
         raise ConfigError("no image given: pass one or more PNG/JPEG/DICOM files")
     source = load_source(model)
     for note in (source.note, source.preprocessor_note):
-        if note and log:
+        if note:
             log(note)
     net, labels, pre = source.model, source.labels, source.preprocessor
     engine = get_engine(net, layer_name, method)

@@ -136,7 +136,7 @@ def _score_case(heatmap, image_shape, region, boxes, threshold, rng, draws):
 
 
 def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=10, layer_name=None,
-             method="gradcam", batch_size=8, progress=False):
+             method="gradcam", batch_size=8, progress=False, log=print):
     """Score Grad-CAM of `model` (a keras.Model, a .keras file or a run folder) on every boxed image found.
 
     Returns a dict: settings, per_label and overall scores (pointing game, mean IoU, fraction with IoU >= 0.5, and the
@@ -153,6 +153,9 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
     if int(random_draws) < 1:
         raise ConfigError(f"random_draws must be >= 1, got {random_draws}")
     source = load_source(model)
+    for note in (source.note, source.preprocessor_note):
+        if note:
+            log(note)
     net, labels, pre = source.model, source.labels, source.preprocessor
     engine = engine_lib.get_engine(net, layer_name, method)
     boxes, bad_rows = read_boxes(boxes_csv)

@@ -247,9 +247,10 @@ def write_legacy_h5(path, layers, attrs=None):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ConfigError(f"folder {folder} does not exist")
-    tmp = f"{path}.tmp-{os.getpid()}"
+    from cxrkeras.fileio import replacing
+
     try:
-        with h5py.File(tmp, "w") as f:
+        with replacing(path) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["layer_names"] = [layer.name.encode() for layer in layers]
             f.attrs["backend"] = b"tensorflow"
             f.attrs["keras_version"] = keras.__version__.encode()
@@ -261,12 +262,8 @@ def write_legacy_h5(path, layers, attrs=None):
                 group.attrs["weight_names"] = [n.encode() for n in names]
                 for name, value in zip(names, layer.get_weights()):
                     group.create_dataset(name, data=value)
-        os.replace(tmp, path)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

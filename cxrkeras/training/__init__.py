@@ -2,7 +2,8 @@
 
 from cxrkeras.lazy import lazy_exports
 
-_EXPORTS = {"train": "cxrkeras.training.trainer", "TrainResult": "cxrkeras.training.trainer",
-            "best_model_path": "cxrkeras.runs"}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "trainer": "train TrainResult",
+    "stage": "StageRun",
+    "rundir": "best_model_path",
+})

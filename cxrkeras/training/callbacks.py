@@ -293,19 +293,20 @@ def truncate_history(path, epochs):
     with open(path, newline="", encoding="utf-8") as f:
         columns = next(csv.reader(f))
     keep = [r for r in rows if int(r["epoch"]) <= epochs]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    from cxrkeras.fileio import replacing
+
+    with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(keep)
-    os.replace(tmp, path)
 
 
 def save_model(model, path):
     """model.save via a temporary file, so a kill mid-save keeps the previous file whole."""
-    tmp = path[: -len(".keras")] + ".tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, path)
+    from cxrkeras.fileio import replacing
+
+    with replacing(path, suffix=".keras") as tmp:  # Keras wants the extension
+        model.save(tmp)
 
 
 class ResumeSnapshot(keras.callbacks.Callback):

@@ -260,9 +260,8 @@ class StageRun:
     def fit_phase(self, model, phase, index, loss, train_ds, callbacks, carried):
         """One `model.fit` over the phase's epochs; returns (optimiser iterations, learning rate) to carry on."""
         import keras
-        import tensorflow as tf
 
-        from cxrkeras.data.pipeline import data_error_from
+        from cxrkeras.data.pipeline import data_errors
         from cxrkeras.training.strategy import fit_scope
 
         config = self.config
@@ -278,15 +277,9 @@ class StageRun:
                 model.optimizer.learning_rate.assign(carried[1])
         self.log(f"epochs {phase.begin + 1}-{phase.end}: backbone {'frozen' if phase.frozen else 'trainable'}, "
                  f"{optim.count_params(model.trainable_variables):,} trainable parameters")
-        try:
-            with fit_scope(model, self.strategy):
-                model.fit(train_ds, epochs=phase.end, initial_epoch=phase.begin, steps_per_epoch=self.steps,
-                          callbacks=callbacks, shuffle=False, verbose=1 if config.train.verbose == 1 else 0)
-        except tf.errors.OpError as exc:
-            err = data_error_from(exc)
-            if err is not None:
-                raise err from None
-            raise
+        with data_errors(), fit_scope(model, self.strategy):
+            model.fit(train_ds, epochs=phase.end, initial_epoch=phase.begin, steps_per_epoch=self.steps,
+                      callbacks=callbacks, shuffle=False, verbose=1 if config.train.verbose == 1 else 0)
         return int(keras.ops.convert_to_numpy(model.optimizer.iterations)), cb.current_lr(model.optimizer)
 
     def finish(self, info, fitted):
