@@ -226,8 +226,8 @@ def comparison_markdown(result, title=None):
     b = (result.get("b") or {}).get("name", "B")
     title = title or f"{a} (A) vs {b} (B): {result.get('split', '')} split"
     lines = [f"## {title}", "",
-             f"| label | positives (patients) | AUC A | AUC B | ΔAUC A − B (95% CI) | bootstrap p | DeLong p | "
-             f"DeLong p, Holm |", "|---|---|---|---|---|---|---|---|"]
+             "| label | positives (patients) | AUC A | AUC B | ΔAUC A − B (95% CI) | bootstrap p | DeLong p | "
+             "DeLong p, Holm |", "|---|---|---|---|---|---|---|---|"]
     for name in result["labels"]:
         e = result["per_label"][name]
         if e["reason"]:
