@@ -298,6 +298,31 @@ def predict_cmd(model, files, as_json, batch_size):
                                    f"(see their errors above)")
 
 
+@cli.command("serve")
+@click.option("--model", "model", required=True, type=click.Path(exists=True),
+              help="Export folder (exports/<name>, highest version), SavedModel version folder, run folder or .keras.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; the default is this machine only (there is no authentication).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--name", default=None, help="Model name in the API paths [default: the export/run folder's name].")
+@click.option("--keras-model", type=click.Path(dir_okay=False),
+              help="For an export: the .keras file it was made from (default: the one export_info.json records; "
+                   "its sha256 must match), for the heatmaps.")
+@click.option("--max-upload-mb", default=32.0, show_default=True, type=click.FloatRange(0, 4096, min_open=True),
+              help="Largest request body (all files of one upload together); larger ones get HTTP 413.")
+@click.option("--max-images", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="Most images in one request.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 1024),
+              help="Most images in one model call (concurrent requests are batched up to this).")
+def serve_cmd(model, host, port, name, keras_model, max_upload_mb, max_images, max_batch):
+    """A web page (upload PNG/JPEG/DICOM -> findings table, Grad-CAM overlays, JSON report) and TF Serving's
+    REST API (POST /v1/models/<name>:predict) for one model. A research tool, not a diagnostic device."""
+    from cxrkeras.serve import serve
+
+    serve(model, host=host, port=port, name=name, keras_model=keras_model, max_upload_mb=max_upload_mb,
+          max_images=max_images, max_batch=max_batch, log=click.echo)
+
+
 @cli.command("build-records")
 @click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False),
               help="Labels CSV: NIH Data_Entry_2017(_v2020).csv, or a generic path/labels/patient CSV.")

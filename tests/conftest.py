@@ -43,3 +43,30 @@ def tiny_records(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def serve_export(tiny_records, tmp_path_factory):
+    """A tiny model's .keras and its export (thresholds chosen on the records' validation split), for serve tests."""
+    from evalexport_helpers import tiny_model
+
+    from cxrkeras.export import export
+
+    root = tmp_path_factory.mktemp("serve-model")
+    keras_path = str(root / "tiny.keras")
+    tiny_model().save(keras_path)
+    result = export(keras_path, str(root / "exports" / "tiny"), records_dir=tiny_records, verify=False,
+                    log=lambda *_: None)
+    return {"keras": keras_path, "base": str(root / "exports" / "tiny"), "version_dir": result["path"],
+            "labels": result["labels"], "thresholds": [result["thresholds"][k] for k in result["labels"]],
+            "info": result["thresholds_info"]}
+
+
+@pytest.fixture(scope="session")
+def server(serve_export, tmp_path_factory):
+    """`cxrkeras serve` on that export, its own process on a loopback port (uploads limited to 2 MiB, 8 images)."""
+    from serve_helpers import running_server
+
+    with running_server(serve_export["base"], tmp_path_factory.mktemp("server"), "--max-upload-mb", "2",
+                        "--max-images", "8") as srv:
+        yield srv
