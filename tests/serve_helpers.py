@@ -5,27 +5,19 @@ import contextlib
 import http.client
 import json
 import os
-import queue
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 import uuid
 
 SAMPLE_IMAGES = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "cxrkeras", "sample_data",
                                              "nih-512px", "images"))
-START_TIMEOUT_S = 240  # TensorFlow's import, the model's load and the warm-up on 2 shared cores
 
 
 class Server:
-    def __init__(self, proc, host, port, log_path, tmp, cwd):
-        self.proc, self.host, self.port, self.log_path, self.tmp, self.cwd = proc, host, port, log_path, tmp, cwd
+    """Client calls against a running ServerProcess, plus the folders it was given (TMPDIR, working folder)."""
 
-    @property
-    def url(self):
-        return f"http://{self.host}:{self.port}"
+    def __init__(self, process, tmp, cwd):
+        self.process, self.tmp, self.cwd = process, tmp, cwd
+        self.host, self.port, self.url = process.host, process.port, process.url
+        self.startup_output = process.startup_output
 
     def request(self, method, path, body=None, headers=None, timeout=120):
         """(status, headers dict, body bytes) of one request on a fresh connection."""
@@ -42,10 +34,6 @@ class Server:
         hdrs = {"Content-Type": "application/json", **(headers or {})} if body is not None else headers
         status, _, data = self.request(method, path, body, hdrs)
         return status, json.loads(data)
-
-    def log(self):
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
 
 
 def instances(blobs):
@@ -72,50 +60,12 @@ def read_sample(name):
 
 @contextlib.contextmanager
 def running_server(model, tmp_path, *args):
-    """`cxrkeras serve --model MODEL --port 0 ARGS` in its own process, TMPDIR and working folder under tmp_path;
-    yields a Server; stops it with SIGTERM and checks that it ends by itself."""
+    """`cxrkeras serve --model MODEL --port 0 ARGS` in its own process, with TMPDIR and its working folder under
+    tmp_path (so what it leaves behind can be seen); stopped with SIGTERM, and it must end by itself."""
+    from cxrkeras.serve.process import ServerProcess
+
     tmp, cwd = tmp_path / "tmp", tmp_path / "cwd"
     tmp.mkdir(), cwd.mkdir()
-    log_path = str(tmp_path / "server.log")
-    env = {**os.environ, "TMPDIR": str(tmp), "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "cxrkeras.cli", "serve", "--model", str(model), "--port", "0",
-                                 *args], cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-    lines = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    seen, deadline, host = [], time.monotonic() + START_TIMEOUT_S, None
-    try:
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            seen.append(line)
-            match = re.search(r"page: http://([^/\s]+):(\d+)/", line)
-            if match:
-                host, port = match.group(1), int(match.group(2))
-                break
-        if host is None:
-            proc.kill()
-            raise AssertionError(f"the server did not start within {START_TIMEOUT_S} s:\n{''.join(seen)}\n"
-                                 f"{open(log_path).read()[-3000:]}")
-        server = Server(proc, host, port, log_path, tmp, cwd)
-        server.startup_output = "".join(seen)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise AssertionError("the server did not stop within 30 s of SIGTERM") from None
+    with ServerProcess(model, *args, env={"TMPDIR": str(tmp)}, cwd=str(cwd),
+                       log_path=str(tmp_path / "server.log")) as process:
+        yield Server(process, tmp, cwd)

@@ -7,6 +7,7 @@
   let selected = [];
   let lastReport = null;
   let model = null;
+  let thresholdNote = "";
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -47,6 +48,7 @@
     if (model.warning || info.source === "default") how = "threshold 0.5 for every label (no evaluation)";
     else if (info.method) how = `${method} thresholds chosen on the ${info.chosen_on || "validation"} split`;
     else how = "thresholds from the run's evaluation";
+    thresholdNote = how;
     const heat = model.heatmaps ? "Grad-CAM from the Keras model" : "no heatmaps: " + model.heatmaps_unavailable;
     $("model-details").textContent = `Served from the ${model.served_from}; ${how}; ${heat}. ` +
       `Up to ${model.limits.max_images} files and ${(model.limits.max_upload_bytes / 1048576).toFixed(0)} MiB ` +
@@ -81,7 +83,8 @@
     }
     const head = el("thead", {}, el("tr", {}, el("th", {}, "label"), el("th", { class: "num" }, "probability"),
       el("th", {}, ""), el("th", { class: "num" }, "threshold"), el("th", {}, "finding")));
-    return el("table", { class: "labels" }, head, body);
+    return el("table", { class: "labels" }, head, body, el("caption", {}, "Sorted by probability. A finding is " +
+      "a probability at or over its label's threshold" + (thresholdNote ? ` (${thresholdNote}).` : ".")));
   }
 
   function renderHeatmaps(result) {
@@ -129,7 +132,25 @@
     return copy;
   }
 
+  function tooMuch() {
+    const total = selected.reduce((sum, f) => sum + f.size, 0);
+    const limit = model.limits.max_upload_bytes;
+    if (selected.length > model.limits.max_images) {
+      return `${selected.length} files chosen; the server takes at most ${model.limits.max_images} at once`;
+    }
+    if (total + 1024 * selected.length > limit) {  // the form adds about a kB per file
+      return `these files are ${(total / 1048576).toFixed(1)} MiB together, over the server's limit of ` +
+        `${(limit / 1048576).toFixed(1)} MiB per upload (--max-upload-mb): choose fewer or smaller files`;
+    }
+    return null;
+  }
+
   async function analyse() {
+    const refusal = tooMuch();
+    if (refusal) {
+      $("status").textContent = refusal;
+      return;
+    }
     const form = new FormData();
     for (const f of selected) form.append("files", f, f.name);
     const mode = document.querySelector("input[name=heatmap-mode]:checked").value;
