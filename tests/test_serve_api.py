@@ -317,37 +317,20 @@ def test_page_and_assets_are_served_from_the_package_only(server):
 
 
 def _load(server, blobs, expected, requests, clients):
-    """`requests` predict requests from `clients` threads (keep-alive connections); returns the error list."""
-    import http.client
+    """`requests` one-image predict requests from `clients` threads; the error list (wrong outputs included)."""
+    from cxrkeras.serve.loadtest import run_load
 
-    errors, lock = [], threading.Lock()
-    counter = iter(range(requests))
+    def check(i, status, body):
+        if status != 200:
+            return f"HTTP {status}: {body[:200]!r}"
+        got = np.asarray(json.loads(body)["predictions"][0]["probabilities"])
+        diff = float(np.max(np.abs(got - expected[i % len(blobs)])))
+        return None if diff <= 1e-5 else f"wrong output (max |diff| {diff:.2e})"
 
-    def client():
-        conn = http.client.HTTPConnection(server.host, server.port, timeout=120)
-        try:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                k = i % len(blobs)
-                conn.request("POST", "/v1/models/tiny:predict", json.dumps(instances([blobs[k]])),
-                             {"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                body = resp.read()
-                if resp.status != 200:
-                    errors.append((i, resp.status, body[:200]))
-                    continue
-                got = np.asarray(json.loads(body)["predictions"][0]["probabilities"])
-                if np.max(np.abs(got - expected[k])) > 1e-5:
-                    errors.append((i, "wrong output", float(np.max(np.abs(got - expected[k])))))
-        finally:
-            conn.close()
-
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        for f in [pool.submit(client) for _ in range(clients)]:
-            f.result()
+    bodies = [json.dumps(instances([b])) for b in blobs]
+    latencies, errors, _ = run_load(server.host, server.port, "/v1/models/tiny:predict", bodies, requests, clients,
+                                    check)
+    assert len(latencies) == requests
     return errors
 
 

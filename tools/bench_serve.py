@@ -12,14 +12,12 @@ Usage: python tools/bench_serve.py [--requests 200] [--clients 8] [--model EXPOR
 
 import argparse
 import base64
-import concurrent.futures
 import http.client
 import json
 import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -34,41 +32,14 @@ def _body(blob):
 
 def _load(host, port, name, bodies, requests, clients):
     """(latencies in ms, errors, wall seconds) of `requests` POSTs from `clients` threads."""
-    latencies, errors, lock = [], [], threading.Lock()
-    counter = iter(range(requests))
+    from cxrkeras.serve.loadtest import run_load
 
-    def client():
-        conn = http.client.HTTPConnection(host, port, timeout=120)
-        try:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                t = time.perf_counter()
-                try:
-                    conn.request("POST", f"/v1/models/{name}:predict", bodies[i % len(bodies)],
-                                 {"Content-Type": "application/json"})
-                    resp = conn.getresponse()
-                    data = resp.read()
-                    ok = resp.status == 200 and len(json.loads(data)["predictions"]) == 1
-                except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
-                    ok, data = False, repr(exc).encode()
-                    conn.close()
-                    conn = http.client.HTTPConnection(host, port, timeout=120)
-                ms = (time.perf_counter() - t) * 1000.0
-                with lock:
-                    latencies.append(ms)
-                    if not ok:
-                        errors.append(data[:200])
-        finally:
-            conn.close()
+    def check(i, status, body):
+        if status != 200:
+            return f"HTTP {status}: {body[:200]!r}"
+        return None if len(json.loads(body)["predictions"]) == 1 else "not one prediction"
 
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        for f in [pool.submit(client) for _ in range(clients)]:
-            f.result()
-    return latencies, errors, time.perf_counter() - t0
+    return run_load(host, port, f"/v1/models/{name}:predict", bodies, requests, clients, check)
 
 
 def _health(host, port):
