@@ -122,6 +122,14 @@ def _huge_png_header(width=20000, height=20000):
     return b"\x89PNG\r\n\x1a\n" + chunk + b"\0" * 64
 
 
+def _huge_gif(width=20000, height=20000):
+    import struct
+
+    screen = struct.pack("<HHBBB", width, height, 0, 0, 0)
+    image = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00"
+    return b"GIF89a" + screen + image + b";"
+
+
 @pytest.mark.parametrize("bad, expected", [
     (b"hello, this is plain text", "image_bytes[1]: not a PNG or JPEG image (25 bytes: text)"),
     (b"", "image_bytes[1]: empty string (0 bytes), not an image"),
@@ -285,10 +293,13 @@ def test_page_upload_table_heatmaps_errors_and_no_trace_left(server, reference, 
     body, ctype = multipart([("a.png", good)], {"label": "Effusion"})
     status, _, data = server.request("POST", "/api/analyze", body, {"Content-Type": ctype})
     assert status == 200 and [h["label"] for h in json.loads(data)["results"][0]["heatmaps"]] == ["Effusion"]
-    body, ctype = multipart([("a.txt", b"text"), ("b.png", b"")])
+    body, ctype = multipart([("a.txt", b"text"), ("b.png", b""), ("huge.png", _huge_png_header()),
+                             ("bomb.gif", _huge_gif())])
     status, _, data = server.request("POST", "/api/analyze", body, {"Content-Type": ctype})
     err = json.loads(data)["error"]
     assert status == 400 and "a.txt: not an image file" in err and "b.png: empty file" in err
+    assert "huge.png: the image declares 20000x20000 pixels, over the limit" in err
+    assert "bomb.gif: the image declares too many pixels" in err
     for fields, expected in (({"label": "Nope"}, "not one of the model's labels"), ({"top_k": "99"}, "top_k must"),
                              ({}, None)):
         body, ctype = multipart([] if expected is None else [("a.png", good)], fields)

@@ -164,3 +164,12 @@ def test_keras_model_serves_itself_with_heatmaps(serve_export, tmp_path):
     assert [m["label"] for m in maps] == ["Effusion", "Mass"] and all(m["png"][:4] == b"\x89PNG" for m in maps)
     with pytest.raises(CxrError, match="--keras-model is for an export"):
         Backend(serve_export["keras"], keras_model=serve_export["keras"], log=lambda *_: None)
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                            ("127.0.0.2", True), ("0.0.0.0", False), ("::", False),
+                                            ("10.1.2.3", False), ("example.org", False)])
+def test_only_loopback_hosts_listen_without_a_warning(host, loopback):
+    from cxrkeras.serve.server import _is_loopback
+
+    assert _is_loopback(host) is loopback

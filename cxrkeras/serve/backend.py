@@ -147,12 +147,17 @@ class Backend:
 def file_bytes(path):
     """PNG/JPEG bytes of an uploaded file, as `cxrkeras predict` makes them (DICOM through build-records' reader:
     pixels only, no tag is kept); FileProblem with the reason."""
+    from PIL import Image
+
+    from cxrkeras.data.images import describe_error
     from cxrkeras.export.predict import FileError, read_file_bytes
 
     try:
         return read_file_bytes(path)
     except FileError as exc:
         raise FileProblem(str(exc)) from None
+    except Image.DecompressionBombError as exc:  # e.g. a GIF of a few bytes declaring 20000 x 20000 pixels
+        raise FileProblem(f"the image declares too many pixels ({describe_error(exc)})") from None
 
 
 def preview(blob, max_side=PREVIEW_SIDE):
