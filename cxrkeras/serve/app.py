@@ -280,6 +280,9 @@ def create_app(backend, worker, name, limits=None, upload_root=None):
             except (Busy, CxrError) as exc:
                 results[i]["heatmaps_unavailable"] = str(exc)
                 continue
+            except asyncio.TimeoutError:
+                results[i]["heatmaps_unavailable"] = f"Grad-CAM did not finish within {limits.timeout_s:g} s"
+                continue
             results[i]["heatmaps"] = [{"label": m["label"], "probability": m["probability"], "rank": m["rank"],
                                        "empty": m["heatmap_max"] <= 0, "image": bk.data_url(m["png"])}
                                       for m in maps]

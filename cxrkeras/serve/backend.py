@@ -114,6 +114,22 @@ class Backend:
 
     # --- work (called from the one worker thread) ---
 
+    def warm_up(self):
+        """One prediction and, when heatmaps are available, one Grad-CAM, so the first request pays no tracing."""
+        import tempfile
+
+        from cxrkeras.data.images import encode_png
+
+        blob = encode_png(np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1)))
+        self.predict([blob])
+        if self.heatmap_source is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="cxrkeras-warmup-") as folder:
+            path = os.path.join(folder, "warmup.png")
+            with open(path, "wb") as f:
+                f.write(blob)
+            self.heatmaps(path, self.labels[:1], os.path.join(folder, "out"))
+
     def predict(self, blobs):
         """(probabilities [N, L] float64, findings [N, L] bool) of PNG/JPEG bytes; ItemError for a bad item."""
         import tensorflow as tf

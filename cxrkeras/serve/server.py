@@ -38,25 +38,6 @@ def _bind(host, port):
     return sock
 
 
-def _warm_up(backend):
-    """One prediction and, when heatmaps are available, one Grad-CAM, so the first request pays no tracing."""
-    import numpy as np
-
-    from cxrkeras.data.images import encode_png
-
-    blob = encode_png(np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1)))
-    backend.predict([blob])
-    if backend.heatmap_source is not None:
-        folder = tempfile.mkdtemp(prefix="cxrkeras-warmup-")
-        try:
-            path = os.path.join(folder, "warmup.png")
-            with open(path, "wb") as f:
-                f.write(blob)
-            backend.heatmaps(path, backend.labels[:1], os.path.join(folder, "out"))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 def _require_web_stack():
     try:
         import python_multipart  # noqa: F401 - Starlette's form parser (the uploads)
@@ -100,7 +81,7 @@ def serve(model, host="127.0.0.1", port=8080, name=None, keras_model=None, max_u
             log(f"warning: {backend.warning}")
         if backend.heatmap_reason:
             log(f"heatmaps unavailable: {backend.heatmap_reason}")
-        _warm_up(backend)
+        backend.warm_up()
         worker = ModelWorker(backend, max_batch=max_batch)
         limits = Limits(max_body_bytes=int(float(max_upload_mb) * (1 << 20)), max_images=int(max_images))
         app = create_app(backend, worker, name, limits, upload_root=upload_root)
