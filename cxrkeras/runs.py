@@ -283,9 +283,13 @@ class ModelSource:
 
 
 def load_source(model_or_run):
-    """A ModelSource for a keras.Model, a .keras file, a run folder or a stage folder."""
+    """A ModelSource for a keras.Model, a .keras file, a run folder or a stage folder (a ModelSource: itself, so a
+    loaded model can be handed on without reading its files again)."""
     from cxrkeras.hashing import sha256_file
     from cxrkeras.models.build import model_info
+
+    if isinstance(model_or_run, ModelSource):
+        return model_or_run
 
     run_dir = stage_dir = model_path = sha = note = None
     if isinstance(model_or_run, (str, os.PathLike)):

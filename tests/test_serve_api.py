@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from evalexport_helpers import jpeg_bytes, png_bytes, sample_gray, write_dicom
+from evalexport_helpers import huge_gif, jpeg_bytes, png_bytes, sample_gray, write_dicom
 from serve_helpers import SAMPLE_IMAGES, instances, multipart, read_sample
 
 pytestmark = pytest.mark.timeout(600)
@@ -122,12 +122,6 @@ def _huge_png_header(width=20000, height=20000):
     return b"\x89PNG\r\n\x1a\n" + chunk + b"\0" * 64
 
 
-def _huge_gif(width=20000, height=20000):
-    import struct
-
-    screen = struct.pack("<HHBBB", width, height, 0, 0, 0)
-    image = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00"
-    return b"GIF89a" + screen + image + b";"
 
 
 @pytest.mark.parametrize("bad, expected", [
@@ -294,7 +288,7 @@ def test_page_upload_table_heatmaps_errors_and_no_trace_left(server, reference, 
     status, _, data = server.request("POST", "/api/analyze", body, {"Content-Type": ctype})
     assert status == 200 and [h["label"] for h in json.loads(data)["results"][0]["heatmaps"]] == ["Effusion"]
     body, ctype = multipart([("a.txt", b"text"), ("b.png", b""), ("huge.png", _huge_png_header()),
-                             ("bomb.gif", _huge_gif())])
+                             ("bomb.gif", huge_gif())])
     status, _, data = server.request("POST", "/api/analyze", body, {"Content-Type": ctype})
     err = json.loads(data)["error"]
     assert status == 400 and "a.txt: not an image file" in err and "b.png: empty file" in err

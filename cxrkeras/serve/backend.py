@@ -6,13 +6,13 @@ so the server follows those packages without a copy of their preprocessing or pr
 
 import base64
 import io
-import json
 import os
 import re
 
 import numpy as np
 
 from cxrkeras.errors import CxrError
+from cxrkeras.fileio import read_json_or
 
 NOTICE = ("Research tool, not a medical device: its outputs are not a diagnosis and must not guide the care of a "
           "patient.")
@@ -74,20 +74,20 @@ class Backend:
         """What the export's thresholds.json says about how the thresholds were chosen (empty for a Keras model)."""
         if not self.is_export:
             return {}
-        doc = _read_json(os.path.join(self.predictor.path, "assets", "thresholds.json")) or {}
+        doc = read_json_or(os.path.join(self.predictor.path, "assets", "thresholds.json")) or {}
         return {k: doc[k] for k in ("method", "source", "chosen_on") if doc.get(k) is not None}
 
     def _heatmap_source(self, keras_model, log):
         """(ModelSource or None, reason): Grad-CAM needs the Keras model; an export records which file it was."""
-        from cxrkeras.evaluation.source import resolve
         from cxrkeras.hashing import sha256_file
+        from cxrkeras.runs import load_source
 
         if not self.is_export:
             if keras_model:
                 raise CxrError("--keras-model is for an export folder; a run or .keras model is its own Grad-CAM "
                                "model")
             return self.predictor.source, None
-        info = _read_json(os.path.join(self.predictor.path, "assets", "export_info.json")) or {}
+        info = read_json_or(os.path.join(self.predictor.path, "assets", "export_info.json")) or {}
         recorded, sha = info.get("model"), info.get("model_sha256")
         path = keras_model or recorded
         if not path:
@@ -100,7 +100,7 @@ class Backend:
             return None, (f"{path} is not the file this export was made from (sha256 differs from export_info.json): "
                           f"its heatmaps would explain another model")
         try:
-            source = resolve(path)
+            source = load_source(path)
         except CxrError as exc:
             return None, f"the Keras model cannot be loaded for heatmaps: {exc}"
         if list(source.labels) != self.labels:
@@ -147,8 +147,8 @@ class Backend:
         """[{label, probability, rank, png}] Grad-CAM overlays of one file (drawn by explain_files)."""
         from cxrkeras.explain.files import explain_files
 
-        entries = explain_files(self.heatmap_source.model, [path], out_dir, class_names=list(class_names),
-                                batch_size=1)
+        entries = explain_files(self.heatmap_source, [path], out_dir, class_names=list(class_names), batch_size=1,
+                                log=lambda *_: None)
         out = []
         for e in entries:
             with open(e["overlay"], "rb") as f:
@@ -163,17 +163,12 @@ class Backend:
 def file_bytes(path):
     """PNG/JPEG bytes of an uploaded file, as `cxrkeras predict` makes them (DICOM through build-records' reader:
     pixels only, no tag is kept); FileProblem with the reason."""
-    from PIL import Image
-
-    from cxrkeras.data.images import describe_error
     from cxrkeras.export.predict import FileError, read_file_bytes
 
     try:
         return read_file_bytes(path)
     except FileError as exc:
         raise FileProblem(str(exc)) from None
-    except Image.DecompressionBombError as exc:  # e.g. a GIF of a few bytes declaring 20000 x 20000 pixels
-        raise FileProblem(f"the image declares too many pixels ({describe_error(exc)})") from None
 
 
 def preview(blob, max_side=PREVIEW_SIDE):
@@ -198,8 +193,3 @@ def data_url(png):
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _read_json(path):
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
