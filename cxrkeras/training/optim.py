@@ -30,14 +30,15 @@ def make_optimizer(optim, total_steps):
 
 
 def is_backbone(layer):
-    """A layer of the pretrained backbone: it has weights and is neither an LKA block nor part of the head."""
-    from cxrkeras.models.lka import LargeKernelAttention
+    """A layer of the pretrained backbone: it has weights and is none of the added layers (LKA blocks, attention
+    gates, the patient branch, the head: `cxrkeras.models.parts`)."""
+    from cxrkeras.models.parts import is_added
 
-    return bool(layer.weights) and layer.name not in HEAD_LAYERS and not isinstance(layer, LargeKernelAttention)
+    return bool(layer.weights) and not is_added(layer)
 
 
 def set_backbone_trainable(model, trainable):
-    """Freeze/unfreeze the backbone: every layer with weights except the LKA blocks and the head."""
+    """Freeze/unfreeze the backbone: every layer with weights except the added ones (LKA, gates, patient, head)."""
     for layer in model.layers:
         if is_backbone(layer):
             layer.trainable = trainable
