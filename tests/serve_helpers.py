@@ -41,10 +41,11 @@ def instances(blobs):
 
 
 def multipart(files, fields=None):
-    """(body, content type) of a multipart/form-data upload: files = [(name, bytes)] under the field 'files'."""
+    """(body, content type) of a multipart/form-data upload: files = [(name, bytes)] under the field 'files';
+    fields: a dict, or [(name, value)] (a name may repeat)."""
     boundary = uuid.uuid4().hex
     parts = []
-    for key, value in (fields or {}).items():
+    for key, value in (fields.items() if isinstance(fields, dict) else fields or ()):  # a list repeats fields
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
     for name, data in files:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'

@@ -5,6 +5,7 @@ import os
 from cxrkeras.errors import CxrError, DataError
 from cxrkeras.evaluation import figures, metrics, published
 from cxrkeras.fileio import atomic_write, write_json
+from cxrkeras.labels import NO_FINDING
 from cxrkeras.runs import EVALUATION_DIR, load_source
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -12,9 +13,14 @@ METRICS_FILE = "metrics.json"
 
 
 def check_labels(model_labels, record_labels, where):
-    """Refuse a model whose outputs are not the records' labels in the same order."""
+    """Refuse a model whose outputs are not the records' labels in the same order (or those plus the derived
+    'No Finding' class); returns whether the model has that class (the pipeline then derives it)."""
+    from cxrkeras.labels import derives_no_finding
+
     if list(model_labels) == list(record_labels):
-        return
+        return False
+    if derives_no_finding(model_labels, record_labels):
+        return True
     missing = [lbl for lbl in record_labels if lbl not in model_labels]
     extra = [lbl for lbl in model_labels if lbl not in record_labels]
     if not missing and not extra:
@@ -61,11 +67,11 @@ def predict_split(source, records_dir, split, batch_size=32, progress=None, veri
     from cxrkeras.inference import predict_dataset
 
     manifest = load_manifest(records_dir)
-    check_labels(source.labels, manifest["labels"], f"the records {records_dir}")
+    no_finding = check_labels(source.labels, manifest["labels"], f"the records {records_dir}")
     expected = split_size(manifest, split, records_dir)
     ds = build_dataset(records_dir, split, stage=2, batch_size=check_batch_size(batch_size), training=False,
                        preprocessor=source.preprocessor, drop_remainder=False, deterministic=True, return_ids=True,
-                       verify=verify)
+                       verify=verify, patient=source.patient, no_finding_class=no_finding)
     with data_errors():
         probs, labels, ids = predict_dataset(source.model, ds,
                                              progress=(lambda n: progress(n, expected)) if progress else None)
@@ -157,6 +163,11 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
                   preprocessor=source.preprocessor.to_config(),
                   default_threshold_method=threshold_method,
                   protocol="whole split, deterministic eval preprocessing (central square, resize), no TTA")
+    compared, auc_compared = labels, result["auc"]
+    if labels and labels[-1] == NO_FINDING:  # the derived class is evaluated, but no published table has it
+        compared = labels[:-1]
+        auc_compared = metrics.auc_with_ci(y[:, :-1], probs[:, :-1], patient_ids, compared, n_boot=n_boot, seed=seed)
+        result["auc_without_no_finding"] = auc_compared
     write_json(os.path.join(out_dir, METRICS_FILE), result)
     thr_doc = {"labels": labels, "default_method": threshold_method, "chosen_on": val_split if val_summary else None,
                "model_sha256": source.model_sha256, "model": source.model_path,
@@ -173,8 +184,12 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
         figures.pr_figure(y, probs, labels, os.path.join(out_dir, f"pr_{split}.png"), result["average_precision"],
                           title=f"Precision–recall — {split}")
         figures.reliability_figure(result["calibration"], os.path.join(out_dir, f"reliability_{split}.png"))
-    table = published.comparison_markdown(result["auc"], labels,
+    table = published.comparison_markdown(auc_compared, compared,
                                           title=f"Per-label test AUC: {split} split, {len(y)} images")
+    if compared is not labels:
+        nf = result["auc"]["per_label"][NO_FINDING]
+        table += (f"\n{NO_FINDING} (the derived class, not in the published comparison; the mean above is over "
+                  f"the {len(compared)} other labels): AUC {published.format_ci(nf)}\n")
     atomic_write(os.path.join(out_dir, f"comparison_{split}.md"), table)
     log(table)
     log(summary_text(result, threshold_method))

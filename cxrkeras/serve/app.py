@@ -105,6 +105,8 @@ def create_app(backend, worker, name, limits=None, upload_root=None):
     limits = limits or Limits()
     labels = backend.labels
     thresholds = [float(t) for t in backend.thresholds]
+    inputs = [rest.INPUT] + (list(rest.PATIENT_INPUTS) if backend.takes_patient else [])
+    patient_facts = _patient_facts(backend.patient_encoder()) if backend.takes_patient else None
 
     def status():
         return {"model_version_status": [{"version": str(backend.version), "state": "AVAILABLE",
@@ -115,14 +117,15 @@ def create_app(backend, worker, name, limits=None, upload_root=None):
                 "threshold_info": backend.threshold_info, "warning": backend.warning,
                 "served_from": "SavedModel" if backend.is_export else "Keras model",
                 "heatmaps": backend.heatmap_source is not None, "heatmaps_unavailable": backend.heatmap_reason,
-                "inputs": [rest.INPUT], "cxrkeras": __version__, "notice": bk.NOTICE,
+                "inputs": inputs, "patient_inputs": patient_facts, "cxrkeras": __version__, "notice": bk.NOTICE,
                 "limits": {"max_upload_bytes": limits.max_body_bytes, "max_images": limits.max_images}}
 
     def metadata():
         dim = [{"size": "-1", "name": ""}]
         out_dim = dim + [{"size": str(len(labels)), "name": ""}]
-        spec = {"inputs": {rest.INPUT: {"dtype": "DT_STRING", "tensor_shape": {"dim": dim, "unknown_rank": False},
-                                        "name": f"serving_default_{rest.INPUT}:0"}},
+        dtypes = {rest.INPUT: "DT_STRING", "age": "DT_FLOAT", "sex": "DT_STRING", "view": "DT_STRING"}
+        spec = {"inputs": {k: {"dtype": dtypes[k], "tensor_shape": {"dim": dim, "unknown_rank": False},
+                               "name": f"serving_default_{k}:0"} for k in inputs},
                 "outputs": {o: {"dtype": dt, "tensor_shape": {"dim": out_dim, "unknown_rank": False},
                                 "name": f"StatefulPartitionedCall:{i}"}
                             for i, (o, dt) in enumerate(zip(rest.OUTPUTS, ("DT_FLOAT", "DT_BOOL")))},
@@ -168,7 +171,7 @@ def create_app(backend, worker, name, limits=None, upload_root=None):
                                f"to /api/analyze)")
         body = await request.body()
         try:
-            blobs, fmt = await run_in_threadpool(rest.parse_request, body, limits.max_images)
+            blobs, fmt = await run_in_threadpool(rest.parse_request, body, limits.max_images, backend.takes_patient)
             probs, found = await wait(worker.predict(blobs))
         except rest.RequestError as exc:
             return _error(400, str(exc))
@@ -211,10 +214,17 @@ def create_app(backend, worker, name, limits=None, upload_root=None):
         chosen = (form.get("label") or "").strip() or None
         if chosen is not None and chosen not in labels:
             return _error(400, f"label {chosen[:64]!r} is not one of the model's labels: {', '.join(labels)}")
+        values = [None] * len(uploads)
+        if backend.takes_patient:  # one age, sex and view per file, in file order
+            fields = [form.getlist(name) for name in rest.PATIENT_INPUTS]
+            if any(len(f) != len(uploads) for f in fields):
+                return _error(400, f"this model takes age, sex and view: give the fields age, sex and view once for "
+                                   f"each of the {len(uploads)} file(s), in file order")
+            values = [tuple(str(v)[:32] for v in item) for item in zip(*fields)]
         os.makedirs(upload_root or tempfile.gettempdir(), exist_ok=True)
         folder = tempfile.mkdtemp(prefix="cxrkeras-upload-", dir=upload_root)
         try:
-            results = await _analyze_files(uploads, folder, top_k, chosen)
+            results = await _analyze_files(uploads, folder, top_k, chosen, values)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         report = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -225,7 +235,7 @@ def create_app(backend, worker, name, limits=None, upload_root=None):
             return JSONResponse({**report, "error": f"no file could be analysed: {problems}"}, status_code=400)
         return JSONResponse(report)
 
-    async def _analyze_files(uploads, folder, top_k, chosen):
+    async def _analyze_files(uploads, folder, top_k, chosen, values):
         results, paths, futures = [], [], []
         for i, upload in enumerate(uploads):
             shown = _display_name(upload.filename, i)
@@ -243,7 +253,8 @@ def create_app(backend, worker, name, limits=None, upload_root=None):
                 futures.append(None)
                 continue
             try:  # one job per file: the worker batches them and names the bad one
-                futures.append((blob, worker.predict([blob])))
+                item = (blob, values[i]) if backend.takes_patient else blob
+                futures.append((blob, worker.predict([item])))
             except Busy as exc:
                 results[i]["error"] = str(exc)
                 futures.append(None)
@@ -268,6 +279,8 @@ def create_app(backend, worker, name, limits=None, upload_root=None):
             rows = sorted(({"label": lbl, "probability": float(p[j]), "threshold": thresholds[j],
                             "finding": bool(f[j])} for j, lbl in enumerate(labels)),
                           key=lambda r: -r["probability"])
+            if backend.takes_patient:
+                results[i]["patient"] = dict(zip(rest.PATIENT_INPUTS, values[i]))
             results[i].update(width=width, height=height, preview=url, table=rows,
                               findings=[r["label"] for r in rows if r["finding"]], heatmaps=[],
                               heatmaps_unavailable=backend.heatmap_reason)
@@ -276,7 +289,7 @@ def create_app(backend, worker, name, limits=None, upload_root=None):
                 continue
             out_dir = os.path.join(folder, f"heatmaps-{i}")
             try:
-                maps = await wait(worker.call(backend.heatmaps, paths[i], wanted, out_dir))
+                maps = await wait(worker.call(backend.heatmaps, paths[i], wanted, out_dir, values[i]))
             except (Busy, CxrError) as exc:
                 results[i]["heatmaps_unavailable"] = str(exc)
                 continue
@@ -306,6 +319,17 @@ def create_app(backend, worker, name, limits=None, upload_root=None):
     app = Starlette(routes=routes, exception_handlers={Exception: server_error, HTTPException: not_found})
     app.state.backend, app.state.worker = backend, worker
     return BodyLimit(app, limits.max_body_bytes)
+
+
+def _patient_facts(encoder):
+    """What the page asks for a model with patient features: the fields, their choices and the missing-value rule."""
+    from cxrkeras.constants import PATIENT_SEXES, PATIENT_VIEWS
+
+    missing = (encoder or {}).get("missing", "error")
+    return {"fields": list(rest.PATIENT_INPUTS), "age": "years", "sex": list(PATIENT_SEXES),
+            "view": list(PATIENT_VIEWS), "missing": missing,
+            "note": ("every field is needed" if missing == "error" else
+                     "a field left empty is encoded as unknown (age: the training mean; sex/view: none)")}
 
 
 def _file_name(shown):

@@ -17,6 +17,7 @@ from cxrkeras.fileio import read_json_or
 NOTICE = ("Research tool, not a medical device: its outputs are not a diagnosis and must not guide the care of a "
           "patient.")
 PREVIEW_SIDE = 512  # the page shows the upload at most this large (the overlays are drawn at the original size)
+WARM_UP_PATIENT = (50.0, "F", "PA")  # any valid values: the warm-up only traces the graph
 
 
 class ItemError(Exception):
@@ -53,6 +54,7 @@ class Backend:
         from cxrkeras.export.predict import load_predictor
 
         self.predictor = load_predictor(model, log)
+        self.takes_patient = bool(self.predictor.takes_patient)  # the model also takes age, sex and view
         self.labels = list(self.predictor.labels)
         self.thresholds = np.asarray(self.predictor.thresholds, dtype=np.float64)
         self.warning = self.predictor.warning
@@ -108,6 +110,15 @@ class Backend:
         log(f"heatmaps from {path}")
         return source, None
 
+    def patient_encoder(self):
+        """The model's PatientEncoder config (a Keras model's, or the one the export recorded), or None."""
+        if not self.takes_patient:
+            return None
+        if not self.is_export:
+            return self.predictor.source.patient.to_config()
+        info = read_json_or(os.path.join(self.predictor.path, "assets", "export_info.json")) or {}
+        return info.get("patient_features")
+
     @property
     def heatmap_model_path(self):
         return self.heatmap_source.model_path if self.heatmap_source is not None else None
@@ -121,34 +132,41 @@ class Backend:
         from cxrkeras.data.images import encode_png
 
         blob = encode_png(np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1)))
-        self.predict([blob])
+        values = WARM_UP_PATIENT if self.takes_patient else None
+        self.predict([(blob, values)] if values else [blob])
         if self.heatmap_source is None:
             return
         with tempfile.TemporaryDirectory(prefix="cxrkeras-warmup-") as folder:
             path = os.path.join(folder, "warmup.png")
             with open(path, "wb") as f:
                 f.write(blob)
-            self.heatmaps(path, self.labels[:1], os.path.join(folder, "out"))
+            self.heatmaps(path, self.labels[:1], os.path.join(folder, "out"), values)
 
-    def predict(self, blobs):
-        """(probabilities [N, L] float64, findings [N, L] bool) of PNG/JPEG bytes; ItemError for a bad item."""
+    def predict(self, items):
+        """(probabilities [N, L] float64, findings [N, L] bool) of PNG/JPEG bytes (for a model with patient
+        features: (bytes, (age, sex, view)) pairs); ItemError for a bad item (its image or one of its values)."""
         import tensorflow as tf
 
         from cxrkeras.export.serving import item_error
 
+        items = list(items)
         try:
-            probs, found = self.predictor(list(blobs))
+            if self.takes_patient:
+                probs, found = self.predictor([b for b, _ in items], [v for _, v in items])
+            else:
+                probs, found = self.predictor(items)
         except tf.errors.InvalidArgumentError as exc:
             index, reason = item_error(exc.message)
             raise ItemError(index, reason) from None
         return np.asarray(probs, dtype=np.float64), np.asarray(found, dtype=bool)
 
-    def heatmaps(self, path, class_names, out_dir):
-        """[{label, probability, rank, png}] Grad-CAM overlays of one file (drawn by explain_files)."""
+    def heatmaps(self, path, class_names, out_dir, patient=None):
+        """[{label, probability, rank, png}] Grad-CAM overlays of one file (drawn by explain_files); `patient`: its
+        (age, sex, view) for a model that takes them."""
         from cxrkeras.explain.files import explain_files
 
         entries = explain_files(self.heatmap_source, [path], out_dir, class_names=list(class_names), batch_size=1,
-                                log=lambda *_: None)
+                                log=lambda *_: None, patient=[patient] if patient is not None else None)
         out = []
         for e in entries:
             with open(e["overlay"], "rb") as f:

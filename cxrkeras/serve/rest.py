@@ -5,6 +5,9 @@ Row format:      {"instances": [{"image_bytes": {"b64": "..."}}, ...]}   (or [{"
 Columnar format: {"inputs": {"image_bytes": [{"b64": "..."}, ...]}}     (or {"inputs": [{"b64": "..."}]})
                  -> {"outputs": {"probabilities": [[...]], "findings": [[...]]}}
 Binary strings travel base64-encoded under the key "b64", as TF Serving requires.
+A model with patient features has the inputs image_bytes, age, sex and view: each instance names all four
+({"image_bytes": {"b64": ...}, "age": 58, "sex": "M", "view": "PA"}; age null = unknown), or "inputs" holds four
+lists of the same length.
 """
 
 import base64
@@ -14,6 +17,7 @@ import re
 
 SIGNATURE = "serving_default"
 INPUT = "image_bytes"
+PATIENT_INPUTS = ("age", "sex", "view")  # cxrkeras.export.serving.PATIENT_INPUTS, without importing TensorFlow
 OUTPUTS = ("probabilities", "findings")
 
 
@@ -24,8 +28,9 @@ class RequestError(Exception):
 _EXAMPLE = '{"instances": [{"image_bytes": {"b64": "<base64 of a PNG or JPEG file>"}}]}'
 
 
-def parse_request(body, max_items):
-    """(list of image bytes, "row" | "columnar") of a predict request body (bytes)."""
+def parse_request(body, max_items, patient=False):
+    """(items, "row" | "columnar") of a predict request body (bytes): image bytes, or with `patient` (a model with
+    patient features) (image bytes, (age, sex, view)) per image."""
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -44,6 +49,8 @@ def parse_request(body, max_items):
                            f"'instances' (row format) or 'inputs' (columnar format)")
     if ("instances" in doc) == ("inputs" in doc):
         raise RequestError(f"give exactly one of 'instances' (row format) or 'inputs' (columnar format): {_EXAMPLE}")
+    if patient:
+        return _parse_with_patient(doc, max_items)
     if "instances" in doc:
         items, fmt = doc["instances"], "row"
         if not isinstance(items, list):
@@ -66,6 +73,53 @@ def parse_request(body, max_items):
         raise RequestError(f"the request holds more than {max_items} images, the limit of one request "
                            f"(--max-images); send them in several requests")
     return [_decode(item, where.format(i)) for i, item in enumerate(items)], fmt
+
+
+_PATIENT_EXAMPLE = ('{"instances": [{"image_bytes": {"b64": "<base64 of a PNG or JPEG file>"}, "age": 58, "sex": "M", '
+                    '"view": "PA"}]}')
+NAMES = (INPUT,) + PATIENT_INPUTS
+
+
+def _parse_with_patient(doc, max_items):
+    """Items (bytes, (age, sex, view)) of a request to a model with patient features."""
+    if "instances" in doc:
+        rows, fmt = doc["instances"], "row"
+        if not isinstance(rows, list):
+            raise RequestError("'instances' must be a list, one item per image")
+        columns = None
+        for i, row in enumerate(rows[:max_items + 1]):
+            if not isinstance(row, dict) or set(row) != set(NAMES):
+                have = ", ".join(repr(k[:32]) for k in row) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+                raise RequestError(f"instances[{i}] has {have or 'no key'}; this model's inputs are "
+                                   f"{', '.join(NAMES)}: send {_PATIENT_EXAMPLE}")
+        columns = {name: [row[name] for row in rows[:max_items + 1]] for name in NAMES}
+    else:
+        fmt, columns = "columnar", doc["inputs"]
+        if not isinstance(columns, dict) or set(columns) != set(NAMES):
+            raise RequestError(f"'inputs' must be an object with the lists {', '.join(NAMES)} (this model's inputs)")
+        lengths = {name: len(v) if isinstance(v, list) else None for name, v in columns.items()}
+        if None in lengths.values() or len(set(lengths.values())) != 1:
+            got = ", ".join(f"{k}: {'not a list' if v is None else v}" for k, v in lengths.items())
+            raise RequestError(f"'inputs' must hold lists of the same length, one value per image; got {got}")
+    n = len(columns[INPUT])
+    if not n:
+        raise RequestError("the request holds no image: send at least one")
+    if n > max_items:
+        raise RequestError(f"the request holds more than {max_items} images, the limit of one request "
+                           f"(--max-images); send them in several requests")
+    where = ("instances[{}]." if fmt == "row" else "inputs.{}").format
+    items = []
+    for i in range(n):
+        blob = _decode(columns[INPUT][i], f"{where(i)}{INPUT}" if fmt == "row" else f"inputs.{INPUT}[{i}]")
+        age, sex, view = (columns[name][i] for name in PATIENT_INPUTS)
+        at = (lambda name: f"instances[{i}].{name}" if fmt == "row" else f"inputs.{name}[{i}]")  # noqa: E731
+        if age is not None and (isinstance(age, bool) or not isinstance(age, (int, float))):
+            raise RequestError(f"{at('age')}: expected a number of years (or null when unknown)")
+        for name, value in (("sex", sex), ("view", view)):
+            if value is not None and not isinstance(value, str):
+                raise RequestError(f"{at(name)}: expected a string (or null when unknown)")
+        items.append((blob, (age, sex or "", view or "")))
+    return items, fmt
 
 
 def _unwrap_row(item, where):
@@ -103,5 +157,11 @@ def format_response(probs, found, fmt):
 
 
 def item_message(index, reason):
-    """TF Serving's serving_default names a bad item `image_bytes[i]`: the same words, i within this request."""
-    return f"{INPUT}[{index}]: {reason}" if index is not None else reason
+    """TF Serving's serving_default names a bad item `image_bytes[i]` (or `sex[i]`, ... for a patient field): the
+    same words, i within this request."""
+    if index is None:
+        return reason
+    field, _, rest = reason.partition(": ")
+    if field in PATIENT_INPUTS and rest:
+        return f"{field}[{index}]: {rest}"
+    return f"{INPUT}[{index}]: {reason}"

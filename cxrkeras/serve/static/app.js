@@ -5,6 +5,7 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   let selected = [];
+  let patientValues = [];  // per chosen file {age, sex, view}, for a model that takes them
   let lastReport = null;
   let model = null;
   let thresholdNote = "";
@@ -39,6 +40,12 @@
       $("model-warning").textContent = "Thresholds: " + model.warning;
       $("model-warning").hidden = false;
     }
+    if (model.patient_inputs) {
+      $("patient-hint").textContent = "This model also takes each patient's age (years), sex " +
+        `(${model.patient_inputs.sex.join("/")}) and view position (${model.patient_inputs.view.join("/")}): ` +
+        `give them beside each file (${model.patient_inputs.note}).`;
+      $("patient-hint").hidden = false;
+    }
     const select = $("label");
     for (const label of model.labels) select.append(el("option", { value: label }, label));
     $("top-k").max = String(model.labels.length);
@@ -56,14 +63,35 @@
     updateButton();
   }
 
+  function patientFields(i) {
+    const p = model.patient_inputs;
+    const values = patientValues[i];
+    const name = selected[i].name;
+    const age = el("input", { type: "number", min: "0", max: "150", step: "any", class: "age", placeholder: "age",
+      "aria-label": `age of the patient of ${name}` });
+    age.value = values.age;
+    age.addEventListener("input", () => { values.age = age.value; });
+    const choice = (field, options) => {
+      const s = el("select", { class: field, "aria-label": `${field} of ${name}` }, el("option", { value: "" }, field),
+        ...options.map((o) => el("option", { value: o }, o)));
+      s.value = values[field];
+      s.addEventListener("change", () => { values[field] = s.value; });
+      return s;
+    };
+    return el("span", { class: "patient" }, age, choice("sex", p.sex), choice("view", p.view));
+  }
+
   function updateButton() {
     $("analyse").disabled = !model || selected.length === 0;
     const list = $("chosen");
-    list.replaceChildren(...selected.map((f) => el("li", {}, `${f.name} (${(f.size / 1024).toFixed(0)} kB)`)));
+    const withPatient = model && model.patient_inputs;
+    list.replaceChildren(...selected.map((f, i) => el("li", {}, `${f.name} (${(f.size / 1024).toFixed(0)} kB)`,
+      withPatient ? patientFields(i) : null)));
   }
 
   function choose(files) {
     selected = Array.from(files || []);
+    patientValues = selected.map(() => ({ age: "", sex: "", view: "" }));
     updateButton();
   }
 
@@ -115,8 +143,12 @@
       n ? `${n} finding${n > 1 ? "s" : ""}: ${result.findings.join(", ")}` : "no finding over its threshold");
     const img = el("img", { alt: "uploaded image " + result.file });
     img.src = result.preview;
+    const patient = result.patient ? el("p", { class: "patient-line" },
+      `age ${result.patient.age || "unknown"} · sex ${result.patient.sex || "unknown"} · ` +
+      `view ${result.patient.view || "unknown"}`) : null;
     return el("article", { class: "card result" },
       el("h2", {}, result.file, el("span", { class: "dims" }, `${result.width} × ${result.height} px`), badge),
+      patient,
       el("div", { class: "cols" },
         el("figure", { class: "preview" }, img, el("figcaption", {}, "The model sees the central square, resized.")),
         renderTable(result)),
@@ -152,7 +184,12 @@
       return;
     }
     const form = new FormData();
-    for (const f of selected) form.append("files", f, f.name);
+    selected.forEach((f, i) => {
+      form.append("files", f, f.name);
+      if (model.patient_inputs) {
+        for (const field of model.patient_inputs.fields) form.append(field, patientValues[i][field]);
+      }
+    });
     const mode = document.querySelector("input[name=heatmap-mode]:checked").value;
     if (mode === "label") form.append("label", $("label").value);
     else form.append("top_k", $("top-k").value || "0");
