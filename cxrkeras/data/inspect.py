@@ -55,11 +55,28 @@ def format_manifest(manifest):
                      + "; ".join(f"{s['image']}: {s['reason']}" for s in skipped[:3]))
     if manifest.get("unlabelled_images"):
         lines.append(f"image files with no CSV row: {manifest['unlabelled_images']}")
+    if manifest.get("subset"):
+        lines += subset_lines(manifest["subset"])
     for warning in manifest.get("warnings") or []:
         lines.append(f"warning: {warning}")
     if manifest.get("dry_run"):
         lines.append("dry run: statistics only, no shards written")
     return "\n".join(lines)
+
+
+def subset_lines(subset):
+    """The --subset report: targets, available and reached images per label (rarest first)."""
+    of = subset["of"]
+    lines = [f"subset {subset['spec']} (seed {subset['seed']}): {subset['images']:,} of {of['images']:,} images, "
+             f"{subset['patients']:,} of {of['patients']:,} patients (whole patients)"]
+    width = max(len(k) for k in subset["targets"])
+    lines.append(f"  {'label':<{width}}  {'target':>8}  {'available':>9}  {'reached':>8}")
+    for label in subset["order"] + [k for k in subset["targets"] if k not in subset["order"]]:
+        target = subset["targets"][label]
+        note = "  (all taken)" if label in subset.get("all_taken", []) else ""
+        lines.append(f"  {label:<{width}}  {'-' if target is None else f'{target:,}':>8}  "
+                     f"{subset['available'][label]:>9,}  {subset['reached'][label]:>8,}{note}")
+    return lines
 
 
 def _read_shard(path, num_labels):
