@@ -19,6 +19,9 @@ NIH_LABELS = (
 
 NO_FINDING = "No Finding"
 
+# `--labels Finding` on the NIH CSV: one binary label, 1 for an image with any of the 14 findings, 0 for "No Finding"
+ANY_FINDING = "Finding"
+
 # NIH's bounding-box file spells one label differently from the label file.
 LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 
