@@ -386,7 +386,9 @@ def serve_cmd(model, host, port, name, keras_model, max_upload_mb, max_images, m
               type=_choice(RECORD_FORMATS),
               help="auto: NIH when the CSV has 'Image Index' and 'Finding Labels', else generic. dicom: generic "
                    "CSV of DICOM files; patient ids from --patient-column, else a hash of the DICOM PatientID.")
-@click.option("--labels", help="Label list for a generic CSV: 'A,B,C' or a file with one label per line.")
+@click.option("--labels", help="Labels to train on, 'A,B,C' or a file with one per line. Generic CSV: its label "
+                                "list. NIH CSV: any of the 14, in the order given (default all), or 'Finding': "
+                                "1 for any finding, 0 for 'No Finding' (a binary task).")
 @click.option("--path-column", default="path", show_default=True, help="Generic CSV: image path column.")
 @click.option("--labels-column", default="labels", show_default=True,
               help="Generic CSV: '|'-separated label names (empty or 'No Finding' = none).")

@@ -40,6 +40,10 @@ def derives_no_finding(model_labels, record_labels):
     """Whether a model's outputs are the records' labels plus the derived 'No Finding' class."""
     return list(model_labels) == list(record_labels) + [NO_FINDING]
 
+
+# `--labels Finding` on the NIH CSV: one binary label, 1 for an image with any of the 14 findings, 0 for "No Finding"
+ANY_FINDING = "Finding"
+
 # NIH's bounding-box file spells one label differently from the label file.
 LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 

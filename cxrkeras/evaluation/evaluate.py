@@ -3,7 +3,7 @@
 import os
 
 from cxrkeras.errors import CxrError, DataError
-from cxrkeras.evaluation import figures, metrics, published
+from cxrkeras.evaluation import figures, metrics, published, report
 from cxrkeras.fileio import atomic_write, write_json
 from cxrkeras.labels import NO_FINDING
 from cxrkeras.runs import EVALUATION_DIR, load_source
@@ -112,7 +112,9 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
     Thresholds are chosen on `val_split` (Youden J and F1-max) and applied unchanged to `split`; without a
     validation split they are 0.5 and the reason is recorded. Writes into `out_dir` (default
     <run>/evaluation/<split>): metrics.json, thresholds.json, predictions_<split>.csv (and _<val_split>.csv),
-    roc_<split>.png, pr_<split>.png, reliability_<split>.png, comparison_<split>.md.
+    roc_<split>.png, pr_<split>.png, reliability_<split>.png, comparison_<split>.md (AUCs beside the published
+    columns, and each label's accuracy, sensitivity, specificity, precision, F1 and confusion counts at the
+    `threshold_method` thresholds; a binary task's confusion matrix).
     `verify_records`: "sha256" (default) or "size": how shards are checked against the manifest before reading.
     """
     if threshold_method not in metrics.THRESHOLD_METHODS:
@@ -181,8 +183,10 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
     if figures_on:
         figures.roc_figure(y, probs, labels, os.path.join(out_dir, f"roc_{split}.png"), result["auc"],
                            title=f"ROC curves — {split} split ({len(y)} images)")
+        # a binary task's PR curve also marks the decision point at the validation-chosen threshold
+        operating = result["at_thresholds"][threshold_method]["per_label"] if len(labels) == 1 else None
         figures.pr_figure(y, probs, labels, os.path.join(out_dir, f"pr_{split}.png"), result["average_precision"],
-                          title=f"Precision–recall — {split}")
+                          title=f"Precision–recall — {split}", operating=operating)
         figures.reliability_figure(result["calibration"], os.path.join(out_dir, f"reliability_{split}.png"))
     table = published.comparison_markdown(auc_compared, compared,
                                           title=f"Per-label test AUC: {split} split, {len(y)} images")
@@ -190,9 +194,13 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
         nf = result["auc"]["per_label"][NO_FINDING]
         table += (f"\n{NO_FINDING} (the derived class, not in the published comparison; the mean above is over "
                   f"the {len(compared)} other labels): AUC {published.format_ci(nf)}\n")
+    table += "\n" + report.threshold_markdown(result, threshold_method)
     atomic_write(os.path.join(out_dir, f"comparison_{split}.md"), table)
     log(table)
     log(summary_text(result, threshold_method))
+    binary = report.binary_summary(result, threshold_method)
+    if binary:
+        log(binary)
     log(f"written to {out_dir}")
     result["out_dir"] = out_dir
     return result
