@@ -6,8 +6,8 @@ import sys
 import click
 
 from cxrkeras import __version__
-from cxrkeras.constants import (CHANNELS, EQUALIZE, HEATMAP_METHODS, PREPROCESSING, RECORD_FORMATS, STAGES,
-                                THRESHOLD_METHODS, VERIFY_MODES)
+from cxrkeras.constants import (CHANNELS, EQUALIZE, HEATMAP_METHODS, PATIENT_SEXES, PATIENT_VIEWS, PREPROCESSING,
+                                RECORD_FORMATS, STAGES, THRESHOLD_METHODS, VERIFY_MODES)
 from cxrkeras.errors import CxrError
 
 # TensorFlow's C++ start-up chatter (oneDNN, CPU features) hides the commands' own output; users can lower it.
@@ -26,19 +26,40 @@ def _run_or_model(run_dir, model_path):
     return run_dir or model_path
 
 
-def _bootstrap_options(fn):
-    """--n-boot, --seed and --min-patients: the patient bootstrap of evaluate, compare and reproduce."""
-    options = [
-        click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(0, 100_000),
-                     help="Bootstrap resamples by patient for the AUC confidence intervals (paired in comparisons)."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed."),
-        click.option("--min-patients", default=5, show_default=True, type=click.IntRange(1, 1000),
-                     help="A label whose positives (or negatives) come from fewer patients is not estimable: no CI, "
-                          "left out of the mean."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _stacked(options):
+    """A decorator applying click `options` in the order listed (as written above a command)."""
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return apply
+
+
+_bootstrap_options = _stacked([  # the patient bootstrap of evaluate, compare and reproduce
+    click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(0, 100_000),
+                 help="Bootstrap resamples by patient for the AUC confidence intervals (paired in comparisons)."),
+    click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed."),
+    click.option("--min-patients", default=5, show_default=True, type=click.IntRange(1, 1000),
+                 help="A label whose positives (or negatives) come from fewer patients is not estimable: no CI, "
+                      "left out of the mean."),
+])
+
+_patient_options = _stacked([  # one patient for every file, or --patient-csv, for models with patient features
+    click.option("--age", type=click.FloatRange(min=0), help="Patient age in years (models with patient "
+                 "features; with --sex and --view, for every file)."),
+    click.option("--sex", type=click.Choice(PATIENT_SEXES, case_sensitive=False), help="Patient sex."),
+    click.option("--view", type=click.Choice(PATIENT_VIEWS, case_sensitive=False), help="View position."),
+    click.option("--patient-csv", type=click.Path(exists=True, dir_okay=False),
+                 help="Age, sex and view per file name: NIH's Data_Entry CSV, or columns image, age, sex, view."),
+])
+
+
+def _patient(age, sex, view):
+    """(age, sex, view) when given together, None when none is; a usage error for some of them."""
+    given = [v is not None for v in (age, sex, view)]
+    if any(given) and not all(given):
+        raise click.UsageError("give --age, --sex and --view together (or --patient-csv)")
+    return (age, sex.upper(), view.upper()) if all(given) else None
 
 
 class _Group(click.Group):
@@ -263,12 +284,19 @@ def reproduce_cmd(grid_name, records, out_dir, only, dry_run, workers, sets, con
 @click.option("--layer", default=None, help="Feature layer (default: the model's last LKA output / last conv block).")
 @click.option("--method", default="gradcam", show_default=True, type=_choice(HEATMAP_METHODS))
 @click.option("--alpha", default=0.4, show_default=True, type=click.FloatRange(0, 1), help="Heatmap opacity.")
-def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alpha):
+@_patient_options
+def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alpha, age, sex, view, patient_csv):
     """Grad-CAM overlays of PNG/JPEG/DICOM IMAGES at their original size, with label and probability."""
     from cxrkeras.explain.files import explain_files
 
+    patient = _patient(age, sex, view)
+    values = None
+    if patient is not None or patient_csv:
+        from cxrkeras.data.patient import values_for
+
+        values = values_for(list(images), patient, patient_csv)
     entries = explain_files(model_path, list(images), out, top_k=top_k, class_names=list(class_names) or None,
-                            layer_name=layer, method=method, alpha=alpha, log=click.echo)
+                            layer_name=layer, method=method, alpha=alpha, log=click.echo, patient=values)
     for e in entries:
         zero = "  (all-zero heatmap: no positive evidence at this layer)" if e["heatmap_max"] <= 0 else ""
         click.echo(f"{e['image']}  {e['label']:<20} p={e['probability']:.3f}  -> {e['overlay']}{zero}")
@@ -291,12 +319,14 @@ def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alph
               help="Random maps per box for the baseline.")
 @click.option("--layer", default=None, help="Feature layer (default: the model's recorded one).")
 @click.option("--method", default="gradcam", show_default=True, type=_choice(HEATMAP_METHODS))
-def localize_cmd(model_path, boxes, images_dir, out, threshold, seed, random_draws, layer, method):
+@click.option("--patient-csv", type=click.Path(exists=True, dir_okay=False),
+              help="Models with patient features: NIH's Data_Entry CSV (age, sex and view of each boxed image).")
+def localize_cmd(model_path, boxes, images_dir, out, threshold, seed, random_draws, layer, method, patient_csv):
     """Pointing game and IoU of Grad-CAM on NIH's boxes, per label, beside a seeded random baseline."""
     from cxrkeras.explain.localize import format_table, localize, write_result
 
     result = localize(model_path, boxes, images_dir, threshold=threshold, seed=seed, random_draws=random_draws,
-                      layer_name=layer, method=method, progress=True, log=click.echo)
+                      layer_name=layer, method=method, progress=True, log=click.echo, patient_csv=patient_csv)
     click.echo(format_table(result))
     if result["not_found"]:
         click.echo(f"not found under {images_dir}: {len(result['not_found'])} boxed images, e.g. "
@@ -379,19 +409,47 @@ def export_cmd(run_dir, model_path, out_base, records, val_split, threshold_meth
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
-def predict_cmd(model, files, as_json, batch_size):
+@_patient_options
+def predict_cmd(model, files, as_json, batch_size, age, sex, view, patient_csv):
     """Per-label probabilities and findings for PNG/JPEG/DICOM FILES (folders: searched recursively). Every file
-    that can be read is predicted; exit status 1 if any could not be."""
+    that can be read is predicted; exit status 1 if any could not be. A model with patient features needs
+    --age/--sex/--view (the same for every file) or --patient-csv."""
     import json
 
     from cxrkeras.export.predict import format_table, predict
 
-    result = predict(model, list(files), batch_size=batch_size, log=lambda m: click.echo(m, err=True))
+    result = predict(model, list(files), batch_size=batch_size, log=lambda m: click.echo(m, err=True),
+                     patient=_patient(age, sex, view), patient_csv=patient_csv)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     failed = sum(1 for r in result["results"] if r["error"])
     if failed:
         raise click.ClickException(f"{failed} of {len(result['results'])} input(s) could not be predicted "
                                    f"(see their errors above)")
+
+
+@cli.command("serve")
+@click.option("--model", "model", required=True, type=click.Path(exists=True),
+              help="Export folder (exports/<name>, highest version), SavedModel version folder, run folder or .keras.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; the default is this machine only (there is no authentication).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--name", default=None, help="Model name in the API paths [default: the export/run folder's name].")
+@click.option("--keras-model", type=click.Path(dir_okay=False),
+              help="For an export: the .keras file it was made from (default: the one export_info.json records; "
+                   "its sha256 must match), for the heatmaps.")
+@click.option("--max-upload-mb", default=32.0, show_default=True, type=click.FloatRange(0, 4096, min_open=True),
+              help="Largest request body (all files of one upload together); larger ones get HTTP 413.")
+@click.option("--max-images", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="Most images in one request.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 1024),
+              help="Most images in one model call (concurrent requests are batched up to this).")
+def serve_cmd(model, host, port, name, keras_model, max_upload_mb, max_images, max_batch):
+    """A web page (upload PNG/JPEG/DICOM -> findings table, Grad-CAM overlays, JSON report) and TF Serving's
+    REST API (POST /v1/models/<name>:predict) for one model. A research tool, not a diagnostic device."""
+    from cxrkeras.serve import serve
+
+    serve(model, host=host, port=port, name=name, keras_model=keras_model, max_upload_mb=max_upload_mb,
+          max_images=max_images, max_batch=max_batch, log=click.echo)
 
 
 @cli.command("build-records")
@@ -422,7 +480,9 @@ def predict_cmd(model, files, as_json, batch_size):
               type=_choice(RECORD_FORMATS),
               help="auto: NIH when the CSV has 'Image Index' and 'Finding Labels', else generic. dicom: generic "
                    "CSV of DICOM files; patient ids from --patient-column, else a hash of the DICOM PatientID.")
-@click.option("--labels", help="Label list for a generic CSV: 'A,B,C' or a file with one label per line.")
+@click.option("--labels", help="Labels to train on, 'A,B,C' or a file with one per line. Generic CSV: its label "
+                                "list. NIH CSV: any of the 14, in the order given (default all), or 'Finding': "
+                                "1 for any finding, 0 for 'No Finding' (a binary task).")
 @click.option("--path-column", default="path", show_default=True, help="Generic CSV: image path column.")
 @click.option("--labels-column", default="labels", show_default=True,
               help="Generic CSV: '|'-separated label names (empty or 'No Finding' = none).")
@@ -431,9 +491,13 @@ def predict_cmd(model, files, as_json, batch_size):
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--overwrite", is_flag=True,
               help="Replace records in --out that were built from another CSV or with other options.")
+@click.option("--subset", metavar="per-label=N,no-finding=N",
+              help="A class-targeted subset: whole patients, rarest labels first, until each label has N positive "
+                   "images (all when fewer), then N 'No Finding' images; seeded by --seed. A label name sets its "
+                   "own N (e.g. Hernia=100).")
 def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split_fractions, seed, image_size,
                       channels, shard_size, workers, dry_run, strict, fmt, labels, path_column, labels_column,
-                      patient_column, id_salt, no_progress, overwrite):
+                      patient_column, id_salt, no_progress, overwrite, subset):
     """Labels CSV + images -> patient-wise stratified train/val/test TFRecord shards and manifest.json."""
     split_lists = [p for item in split_list for p in item.split(",") if p] + list(more_split_lists)
     if more_split_lists and not split_list:
@@ -447,7 +511,8 @@ def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split
             csv_path, images, out, split_lists=split_lists, split_fractions=split_fractions, seed=seed,
             image_size=image_size, channels=int(channels), shard_size=shard_size, workers=workers, dry_run=dry_run,
             strict=strict, format=fmt, labels=labels, path_column=path_column, labels_column=labels_column,
-            patient_column=patient_column, id_salt=id_salt, progress=not no_progress, overwrite=overwrite)
+            patient_column=patient_column, id_salt=id_salt, progress=not no_progress, overwrite=overwrite,
+            subset=subset)
     except Interrupted as exc:  # stopped by SIGTERM: one line, and the exit status a shell gives (143)
         error = click.ClickException(str(exc))
         error.exit_code = 128 + exc.signum

@@ -15,8 +15,8 @@ from typing import Optional, Union
 import yaml
 
 from cxrkeras.constants import (EPS_STYLES, EQUALIZE, FILL_MODES, LOSSES, LR_SUGGESTIONS,  # noqa: F401
-                                MIXED_PRECISION, MONITORS, OPTIMIZERS, PREPROCESSING, RECIPES, SCHEDULES,
-                                STRATEGIES, VERIFY_MODES)
+                                MIXED_PRECISION, MONITORS, OPTIMIZERS, PATIENT_MISSING, PREPROCESSING, RECIPES,
+                                SCHEDULES, STRATEGIES, VERIFY_MODES)
 from cxrkeras.errors import ConfigError, CxrError
 
 # Names other tools use for our keys: suggested when difflib finds nothing close.
@@ -56,6 +56,10 @@ class DataConfig:
                            "side, 0 < low <= high <= 1 ([1, 1]: no crop or zoom)", lambda: [0.8, 1.0])
     flip: bool = doc(True, "augmentation: horizontal flip with p = 0.5")
     fill_mode: str = doc("reflect", "augmentation: pixels from outside the image: reflect | nearest | constant")
+    no_finding_class: bool = doc(False, "true: a last output 'No Finding' (none of the records' labels positive), "
+                                 "evaluated like any label, left out of the published comparison")
+    patient_missing: str = doc("error", "models with patient features: an unknown age/sex/view in a record is an "
+                               "error naming it | encode: age -> the training mean, sex/view -> all-zero one-hot")
 
 
 @dataclass
@@ -71,7 +75,10 @@ class ModelConfig:
     preprocessing: Optional[str] = doc(None, "null: what the weights expect (torch = ImageNet mean/std RGB; caffe "
                                        "for plain VGG16)")
     overrides: dict = doc(None, "extra build_model options: lka_blocks, lka_form, width_multiplier, blocks, "
-                          "bn_epsilon, bn_momentum (Keras momentum = 1 - PyTorch's), final_relu (DenseNet)", dict)
+                          "bn_epsilon, bn_momentum (Keras momentum = 1 - PyTorch's), final_relu, attention "
+                          "(DenseNet: none | a | b)", dict)
+    patient_features: bool = doc(False, "true: a second input (age normalised with the training split's mean/sd, "
+                                 "sex and view one-hot) -> Dense(3)+ReLU, concatenated before the classifier")
 
 
 @dataclass
@@ -321,6 +328,7 @@ def validate(config):
         raise ConfigError(f"data.cache {config.data.cache!r} is a file: give a folder for the disk cache, or true "
                           f"(memory) / false")
     choice("data.verify_records", config.data.verify_records, VERIFY_MODES)
+    choice("data.patient_missing", config.data.patient_missing, PATIENT_MISSING)
     if config.model.preprocessing is not None:
         choice("model.preprocessing", config.model.preprocessing, PREPROCESSING)
     if "preprocessing" in config.model.overrides:

@@ -9,6 +9,10 @@ CHANNELS = (1, 3)  # records: grayscale or RGB
 RECORD_FORMATS = ("auto", "nih", "generic", "dicom")  # build-records --format
 VERIFY_MODES = ("sha256", "size")  # how shards are checked against manifest.json before reading
 FILL_MODES = ("reflect", "nearest", "constant")  # augmentation: pixels outside the image
+PATIENT_SEXES = ("M", "F")  # patient features: sex one-hot order
+PATIENT_VIEWS = ("PA", "AP")  # patient features: view-position one-hot order
+PATIENT_MISSING = ("error", "encode")  # an unknown age/sex/view: an error naming the field, or the documented encoding
+ATTENTION = ("none", "a", "b")  # DenseNet121's "learn to pay attention" gates: none, att-A, att-B
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "cosine", "constant", "one_cycle")

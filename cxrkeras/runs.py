@@ -49,6 +49,7 @@ class RunInfo:
     preprocessing: Optional[str] = None
     equalize: Optional[str] = None
     preprocessor: Optional[dict] = None  # Preprocessor.to_config() of the model
+    patient_features: Optional[dict] = None  # PatientEncoder.to_config() of a model that takes age, sex and view
     git_commit: Optional[str] = None
     versions: Optional[dict] = None
     devices: Optional[dict] = None
@@ -244,6 +245,7 @@ class ModelSource:
     run_info: RunInfo = None
     note: str = None  # one line for the user, e.g. that a run's stage 1 model stands in for a missing stage 2
     preprocessor_note: str = None  # what had to be assumed about the preprocessing (models that do not store it)
+    patient: object = None  # cxrkeras.data.patient.PatientEncoder of a model that takes age, sex and view
 
     @property
     def image_size(self):
@@ -289,9 +291,13 @@ class ModelSource:
 
 
 def load_source(model_or_run):
-    """A ModelSource for a keras.Model, a .keras file, a run folder or a stage folder."""
+    """A ModelSource for a keras.Model, a .keras file, a run folder or a stage folder (a ModelSource: itself, so a
+    loaded model can be handed on without reading its files again)."""
     from cxrkeras.hashing import sha256_file
     from cxrkeras.models.build import model_info
+
+    if isinstance(model_or_run, ModelSource):
+        return model_or_run
 
     run_dir = stage_dir = model_path = sha = note = None
     if isinstance(model_or_run, (str, os.PathLike)):
@@ -314,10 +320,13 @@ def load_source(model_or_run):
     config = read_run_config(stage_dir) if stage_dir else None
     run_info = RunInfo.read(stage_dir) if stage_dir else None
     preprocessor, assumed = preprocessor_for(info, run_info, config)
+    from cxrkeras.data.patient import PatientEncoder
+
+    patient = PatientEncoder.of(info.get("patient_features"))
     return ModelSource(model=model, labels=list(info["labels"]), preprocessor=preprocessor,
                        variant=info.get("variant"), model_path=os.path.abspath(model_path) if model_path else None,
                        model_sha256=sha, run_dir=run_dir, stage_dir=stage_dir, config=config, run_info=run_info,
-                       note=note, preprocessor_note=assumed)
+                       note=note, preprocessor_note=assumed, patient=patient)
 
 
 resolve = load_source  # the name evaluation.source used

@@ -11,12 +11,15 @@ SAMPLE_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "cxrkeras", "sam
 SAMPLE_64 = os.path.abspath(os.path.join(SAMPLE_DIR, "nih-64px"))
 SAMPLE_512 = os.path.abspath(os.path.join(SAMPLE_DIR, "nih-512px"))
 SAMPLE_BBOX = os.path.abspath(os.path.join(SAMPLE_DIR, "BBox_List_2017.csv"))
+# the tests' sample: 268 of the bundled 1,418 images (95 patients) with their real NIH rows; the other images of
+# the folder have no row in it (the demo uses the folder's own CSV, all 1,418)
+SAMPLE_64_CSV = os.path.abspath(os.path.join(os.path.dirname(__file__), "data", "nih-64px-268.csv"))
 
 
 @pytest.fixture(scope="session")
 def sample64():
-    """(csv path, images dir) of the bundled 64 px NIH sample (268 images, 95 patients)."""
-    return os.path.join(SAMPLE_64, "Data_Entry_2017.csv"), os.path.join(SAMPLE_64, "images")
+    """(csv path, images dir) of the tests' 64 px NIH sample (268 images, 95 patients)."""
+    return SAMPLE_64_CSV, os.path.join(SAMPLE_64, "images")
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +31,7 @@ def _write_tiny_records(out_dir, image_size=64, shard_size=40):
     """Records of the 64 px sample made by `build_records` (patient-wise stratified split, ≥ 2 train shards)."""
     from cxrkeras.data.records import build_records
 
-    csv_path, images = os.path.join(SAMPLE_64, "Data_Entry_2017.csv"), os.path.join(SAMPLE_64, "images")
+    csv_path, images = SAMPLE_64_CSV, os.path.join(SAMPLE_64, "images")
     build_records(csv_path, images, out_dir, image_size=image_size, channels=1, shard_size=shard_size, seed=0,
                   workers=1, progress=False)
     return out_dir
@@ -43,3 +46,30 @@ def tiny_records(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def serve_export(tiny_records, tmp_path_factory):
+    """A tiny model's .keras and its export (thresholds chosen on the records' validation split), for serve tests."""
+    from evalexport_helpers import tiny_model
+
+    from cxrkeras.export import export
+
+    root = tmp_path_factory.mktemp("serve-model")
+    keras_path = str(root / "tiny.keras")
+    tiny_model().save(keras_path)
+    result = export(keras_path, str(root / "exports" / "tiny"), records_dir=tiny_records, verify=False,
+                    log=lambda *_: None)
+    return {"keras": keras_path, "base": str(root / "exports" / "tiny"), "version_dir": result["path"],
+            "labels": result["labels"], "thresholds": [result["thresholds"][k] for k in result["labels"]],
+            "info": result["thresholds_info"]}
+
+
+@pytest.fixture(scope="session")
+def server(serve_export, tmp_path_factory):
+    """`cxrkeras serve` on that export, its own process on a loopback port (uploads limited to 2 MiB, 8 images)."""
+    from serve_helpers import running_server
+
+    with running_server(serve_export["base"], tmp_path_factory.mktemp("server"), "--max-upload-mb", "2",
+                        "--max-images", "8") as srv:
+        yield srv

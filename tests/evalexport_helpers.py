@@ -84,3 +84,12 @@ def write_dicom(path, arr16, window=None):
     pydicom.dcmwrite(path, ds, enforce_file_format=True) if "enforce_file_format" in \
         pydicom.dcmwrite.__code__.co_varnames else ds.save_as(path, write_like_original=False)
     return path
+
+
+def huge_gif(width=20000, height=20000):
+    """A GIF of a few bytes whose header declares width x height pixels (PIL refuses it as a decompression bomb)."""
+    import struct
+
+    screen = struct.pack("<HHBBB", width, height, 0, 0, 0)
+    image = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00"
+    return b"GIF89a" + screen + image + b";"

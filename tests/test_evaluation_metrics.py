@@ -114,6 +114,47 @@ def test_binary_metrics_at_fixed_thresholds():
     assert r["hamming_loss"] == pytest.approx(3 / 30)
 
 
+def test_binary_metrics_agree_with_sklearn(rng):
+    """Accuracy, recall, specificity, precision, F1 and the confusion matrix at a threshold, as scikit-learn
+    computes them from the thresholded predictions (ties at the threshold count as positive)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+
+    y = (rng.random((300, 2)) < [0.3, 0.6]).astype(float)
+    p = np.round(np.clip(0.25 * y + rng.random((300, 2)) * 0.75, 0, 1), 2)  # rounded: ties at the threshold
+    thresholds = [0.5, p[7, 1]]
+    r = M.binary_metrics(y, p, thresholds, ["a", "b"])
+    for j, name in enumerate(["a", "b"]):
+        e, truth, pred = r["per_label"][name], y[:, j] > 0.5, p[:, j] >= thresholds[j]
+        tn, fp, fn, tp = confusion_matrix(truth, pred, labels=[False, True]).ravel()
+        assert e["confusion_matrix"] == confusion_matrix(truth, pred, labels=[False, True]).tolist()
+        assert (e["tp"], e["fp"], e["fn"], e["tn"]) == (tp, fp, fn, tn)
+        assert e["accuracy"] == pytest.approx(accuracy_score(truth, pred))
+        assert e["sensitivity"] == pytest.approx(recall_score(truth, pred))
+        assert e["specificity"] == pytest.approx(recall_score(~truth, ~pred))
+        assert e["precision"] == pytest.approx(precision_score(truth, pred))
+        assert e["f1"] == pytest.approx(f1_score(truth, pred))
+
+
+def test_threshold_table_and_binary_summary():
+    from cxrkeras.evaluation import report
+
+    y, p = np.array(A_Y, float)[:, None], np.array(A_S)[:, None]
+    r = M.compute_all(y, p, PATIENTS, ["A"], y_val=y, p_val=p, n_boot=50)
+    r["validation"] = {"split": "val"}
+    md = report.threshold_markdown(r, "youden")  # youden on A: 0.6 -> TP 3, FP 1, FN 0, TN 6
+    assert "| A | 0.6000 | 0.900 | 1.000 | 0.857 | 0.750 | 0.857 | 3 | 1 | 0 | 6 |" in md
+    assert "| **true no A** | 6 (TN) | 1 (FP) |" in md and "| **true A** | 0 (FN) | 3 (TP) |" in md
+    assert "chosen on the 'val' split (Youden J)" in md
+    text = report.binary_summary(r, "youden")
+    assert "A vs not: AUC 0.905 (95% CI" in text and "accuracy 0.900" in text and "specificity 0.857" in text
+    assert text.splitlines()[-1].split() == ["true", "A", "0", "(FN)", "3", "(TP)"]
+    assert text.splitlines()[-2].split() == ["true", "no", "A", "6", "(TN)", "1", "(FP)"]
+    r3 = M.compute_all(Y, P, PATIENTS, LABELS, y_val=Y, p_val=P, n_boot=0)
+    assert report.binary_summary(r3, "youden") is None
+    assert "Confusion matrix" not in report.threshold_markdown(r3, "f1")
+    assert "0.5 for E (single-class on validation)" in report.threshold_markdown(dict(r3, validation={"split": "val"}), "f1")
+
+
 def test_expected_calibration_error_hand_value():
     y, p = [1, 0, 1, 0], [0.95, 0.05, 0.55, 0.45]
     assert M.expected_calibration_error(y, p, 10) == pytest.approx((0.05 + 0.05 + 0.45 + 0.45) / 4)

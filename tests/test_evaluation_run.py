@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -48,6 +49,11 @@ def test_evaluate_writes_everything_over_the_whole_split(evaluated, tiny_records
     assert doc["auc"]["mean"]["ci_low"] <= doc["auc"]["mean"]["auc"] <= doc["auc"]["mean"]["ci_high"]
     md = open(os.path.join(out, "comparison_test.md")).read()
     assert "CheXNet" in md and "paper (2)" in md and "ours AUC (95% CI)" in md
+    # every label's decisions at the validation-chosen thresholds, as metrics.json has them
+    assert "## Decisions at the Youden J thresholds: test split" in md and "Confusion matrix" not in md
+    for label, e in doc["at_thresholds"]["youden"]["per_label"].items():
+        assert f"| {label} | {e['threshold']:.4f} | " in md and f"| {e['tp']} | {e['fp']} | {e['fn']} | {e['tn']} |" in md
+        assert e["tp"] + e["fp"] + e["fn"] + e["tn"] == n_test
 
 
 def test_thresholds_chosen_on_validation_and_applied_to_test(evaluated):
@@ -180,3 +186,39 @@ def test_mixed_precision_model_is_evaluated_in_float32(rng):
     x = rng.normal(size=(3, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(np.asarray(clone(x)), np.asarray(mixed(x), dtype=np.float32), atol=1e-2)
     assert as_float32(clone)[0] is clone
+
+
+def test_binary_task_metrics_console_and_comparison(tmp_path, sample64):
+    """A binary task from the NIH CSV (--labels Finding): accuracy, sensitivity, specificity, precision, F1 and the
+    confusion matrix at the validation-chosen threshold, equal to scikit-learn's on predictions_test.csv, in
+    metrics.json, on the console and in comparison_test.md; the PR figure is written."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+
+    from cxrkeras.data.records import build_records
+    from cxrkeras.evaluation.evaluate import evaluate
+
+    records = str(tmp_path / "rec")
+    build_records(*sample64, records, labels="Finding", image_size=32, workers=1, progress=False)
+    out, lines = str(tmp_path / "eval"), []
+    evaluate(tiny_model(labels=["Finding"]), records, split="test", out_dir=out, n_boot=50, batch_size=16,
+             log=lines.append)
+    doc = json.load(open(os.path.join(out, "metrics.json")))
+    e = doc["at_thresholds"]["youden"]["per_label"]["Finding"]
+    df = pd.read_csv(os.path.join(out, "predictions_test.csv"))
+    truth, pred = df["true_Finding"] == 1, df["finding_Finding"] == 1
+    assert (pred == (df["prob_Finding"] >= e["threshold"])).all() and 0 < pred.sum() < len(pred)
+    assert e["confusion_matrix"] == confusion_matrix(truth, pred).tolist()
+    assert e["accuracy"] == pytest.approx(accuracy_score(truth, pred))
+    assert e["sensitivity"] == pytest.approx(recall_score(truth, pred))
+    assert e["specificity"] == pytest.approx(recall_score(~truth, ~pred))
+    assert e["precision"] == pytest.approx(precision_score(truth, pred))
+    assert e["f1"] == pytest.approx(f1_score(truth, pred))
+    console = "\n".join(lines)
+    tn, fp, fn, tp = confusion_matrix(truth, pred).ravel()
+    assert f"Finding vs not: AUC {doc['auc']['per_label']['Finding']['auc']:.3f}" in console
+    assert f"accuracy {e['accuracy']:.3f}" in console and f"specificity {e['specificity']:.3f}" in console
+    assert re.search(rf"true no Finding\s+{tn} \(TN\)\s+{fp} \(FP\)", console)
+    assert re.search(rf"true Finding\s+{fn} \(FN\)\s+{tp} \(TP\)", console)
+    md = open(os.path.join(out, "comparison_test.md")).read()
+    assert f"| **true Finding** | {fn} (FN) | {tp} (TP) |" in md and "chosen on the 'val' split" in md
+    assert os.path.getsize(os.path.join(out, "pr_test.png")) > 0

@@ -89,10 +89,11 @@ def test_localize_on_the_bundled_boxes(thin_model, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = localize(model, str(boxes), SAMPLE, threshold=0.5, seed=3, random_draws=4)
-    # the 12 sample boxes lie in two folders (64 px and 512 px images): found recursively, each in its own scale
-    assert result["images_scored"] == 12 and len(result["rows"]) == 12
+    # the 17 sample boxes lie in two folders (64 px and 512 px images): found recursively, each in its own scale
+    # (an image in both, e.g. 00009745_000, is read from the first in sorted order, nih-512px)
+    assert result["images_scored"] == 17 and len(result["rows"]) == 17
     assert result["not_found"] == ["99999999_000.png"] and len(result["unknown_label"]) == 1
-    assert len(result["bad_rows"]) == 1 and result["overall"]["cases"] == 12
+    assert len(result["bad_rows"]) == 1 and result["overall"]["cases"] == 17
     sizes = {r["image"]: (r["height"], r["width"]) for r in result["rows"]}
     assert sizes["00009745_000.png"] == (512, 512) and sizes["00000149_006.png"] == (64, 64)
     cardio = next(r for r in result["rows"] if r["image"] == "00009745_000.png")
@@ -111,9 +112,27 @@ def test_localize_on_the_bundled_boxes(thin_model, tmp_path):
     table = format_table(result)
     assert "overall" in table and "1 not found" in table
     json_path, csv_path = write_result(result, str(tmp_path / "out"))
-    assert json.load(open(json_path))["overall"]["cases"] == 12
+    assert json.load(open(json_path))["overall"]["cases"] == 17
     with open(csv_path) as f:
-        assert len(list(csv.DictReader(f))) == 12
+        assert len(list(csv.DictReader(f))) == 17
+
+
+def test_boxes_of_any_label_count_for_an_any_finding_model(tmp_path):
+    """A binary model (--labels Finding) is scored on every box, each for its one output; a model with other labels
+    only on boxes of its own labels."""
+    from evalexport_helpers import tiny_model
+
+    from cxrkeras.explain.localize import box_class, localize
+    from cxrkeras.labels import NIH_LABELS
+
+    assert box_class("Mass", NIH_LABELS) == "Mass" and box_class("Atelectasis", ["Finding"]) == "Finding"
+    assert box_class("Atelectasis", ["Effusion"]) is None and box_class("Lung", ["Finding"]) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = localize(tiny_model(64, labels=["Finding"]), SAMPLE_BOXES, SAMPLE, seed=0, random_draws=2,
+                          log=lambda *_: None)
+    assert result["overall"]["cases"] == 17 and list(result["per_label"]) == ["Finding"]
+    assert result["unknown_label"] == [] and {r["label"] for r in result["rows"]} == {"Finding"}
 
 
 def test_localize_known_answer_through_the_whole_pipeline(thin_model, tmp_path, monkeypatch):
@@ -197,5 +216,5 @@ def test_cli_localize(thin_model, tmp_path):
     res = CliRunner().invoke(cli, ["localize", "--model", thin_model, "--boxes", SAMPLE_BOXES, "--images",
                                    os.path.join(SAMPLE, "nih-512px"), "--out", str(tmp_path), "--seed", "1"])
     assert res.exit_code == 0, res.output
-    assert "pointing" in res.output and "overall" in res.output and "4 not found" in res.output
+    assert "pointing" in res.output and "overall" in res.output and "9 not found" in res.output
     assert json.load(open(tmp_path / "localization.json"))["images_scored"] == 8

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from evalexport_helpers import jpeg_bytes, png_bytes, sample_gray, tiny_model, write_dicom
+from evalexport_helpers import huge_gif, jpeg_bytes, png_bytes, sample_gray, tiny_model, write_dicom
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +165,16 @@ def test_version_numbering_and_default_thresholds_warning(run_and_export, tmp_pa
     info = json.load(open(os.path.join(r["path"], "assets", "export_info.json")))
     assert info["thresholds_source"] == "default" and info["warning"]
     assert not [d for d in os.listdir(run_and_export["base"]) if d.startswith(".export-")]
+
+
+def test_a_decompression_bomb_is_a_file_error_not_a_traceback(tmp_path):
+    """A GIF of a few bytes declaring 20000 x 20000 pixels: PIL's DecompressionBombError becomes the file's error."""
+    from cxrkeras.export.predict import FileError, read_file_bytes
+
+    bomb = tmp_path / "bomb.gif"
+    bomb.write_bytes(huge_gif())
+    with pytest.raises(FileError, match="the image declares too many pixels"):
+        read_file_bytes(str(bomb))
 
 
 @pytest.mark.timeout(180)

@@ -104,7 +104,7 @@ def test_registry_and_model_info():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(variant="resnet50"), "unknown model variant 'resnet50'; valid variants: densenet121, "),
+    (dict(variant="resnet18"), "unknown model variant .resnet18.; valid variants: densenet121, "),
     (dict(variant="densenet121", lka_blocks="last3"), "unknown LKA placement 'last3' for DenseNet121"),
     (dict(variant="vgg16-bn", lka_blocks="last2"), "unknown LKA placement 'last2' for VGG16"),
     (dict(variant="densenet121", lka_blocks=[5]), "unknown LKA block 5 for DenseNet121: blocks are numbered 1-4"),
@@ -223,8 +223,8 @@ def test_bundled_configs_start_as_the_paper():
     from cxrkeras.training.trainer import model_options
 
     files = [f for f in glob.glob(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "*.yaml"))
-             if not f.endswith("demo.yaml")]
-    assert len(files) == 8
+             if not f.endswith(("demo.yaml", "resnet50.yaml"))]  # ResNet-50: keras.applications' weights only
+    assert len(files) == 10
     for path in files:
         config = load_config(path)
         assert config.model.weights == "torchvision", path

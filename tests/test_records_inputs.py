@@ -29,6 +29,24 @@ def test_nih_512_sample_with_rgba_files(tmp_path, sample512):
     assert inspect_records(out).problems == []
 
 
+def test_bundled_64px_copies_of_512px_images_are_what_build_records_stores(tmp_path, sample512, sample64):
+    """tools/make_sample_data.py brought the 512 px images to 64 px with build-records' own resize: records built
+    from the 512 px files hold exactly the bundled 64 px files' pixels (00000100_000 is NIH's own 64 px copy)."""
+    import numpy as np
+    from PIL import Image
+
+    out = str(tmp_path / "r64")
+    rec.build_records(*sample512, out, image_size=64, shard_size=4, **QUIET)
+    compared = 0
+    for r in read_records(out):
+        name = r[features.IMAGE_ID].decode()
+        bundled = np.asarray(Image.open(os.path.join(sample64[1], name)))
+        if name != "00000100_000.png":
+            assert np.array_equal(decode(r), bundled), name
+            compared += 1
+    assert compared == 8
+
+
 def test_bad_files_are_skipped_and_listed_or_fatal_with_strict(tmp_path, sample64):
     csv_path, images, rows = small_nih(tmp_path, sample64, n=24)
     img_dir = os.path.join(images, "images_001", "images")
@@ -108,6 +126,41 @@ def test_generic_csv_binary_task(tmp_path, sample64):
     assert len(records) == 30 and all(r[features.LABELS].shape == (1,) for r in records)
     assert all(r[features.PATIENT_ID].decode().startswith("s") for r in records)
     assert inspect_records(out).problems == []
+
+
+def test_nih_csv_with_a_label_subset_through_the_cli(tmp_path, sample64):
+    """--labels Effusion,Cardiomegaly on the NIH CSV: those labels in that order; stage 1 reads the images with
+    either of them (the manifest's no_finding counts the rows with neither) and the records say the same."""
+    from click.testing import CliRunner
+
+    from cxrkeras.cli import cli
+    from cxrkeras.data.pipeline import build_dataset, count_images
+    from cxrkeras.data.sources import read_table
+
+    out = str(tmp_path / "ec")
+    res = CliRunner().invoke(cli, ["build-records", "--csv", sample64[0], "--images", sample64[1], "--out", out,
+                                   "--labels", "Effusion,Cardiomegaly", "--image-size", "32", "--workers", "1",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "none of the labels" in res.output and "\nEffusion" in res.output and "Atelectasis" not in res.output
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    assert m["labels"] == ["Effusion", "Cardiomegaly"] and m["options"]["labels"] == m["labels"]
+    full = read_table(sample64[0])
+    effusion, cardio = full.y[:, 2], full.y[:, 1]
+    neither = int(((effusion == 0) & (cardio == 0)).sum())
+    assert sum(s["no_finding"] for s in m["splits"].values()) == neither > sum(
+        int(t[1] == "No Finding") for t in full.raw)  # more rows than NIH's "No Finding" ones
+    assert sum(s["positives"]["Effusion"] for s in m["splits"].values()) == int(effusion.sum())
+    records = {r[features.IMAGE_ID].decode(): r for r in read_records(out)}
+    for name, e, c in zip(full.image_id, effusion, cardio):
+        assert list(records[name][features.LABELS]) == [e, c]
+    for split in ("train", "val", "test"):
+        n = count_images(out, split, stage=1)
+        got = sum(int(b[1].shape[0]) for b in build_dataset(out, split, stage=1, batch_size=16, image_size=32))
+        assert got == n == m["splits"][split]["images"] - m["splits"][split]["no_finding"] > 0
+    res = CliRunner().invoke(cli, ["build-records", "--csv", sample64[0], "--images", sample64[1], "--out",
+                                   str(tmp_path / "bad"), "--labels", "Effusion,Pneumonitis", "--dry-run"])
+    assert res.exit_code != 0 and "'Pneumonitis': not a label of the NIH CSV" in res.output
 
 
 @pytest.mark.parametrize("patient_column", [False, True])

@@ -63,6 +63,32 @@ def test_unknown_label_lists_names_and_lines(tmp_path):
     assert "--labels" in msg
 
 
+def test_nih_label_subset_in_the_given_order_and_any_finding(sample64):
+    csv_path = sample64[0]
+    full = sources.read_table(csv_path)
+    table = sources.read_table(csv_path, labels=("Effusion", "Cardiomegaly"))
+    assert table.labels == ("Effusion", "Cardiomegaly") and len(table) == len(full) == 268
+    want = full.y[:, [NIH_LABELS.index("Effusion"), NIH_LABELS.index("Cardiomegaly")]]
+    assert (table.y == want).all() and want.sum() > 0 and table.image_id == full.image_id
+    # every NIH row is read: labels outside the subset are known, not "unknown"
+    finding = sources.read_table(csv_path, labels=("Finding",))
+    texts = [r[1] for r in full.raw]
+    assert finding.labels == ("Finding",) and finding.y.shape == (268, 1)
+    assert [int(v) for v in finding.y[:, 0]] == [int(t != "No Finding") for t in texts]
+    assert 0 < finding.y.sum() < 268
+    assert sources.read_table(csv_path, labels=("Infiltrate",)).labels == ("Infiltration",)
+
+
+def test_nih_label_subset_errors(tmp_path, sample64):
+    with pytest.raises(ConfigError, match=r"'Efusion'.*not a label of the NIH CSV.*Hernia.*'Finding': 1 for an image"):
+        sources.read_table(sample64[0], labels=("Effusion", "Efusion"))
+    with pytest.raises(ConfigError, match="given twice"):
+        sources.read_table(sample64[0], labels=("Infiltrate", "Infiltration"))
+    path = _write(tmp_path, "d.csv", [HEADER_V2020, ROWS[0].replace("Cardiomegaly", "Cardiomegalia")])
+    with pytest.raises(DataError, match="'Cardiomegalia' \\(lines 2\\)"):  # unknown in the CSV: still an error
+        sources.read_table(path, labels=("Effusion",))
+
+
 def test_infiltrate_alias_is_accepted(tmp_path):
     path = _write(tmp_path, "d.csv", [HEADER_V2020, ROWS[0].replace("Cardiomegaly", "Infiltrate")])
     assert sources.read_table(path).y[0, NIH_LABELS.index("Infiltration")] == 1

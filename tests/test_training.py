@@ -267,19 +267,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_records, tmp_pat
     assert all(np.isfinite(w).all() for w in kept.get_weights())
 
 
-def test_single_label_task_trains_stage2_alone_with_init_none(tmp_path, sample64):
-    """A binary task (generic CSV, one label): stage 1 would have no negatives, so it points to --init none."""
+@pytest.mark.parametrize("label", ["Effusion", "Finding"])
+def test_single_label_task_trains_stage2_alone_with_init_none(tmp_path, sample64, label):
+    """A binary task straight from the NIH CSV (--labels Effusion, or Finding: any finding vs No Finding): stage 1
+    would have no negatives, so it points to --init none."""
     from cxrkeras.data.records import build_records
 
-    csv_path, images = sample64
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))[1:]
-    generic = tmp_path / "effusion.csv"
-    generic.write_text("path,finding,subject\n" + "".join(
-        f"{r[0]},{'Effusion' if 'Effusion' in r[1].split('|') else ''},{r[3]}\n" for r in rows))
     records = str(tmp_path / "rec")
-    build_records(str(generic), images, records, labels="Effusion", path_column="path", labels_column="finding",
-                  patient_column="subject", image_size=32, workers=1, progress=False)
+    build_records(*sample64, records, labels=label, image_size=32, workers=1, progress=False)
     root = str(tmp_path / "runs")
     runner = CliRunner()
     res = runner.invoke(cli, ["train", "--stage", "1"] + tiny_args(records, root, "bin", epochs=1))
@@ -290,8 +285,8 @@ def test_single_label_task_trains_stage2_alone_with_init_none(tmp_path, sample64
     assert res.exit_code == 0, res.output + repr(res.exception)
     stage2 = os.path.join(root, "bin", "stage2")
     info = json.load(open(os.path.join(stage2, "run_info.json")))
-    assert info["init"] is None and info["labels"] == ["Effusion"]
-    assert len(history(stage2)) == 1 and "val_auc_Effusion" in history(stage2)[0]
+    assert info["init"] is None and info["labels"] == [label]
+    assert len(history(stage2)) == 1 and f"val_auc_{label}" in history(stage2)[0]
     model = keras.saving.load_model(os.path.join(stage2, "best.keras"), compile=False)
     assert model.output_shape == (None, 1)
 

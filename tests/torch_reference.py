@@ -224,6 +224,55 @@ class PaperVGGLKAAfter(nn.Module):
         return self.classifier(self.dropout(x))
 
 
+# --- the attention study's DenseNet-121 with "learn to pay attention" gates (Jetley et al., ICLR 2018) ---
+
+class AttentionDenseNet(nn.Module):
+    """Written from the study's definitions, independently of cxrkeras: L1..L3 = the outputs of transitions 1-3,
+    g = GAP(ReLU(norm5(features))); att-A ("a"): each L projected by a bias-free 1x1 convolution to g's size,
+    c_i = <u, l^_i + g>, g_a = sum_i a_i l^_i; att-B ("b"): c_i = <u, [l_i; g]>, g_a = sum_i a_i l_i; a = softmax
+    of c over the pixels; one Linear classifier over the concatenated g_a (dropout before it)."""
+
+    def __init__(self, form, num_classes=15, width=1.0, blocks=DENSENET121_BLOCKS, dropout=0.2):
+        super().__init__()
+        self.form = form
+        self.features, channels = densenet_features(width, blocks)
+        local = [d // 2 for d in densenet_dims(width, blocks)[:3]]  # the transitions halve the channels
+        for s, c in enumerate(local, start=1):
+            if form == "a":
+                setattr(self, f"projector{s}", nn.Conv2d(c, channels, 1, bias=False))
+                setattr(self, f"u{s}", nn.Linear(channels, 1, bias=False))
+            else:
+                setattr(self, f"u{s}", nn.Linear(c + channels, 1, bias=False))
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(3 * channels if form == "a" else sum(local), num_classes)
+
+    def gates(self, x):
+        """(attention weights [N, H*W] per scale, attended vectors [N, C'] per scale)."""
+        f = self.features
+        x = f.pool0(f.relu0(f.norm0(f.conv0(x))))
+        local = []
+        for b in range(1, 5):
+            x = getattr(f, f"denseblock{b}")(x)
+            if b < 4:
+                x = getattr(f, f"transition{b}")(x)
+                local.append(x)
+        g = torch.flatten(F.adaptive_avg_pool2d(F.relu(f.norm5(x)), (1, 1)), 1)
+        weights, vectors = [], []
+        for s, l in enumerate(local, start=1):
+            if self.form == "a":
+                l = getattr(self, f"projector{s}")(l)
+            seq = l.flatten(2).transpose(1, 2)  # N, H*W, C
+            gs = g[:, None, :].expand(-1, seq.shape[1], -1)
+            c = getattr(self, f"u{s}")(seq + gs if self.form == "a" else torch.cat([seq, gs], dim=2))[..., 0]
+            a = torch.softmax(c, dim=1)
+            weights.append(a)
+            vectors.append((a[..., None] * seq).sum(dim=1))
+        return weights, vectors
+
+    def forward(self, x):
+        return self.classifier(self.dropout(torch.cat(self.gates(x)[1], dim=1)))
+
+
 # cxrkeras variant -> (reference factory, is the checkpoint in the paper's layout)
 REFERENCES = {
     "densenet121": (lambda **kw: DenseNet121(**kw), False),

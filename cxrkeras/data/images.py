@@ -80,10 +80,11 @@ def read_image(path, channels=1, data=None):
         return gray if channels == 1 else np.stack([gray] * 3, axis=-1)
     try:
         img = Image.open(io.BytesIO(data))
+        img.load()
     except UnidentifiedImageError as exc:
         raise ImageError(f"not an image file (unrecognised format, {len(data)} bytes)") from exc
-    try:
-        img.load()
+    except Image.DecompressionBombError as exc:  # e.g. a GIF of a few bytes declaring 20000 x 20000 pixels
+        raise ImageError(f"the image declares too many pixels ({describe_error(exc)})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"truncated or corrupt {img.format or 'image'} file ({describe_error(exc)})") from exc
     return _pil_to_array(img, channels)

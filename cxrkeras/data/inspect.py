@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from cxrkeras.constants import SPLITS
 from cxrkeras.data import manifest as mf
 from cxrkeras.hashing import sha256_file
+from cxrkeras.labels import NIH_LABELS
 
 _MAX_LISTED = 10
 
@@ -31,7 +32,9 @@ def format_manifest(manifest):
     cols = splits + (["all"] if whole else [])
     data = dict(infos, **({"all": whole} if whole else {}))
     total_images = sum(infos[s]["images"] for s in splits)
-    width = max([len(lbl) for lbl in manifest["labels"]] + [14])
+    # with a subset of the labels (--labels), the rows stage 1 drops are those with none of the chosen labels
+    none_row = "No Finding" if tuple(manifest["labels"]) == NIH_LABELS else "none of the labels"
+    width = max([len(lbl) for lbl in manifest["labels"]] + [14, len(none_row) + 1])
     head = f"{'':<{width}}" + "".join(f"{c:>17}" for c in cols)
     lines = [head, "-" * len(head)]
 
@@ -40,7 +43,7 @@ def format_manifest(manifest):
 
     row("images", lambda c: f"{data[c]['images']} {_pct(data[c]['images'], total_images)}")
     row("patients", lambda c: f"{data[c]['patients']}")
-    row("No Finding", lambda c: f"{data[c]['no_finding']} {_pct(data[c]['no_finding'], data[c]['images'])}")
+    row(none_row, lambda c: f"{data[c]['no_finding']} {_pct(data[c]['no_finding'], data[c]['images'])}")
     for label in manifest["labels"]:
         row(label, lambda c: f"{data[c]['positives'].get(label, 0)} "
                              f"{_pct(data[c]['positives'].get(label, 0), data[c]['images'])}")
@@ -55,11 +58,28 @@ def format_manifest(manifest):
                      + "; ".join(f"{s['image']}: {s['reason']}" for s in skipped[:3]))
     if manifest.get("unlabelled_images"):
         lines.append(f"image files with no CSV row: {manifest['unlabelled_images']}")
+    if manifest.get("subset"):
+        lines += subset_lines(manifest["subset"])
     for warning in manifest.get("warnings") or []:
         lines.append(f"warning: {warning}")
     if manifest.get("dry_run"):
         lines.append("dry run: statistics only, no shards written")
     return "\n".join(lines)
+
+
+def subset_lines(subset):
+    """The --subset report: targets, available and reached images per label (rarest first)."""
+    of = subset["of"]
+    lines = [f"subset {subset['spec']} (seed {subset['seed']}): {subset['images']:,} of {of['images']:,} images, "
+             f"{subset['patients']:,} of {of['patients']:,} patients (whole patients)"]
+    width = max(len(k) for k in subset["targets"])
+    lines.append(f"  {'label':<{width}}  {'target':>8}  {'available':>9}  {'reached':>8}")
+    for label in subset["order"] + [k for k in subset["targets"] if k not in subset["order"]]:
+        target = subset["targets"][label]
+        note = "  (all taken)" if label in subset.get("all_taken", []) else ""
+        lines.append(f"  {label:<{width}}  {'-' if target is None else f'{target:,}':>8}  "
+                     f"{subset['available'][label]:>9,}  {subset['reached'][label]:>8,}{note}")
+    return lines
 
 
 def _read_shard(path, num_labels):

@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from cxrkeras.constants import FILL_MODES, STAGES
 from cxrkeras.data import augment as augment_ops, features, manifest as manifest_lib
+from cxrkeras.data import patient as patient_lib
 from cxrkeras.data.equalize import check_equalize
 from cxrkeras.data.normalize import check_mode, to_model_input
 from cxrkeras.data.preprocessor import Preprocessor
@@ -100,11 +101,13 @@ def _read_records(paths, counts, shuffle, seed, deterministic):
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
-def _decoder(num_labels, channels, stage, preprocessor, work_size):
-    """(shard, index, serialized, is_end) -> (shard, index, is_end, keep, image uint8 HxWxC, labels, ids)."""
+def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None, no_finding_class=False):
+    """(shard, index, serialized, is_end) -> (shard, index, is_end, image uint8 HxWxC, labels, image id, patient id,
+    keep, patient features [F] (F = 0 without an encoder), what is wrong with them ("" when nothing))."""
     spec = features.feature_spec(num_labels)
-    placeholder = (tf.zeros([1, 1, channels], tf.uint8), tf.zeros([num_labels], tf.int64), tf.constant(""),
-                   tf.constant(""), tf.constant(False))
+    width = patient.width if patient is not None else 0
+    placeholder = (tf.zeros([1, 1, channels], tf.uint8), tf.zeros([num_labels + int(no_finding_class)], tf.int64),
+                   tf.constant(""), tf.constant(""), tf.constant(False), tf.zeros([width]), tf.constant(""))
 
     def decode(image_bytes):
         image = tf.io.decode_image(image_bytes, channels=channels, dtype=tf.uint8, expand_animations=False)
@@ -122,9 +125,16 @@ def _decoder(num_labels, channels, stage, preprocessor, work_size):
         ex = tf.io.parse_single_example(serialized, spec)
         labels = ex[features.LABELS]
         keep = tf.reduce_any(labels > 0) if stage == 1 else tf.constant(True)
+        if no_finding_class:  # the 'No Finding' class: none of the records' labels is positive
+            labels = tf.concat([labels, tf.cast([tf.reduce_all(labels <= 0)], tf.int64)], 0)
         # rows the stage drops are not decoded (cheap placeholder); they still pass the integrity check.
         image = tf.cond(keep, lambda: decode(ex[features.IMAGE_ENCODED]), lambda: placeholder[0])
-        return image, labels, ex[features.IMAGE_ID], ex[features.PATIENT_ID], keep
+        if patient is None:
+            values, problem = placeholder[5], placeholder[6]
+        else:
+            fields = [ex[features.AGE][None], ex[features.SEX][None], ex[features.VIEW][None]]
+            values, problem = patient.encode(*fields)[0], patient.problems(*fields)[0]
+        return image, labels, ex[features.IMAGE_ID], ex[features.PATIENT_ID], keep, values, problem
 
     def fn(shard, index, serialized, end):
         return (shard, index, end) + tuple(tf.cond(end, lambda: placeholder, lambda: parse_decode(serialized)))
@@ -154,6 +164,27 @@ def _integrity_check(names, counts):
         with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
             state = tf.tensor_scatter_nd_update(expected, [[shard]], [index + 1])
         return state, element
+
+    return check
+
+
+def _patient_check(names):
+    """map fn: a record whose patient fields the encoder cannot take fails, naming the shard, record, image and
+    field (after the integrity check, so a corrupt record is never blamed on its fields)."""
+    names = tf.constant(names)
+    keys = {"age": features.AGE, "sex": features.SEX, "view": features.VIEW}
+
+    def check(shard, index, image, labels, image_id, patient_id, values, problem):
+        field = tf.strings.regex_replace(problem, ":.*", "")
+        key = tf.gather(tf.constant(list(keys.values())),
+                        tf.argmax(tf.cast(tf.equal(tf.constant(list(keys)), field), tf.int32)))
+        message = tf.strings.join([
+            _ERROR_MARK, "shard ", tf.gather(names, shard), ": record ", tf.strings.as_string(index), " (", image_id,
+            "): ", tf.strings.regex_replace(problem, "^[a-z]+: ", tf.strings.join([field, " (", key, ") is "])),
+            "; the model takes age, sex and view: build the records from a CSV that has them (NIH's Data_Entry: "
+            "'Patient Age', 'Patient Gender', 'View Position'), or ", patient_lib.MISSING_HINT])
+        with tf.control_dependencies([tf.debugging.Assert(tf.equal(problem, ""), [message])]):
+            return tf.identity(image), labels, image_id, patient_id, values
 
     return check
 
@@ -193,9 +224,11 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
                   preprocessing="torch", shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, cache=False, seed=None,
                   deterministic=None, drop_remainder=None, repeat=False, strategy=None, equalize=None,
                   return_ids=False, max_rotation=10.0, crop_scale=(0.8, 1.0), flip=True, fill_mode="reflect",
-                  jit=True, verify="sha256", preprocessor=None, augment=True):
+                  jit=True, verify="sha256", preprocessor=None, patient=None, no_finding_class=False,
+                  augment=True):
     """A tf.data.Dataset of (images float32 [B,S,S,3], labels float32 [B,L]) (+ {"image_id","patient_id"} string
-    [B] with return_ids) from the shards of `split` of a records folder.
+    [B] with return_ids) from the shards of `split` of a records folder; with `patient`, the inputs are
+    (images, patient features float32 [B,5]).
 
     stage: 1 = rows with no positive label ("No Finding") removed at read time; 2 = all rows.
     training: shuffle + augmentation (rotation ±max_rotation°, horizontal flip, random crop + zoom of
@@ -216,6 +249,10 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
       up to float rounding).
     verify: "sha256" (default) refuses shards whose size or sha256 differ from the manifest's, before reading;
       "size" checks only sizes (no hashing). Either way each shard's record count is checked as it is read.
+    patient: a `cxrkeras.data.patient.PatientEncoder` (a model's, `load_source(...).patient`): each record's
+      meta/age, meta/sex and meta/view encoded as the model's second input; a record whose fields the encoder
+      cannot take fails, naming the shard, record, image and field (DataError under `data_errors()`).
+    no_finding_class: add the label 'No Finding' (none of the records' labels positive) as the last label.
     """
     if preprocessor is not None:
         image_size, preprocessing, equalize = preprocessor.image_size, preprocessor.preprocessing, preprocessor.equalize
@@ -235,15 +272,23 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
 
     ds = _read_records(paths, counts, training, seed, deterministic)
     # one parallel map decodes for all shards; deterministic so each shard's records stay in order for the check
-    ds = ds.map(_decoder(num_labels, channels, stage, preprocessor, work_size), num_parallel_calls=tf.data.AUTOTUNE,
+    ds = ds.map(_decoder(num_labels, channels, stage, preprocessor, work_size, patient, no_finding_class),
+                num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True).ignore_errors()  # a bad image: its element is dropped, the check names it
     names = [os.path.basename(p) for p in paths]
     ds = ds.scan(tf.zeros([len(paths)], tf.int64), _integrity_check(names, counts))
-    ds = ds.filter(lambda shard, index, end, image, labels, image_id, patient_id, keep:
+    ds = ds.filter(lambda shard, index, end, image, labels, image_id, patient_id, keep, values, problem:
                    tf.logical_and(tf.logical_not(end), keep))
     image_shape = [work_size[0], work_size[1], channels] if work_size else [None, None, channels]
-    ds = ds.map(lambda shard, index, end, image, labels, image_id, patient_id, keep:
-                (tf.ensure_shape(image, image_shape), labels, image_id, patient_id))
+    if patient is not None:
+        check = _patient_check(names)
+        ds = ds.map(lambda shard, index, end, image, labels, image_id, patient_id, keep, values, problem:
+                    check(shard, index, image, labels, image_id, patient_id, values, problem))
+    else:
+        ds = ds.map(lambda shard, index, end, image, labels, image_id, patient_id, keep, values, problem:
+                    (image, labels, image_id, patient_id, values))
+    ds = ds.map(lambda image, labels, image_id, patient_id, values:
+                (tf.ensure_shape(image, image_shape), labels, image_id, patient_id, values))
     info = manifest["splits"][split]
     if "no_finding" in info and sum(counts) == int(info["images"]) and min(counts) >= 0:
         # a known length lets Keras show progress and size epochs (filter/scan make it unknown otherwise);
@@ -261,8 +306,8 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
     if repeat:
         ds = ds.repeat()
 
-    def finish(images, labels, image_id, patient_id):
-        out = (images, tf.cast(labels, tf.float32))
+    def finish(images, labels, image_id, patient_id, values):
+        out = ((images, values) if patient is not None else images, tf.cast(labels, tf.float32))
         return out + ({"image_id": image_id, "patient_id": patient_id},) if return_ids else out
 
     if training and augment:
@@ -279,11 +324,11 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         to_input = tf.function(lambda images: to_model_input(images, preprocessing), jit_compile=bool(jit))
 
         def augmented(batch, r):
-            images, labels, image_id, patient_id = batch
+            images, labels, image_id, patient_id, values = batch
             shape = tf.shape(images)
             t = augment_ops.augment_transforms(shape[0], shape[1], shape[2], image_size, tf.stack([r, r // 7 + 1]),
                                            max_rotation=max_rotation, crop_scale=crop_scale, flip=flip)
-            return finish(to_input(warp(images, t)), labels, image_id, patient_id)
+            return finish(to_input(warp(images, t)), labels, image_id, patient_id, values)
 
         ds = tf.data.Dataset.zip((ds, randoms)).map(augmented, num_parallel_calls=tf.data.AUTOTUNE,
                                                     deterministic=deterministic)

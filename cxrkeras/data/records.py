@@ -145,8 +145,11 @@ def _assign(table, split_lists, fractions, seed):
 def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions=(0.7, 0.1, 0.2), seed=0,
                   image_size=256, channels=1, shard_size=1000, workers=None, dry_run=False, strict=False,
                   format="auto", labels=None, path_column="path", labels_column="labels",
-                  patient_column="patient_id", id_salt="", progress=True, overwrite=False):
+                  patient_column="patient_id", id_salt="", progress=True, overwrite=False, subset=None):
     """Build (or finish, or confirm) a records folder; returns a BuildReport whose `.manifest` is what was saved.
+
+    `subset`: a class-targeted subset of the CSV, e.g. "per-label=2000,no-finding=10000" (cxrkeras.data.subset:
+    whole patients, rarest labels first, seeded by `seed`); the manifest's "subset" records targets and reached.
 
     Same inputs twice → nothing is rewritten; an interrupted run re-run writes only the missing shards.
     Records of another CSV or other options in `out` are refused unless `overwrite`; so is a second build of
@@ -164,18 +167,24 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
 
     table, index, hashed_ids = _read_inputs(csv, images, format, label_list, path_column, labels_column,
                                             patient_column, id_salt)
+    subset_info = None
+    if subset:
+        from cxrkeras.data.subset import parse_subset, select_subset
+
+        mask, subset_info = select_subset(table, parse_subset(subset, table.labels), int(seed))
+        table = table.select(mask)
     out = out or default_out(csv, table.format, image_size)
     csv_sha = sha256_file(csv)
     shards.check_writable(out)
     with shards.folder_lock(out):
         return _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fractions, int(seed),
                       int(image_size), int(channels), int(shard_size), workers, dry_run, strict, path_column,
-                      labels_column, patient_column, id_salt, progress, overwrite, started)
+                      labels_column, patient_column, id_salt, progress, overwrite, started, subset_info)
 
 
 def _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fractions, seed, image_size, channels,
            shard_size, workers, dry_run, strict, path_column, labels_column, patient_column, id_salt, progress,
-           overwrite, started):
+           overwrite, started, subset_info=None):
     assign, list_info = _assign(table, split_lists, fractions, seed)
     if not (assign >= 0).any():
         raise DataError(f"empty selection: none of the {len(table)} rows of {csv} is in the split lists "
@@ -189,11 +198,13 @@ def _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fra
         "labels_column": labels_column if table.format != "nih" else None,
         "patient_column": patient_column if table.format != "nih" else None,
         "id_salt_set": bool(id_salt),
+        **({"subset": subset_info["spec"]} if subset_info else {}),
     }
     fingerprint = shards.sha256_text(json.dumps({
         "record_format": RECORD_FORMAT, "csv_sha256": csv_sha,
         "lists": [f["sha256"] for f in list_info.get("files", [])],
-        "salt": shards.sha256_text(id_salt), **{k: options[k] for k in FINGERPRINT_OPTIONS}}))
+        "salt": shards.sha256_text(id_salt), **{k: options[k] for k in FINGERPRINT_OPTIONS},
+        **({"subset": options["subset"]} if subset_info else {})}))  # none without --subset: older folders match
     build = {"fingerprint": fingerprint, "record_format": RECORD_FORMAT, "options": options,
              "csv": {"path": os.path.abspath(csv), "sha256": csv_sha},
              "split_lists": [f["sha256"] for f in list_info.get("files", [])]}
@@ -211,6 +222,7 @@ def _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fra
         "image_size": [image_size, image_size], "channels": channels,
         "unreadable_values": {column: {"count": len(rows), "rows": rows[:_MAX_IN_MANIFEST]}
                               for column, rows in table.unreadable.items()},
+        **({"subset": subset_info} if subset_info else {}),
     }
     notes = _input_warnings(table, list_info, hashed_ids and not id_salt)
 
@@ -364,6 +376,8 @@ def _option_differences(old, new):
     before, now = old.get("options") or {}, new["options"]
     diffs = [f"{key} {before.get(key)!r} -> {now[key]!r}" for key in FINGERPRINT_OPTIONS
              if key in before and before.get(key) != now[key]]
+    if before.get("subset") != now.get("subset"):
+        diffs.append(f"--subset {before.get('subset')!r} -> {now.get('subset')!r}")
     lists = old.get("split_lists")
     old_lists = [f["sha256"] for f in lists.get("files", [])] if isinstance(lists, dict) else (lists or [])
     if old_lists != new["split_lists"]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from cxrkeras.constants import RECORD_FORMATS
 from cxrkeras.errors import ConfigError, DataError
-from cxrkeras.labels import LABEL_ALIASES, NIH_LABELS, NO_FINDING
+from cxrkeras.labels import ANY_FINDING, LABEL_ALIASES, NIH_LABELS, NO_FINDING
 
 NIH_IMAGE, NIH_LABELS_COL, NIH_PATIENT = "Image Index", "Finding Labels", "Patient ID"
 NIH_FOLLOW_UP, NIH_AGE, NIH_SEX, NIH_VIEW = "Follow-up #", "Patient Age", "Patient Gender", "View Position"
@@ -238,6 +238,26 @@ def read_label_list(spec):
     return tuple(names)
 
 
+def nih_label_subset(labels):
+    """--labels on the NIH CSV: names among the 14 (aliases such as 'Infiltrate' accepted) or ANY_FINDING, in the
+    order given; an unknown name is an error listing what may be chosen."""
+    names = tuple(LABEL_ALIASES.get(name, name) for name in labels)
+    unknown = [name for name in names if name not in NIH_LABELS and name != ANY_FINDING]
+    if unknown:
+        raise ConfigError(f"--labels {', '.join(repr(n) for n in unknown)}: not a label of the NIH CSV; choose "
+                          f"any of {', '.join(NIH_LABELS)} (in the order you want them), or {ANY_FINDING!r}: "
+                          f"1 for an image with any finding, 0 for {NO_FINDING!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--labels {', '.join(labels)}: a label is given twice")
+    return names
+
+
+def select_labels(y_nih, names):
+    """Columns `names` (NIH labels or ANY_FINDING) of a [n, 14] NIH multi-hot matrix, in that order."""
+    columns = [y_nih.max(axis=1) if name == ANY_FINDING else y_nih[:, NIH_LABELS.index(name)] for name in names]
+    return np.stack(columns, axis=1).astype(np.uint8) if columns else y_nih[:, :0]
+
+
 def detect_format(columns):
     return "nih" if NIH_IMAGE in columns and NIH_LABELS_COL in columns else "generic"
 
@@ -254,7 +274,8 @@ def read_table(csv_path, fmt="auto", labels=None, path_column="path", labels_col
     lines = np.array([r for r, _ in rows], dtype=np.int64)
     get = lambda name: [f[col[name]].strip() for _, f in rows] if name in col else None  # noqa: E731
     if fmt == "nih":
-        label_names = labels or NIH_LABELS
+        # every row is read against all 14 labels (an unknown name is still an error), then the chosen ones kept
+        label_names = nih_label_subset(labels) if labels else NIH_LABELS
         _require(csv_path, columns, [NIH_IMAGE, NIH_LABELS_COL, NIH_PATIENT],
                  "Give NIH's Data_Entry_2017(_v2020).csv, or use --format generic with --path-column etc.")
         image_col, label_col, patient_col = NIH_IMAGE, NIH_LABELS_COL, NIH_PATIENT
@@ -274,7 +295,10 @@ def read_table(csv_path, fmt="auto", labels=None, path_column="path", labels_col
     image_id = get(image_col)
     _check_filled(csv_path, image_col, image_id, lines)
     _check_unique(csv_path, image_col, image_id, lines)
-    y = parse_labels(csv_path, label_col, get(label_col), lines, label_names, empty_negative)
+    if fmt == "nih":
+        y = select_labels(parse_labels(csv_path, label_col, get(label_col), lines, NIH_LABELS, False), label_names)
+    else:
+        y = parse_labels(csv_path, label_col, get(label_col), lines, label_names, empty_negative)
     if patient_col in col:
         patient = get(patient_col)
         _check_filled(csv_path, patient_col, patient, lines)

@@ -3,8 +3,9 @@
 import os
 
 from cxrkeras.errors import CxrError, DataError
-from cxrkeras.evaluation import figures, metrics, published
+from cxrkeras.evaluation import figures, metrics, published, report
 from cxrkeras.fileio import atomic_write, write_json
+from cxrkeras.labels import NO_FINDING
 from cxrkeras.runs import EVALUATION_DIR, load_source
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -12,9 +13,14 @@ METRICS_FILE = "metrics.json"
 
 
 def check_labels(model_labels, record_labels, where):
-    """Refuse a model whose outputs are not the records' labels in the same order."""
+    """Refuse a model whose outputs are not the records' labels in the same order (or those plus the derived
+    'No Finding' class); returns whether the model has that class (the pipeline then derives it)."""
+    from cxrkeras.labels import derives_no_finding
+
     if list(model_labels) == list(record_labels):
-        return
+        return False
+    if derives_no_finding(model_labels, record_labels):
+        return True
     missing = [lbl for lbl in record_labels if lbl not in model_labels]
     extra = [lbl for lbl in model_labels if lbl not in record_labels]
     if not missing and not extra:
@@ -61,11 +67,11 @@ def predict_split(source, records_dir, split, batch_size=32, progress=None, veri
     from cxrkeras.inference import predict_dataset
 
     manifest = load_manifest(records_dir)
-    check_labels(source.labels, manifest["labels"], f"the records {records_dir}")
+    no_finding = check_labels(source.labels, manifest["labels"], f"the records {records_dir}")
     expected = split_size(manifest, split, records_dir)
     ds = build_dataset(records_dir, split, stage=2, batch_size=check_batch_size(batch_size), training=False,
                        preprocessor=source.preprocessor, drop_remainder=False, deterministic=True, return_ids=True,
-                       verify=verify)
+                       verify=verify, patient=source.patient, no_finding_class=no_finding)
     with data_errors():
         probs, labels, ids = predict_dataset(source.model, ds,
                                              progress=(lambda n: progress(n, expected)) if progress else None)
@@ -106,7 +112,9 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
     Thresholds are chosen on `val_split` (Youden J and F1-max) and applied unchanged to `split`; without a
     validation split they are 0.5 and the reason is recorded. Writes into `out_dir` (default
     <run>/evaluation/<split>): metrics.json, thresholds.json, predictions_<split>.csv (and _<val_split>.csv),
-    roc_<split>.png, pr_<split>.png, reliability_<split>.png, comparison_<split>.md.
+    roc_<split>.png, pr_<split>.png, reliability_<split>.png, comparison_<split>.md (AUCs beside the published
+    columns, and each label's accuracy, sensitivity, specificity, precision, F1 and confusion counts at the
+    `threshold_method` thresholds; a binary task's confusion matrix).
     `verify_records`: "sha256" (default) or "size": how shards are checked against the manifest before reading.
     `min_patients`: a label whose positives come from fewer patients is not estimable (no CI, out of the mean).
     """
@@ -162,6 +170,12 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
                   preprocessor=source.preprocessor.to_config(),
                   default_threshold_method=threshold_method,
                   protocol="whole split, deterministic eval preprocessing (central square, resize), no TTA")
+    compared, auc_compared = labels, result["auc"]
+    if labels and labels[-1] == NO_FINDING:  # the derived class is evaluated, but no published table has it
+        compared = labels[:-1]
+        auc_compared = metrics.auc_with_ci(y[:, :-1], probs[:, :-1], patient_ids, compared, n_boot=n_boot, seed=seed,
+                                            min_patients=min_patients)
+        result["auc_without_no_finding"] = auc_compared
     write_json(os.path.join(out_dir, METRICS_FILE), result)
     thr_doc = {"labels": labels, "default_method": threshold_method, "chosen_on": val_split if val_summary else None,
                "model_sha256": source.model_sha256, "model": source.model_path,
@@ -175,14 +189,24 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
     if figures_on:
         figures.roc_figure(y, probs, labels, os.path.join(out_dir, f"roc_{split}.png"), result["auc"],
                            title=f"ROC curves — {split} split ({len(y)} images)")
+        # a binary task's PR curve also marks the decision point at the validation-chosen threshold
+        operating = result["at_thresholds"][threshold_method]["per_label"] if len(labels) == 1 else None
         figures.pr_figure(y, probs, labels, os.path.join(out_dir, f"pr_{split}.png"), result["average_precision"],
-                          title=f"Precision–recall — {split}")
+                          title=f"Precision–recall — {split}", operating=operating)
         figures.reliability_figure(result["calibration"], os.path.join(out_dir, f"reliability_{split}.png"))
-    table = published.comparison_markdown(result["auc"], labels,
+    table = published.comparison_markdown(auc_compared, compared,
                                           title=f"Per-label test AUC: {split} split, {len(y)} images")
+    if compared is not labels:
+        nf = result["auc"]["per_label"][NO_FINDING]
+        table += (f"\n{NO_FINDING} (the derived class, not in the published comparison; the mean above is over "
+                  f"the {len(compared)} other labels): AUC {published.format_ci(nf)}\n")
+    table += "\n" + report.threshold_markdown(result, threshold_method)
     atomic_write(os.path.join(out_dir, f"comparison_{split}.md"), table)
     log(table)
     log(summary_text(result, threshold_method))
+    binary = report.binary_summary(result, threshold_method)
+    if binary:
+        log(binary)
     log(f"written to {out_dir}")
     result["out_dir"] = out_dir
     return result

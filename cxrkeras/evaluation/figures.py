@@ -70,8 +70,9 @@ def roc_figure(y_true, y_prob, labels, path, auc_result=None, title="ROC curves"
     return _save_curves(fig, ax, path, len(labels) + 1)
 
 
-def pr_figure(y_true, y_prob, labels, path, ap_result=None, title="Precision–recall curves"):
-    """Per-label precision–recall curves with AP in the legend and each label's prevalence as a dotted baseline."""
+def pr_figure(y_true, y_prob, labels, path, ap_result=None, title="Precision–recall curves", operating=None):
+    """Per-label precision–recall curves with AP in the legend and each label's prevalence as a dotted baseline;
+    `operating` ({label: a binary_metrics entry}) marks each such label's point at its threshold."""
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
     fig, ax, colors = _curves(labels)
     for j, (name, color) in enumerate(zip(labels, colors)):
@@ -82,10 +83,15 @@ def pr_figure(y_true, y_prob, labels, path, ap_result=None, title="Precision–r
         ax.step(recall, precision, where="post", lw=1.1, color=color,
                 label=f"{name} (AP {ap:.3f})" if ap is not None else name)
         ax.axhline(np.mean(y_true[:, j] > 0.5), ls=":", lw=0.6, color=color)
+        point = (operating or {}).get(name)
+        if point and point.get("precision") is not None and point.get("sensitivity") is not None:
+            ax.plot([point["sensitivity"]], [point["precision"]], "o", ms=7, color=color, mec="black",
+                    label=f"threshold {point['threshold']:.3f}: recall {point['sensitivity']:.2f}, "
+                          f"precision {point['precision']:.2f}")
     m = (ap_result or {}).get("map")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="Recall (sensitivity)", ylabel="Precision",
            title=title + (f" — mAP {m:.3f}" if m is not None else ""))
-    return _save_curves(fig, ax, path, len(labels))
+    return _save_curves(fig, ax, path, len(labels) + len(operating or {}))
 
 
 def reliability_figure(calibration_result, path, title="Reliability diagram (all labels pooled)"):

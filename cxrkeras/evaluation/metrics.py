@@ -274,7 +274,8 @@ def threshold_vector(thresholds, labels):
 
 
 def binary_metrics(y_true, y_prob, thresholds, labels=None):
-    """Sensitivity, specificity, precision, F1 per label; micro/macro F1 and Hamming loss at fixed thresholds."""
+    """Accuracy, sensitivity (recall), specificity, precision, F1 and the confusion matrix per label; micro/macro
+    F1 and Hamming loss at fixed thresholds (predict positive if probability >= threshold)."""
     y_true, y_prob = _as_2d(y_true, y_prob)
     labels = list(labels) if labels is not None else [f"label_{i}" for i in range(y_true.shape[1])]
     t = np.asarray(thresholds, dtype=np.float64).reshape(1, -1)
@@ -290,9 +291,11 @@ def binary_metrics(y_true, y_prob, thresholds, labels=None):
         spec = _ratio(tn[j], tn[j] + fp[j])
         prec = _ratio(tp[j], tp[j] + fp[j])
         f1 = _ratio(2 * tp[j], 2 * tp[j] + fp[j] + fn[j])
-        per_label[name] = {"threshold": float(t[0, j]), "sensitivity": sens, "specificity": spec,
-                           "precision": prec, "f1": f1, "tp": int(tp[j]), "fp": int(fp[j]), "fn": int(fn[j]),
-                           "tn": int(tn[j])}
+        per_label[name] = {"threshold": float(t[0, j]), "accuracy": _ratio(tp[j] + tn[j], len(truth)),
+                           "sensitivity": sens, "specificity": spec, "precision": prec, "f1": f1,
+                           "tp": int(tp[j]), "fp": int(fp[j]), "fn": int(fn[j]), "tn": int(tn[j]),
+                           # scikit-learn's layout: rows = true 0, 1; columns = predicted 0, 1
+                           "confusion_matrix": [[int(tn[j]), int(fp[j])], [int(fn[j]), int(tp[j])]]}
         if tp[j] + fn[j] > 0:  # F1 of a label without positives is undefined, not 0
             f1s.append(f1)
     TP, FP, FN = tp.sum(), fp.sum(), fn.sum()

@@ -72,6 +72,11 @@ def _fmt(x, digits=4):
     return "" if x is None else f"{x:.{digits}f}"
 
 
+def format_ci(entry):
+    """"0.8120 (0.7900–0.8340)" of one per-label entry of `auc_with_ci`."""
+    return _fmt_ci(entry.get("auc"), entry.get("ci_low"), entry.get("ci_high"), entry.get("reason"))
+
+
 def _fmt_ci(auc, lo, hi, reason=None):
     if auc is None:
         return f"n/a ({reason})" if reason else "n/a"

@@ -22,17 +22,20 @@ def display_images(model, images):
 
 
 def take_images(dataset, num_images):
-    """The first `num_images` images of a tf.data dataset of (images, labels[, ...]) batches, as a NumPy array."""
+    """The model inputs of the first `num_images` images of a tf.data dataset of (inputs, labels[, ...]) batches:
+    a NumPy array of images, or a tuple (images, patient features) for a model that takes them."""
     chunks, n = [], 0
     for batch in dataset:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        chunks.append(np.asarray(images))
-        n += len(chunks[-1])
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        parts = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        chunks.append([np.asarray(p) for p in parts])
+        n += len(chunks[-1][0])
         if n >= num_images:
             break
     if not chunks:
         raise ConfigError("the validation dataset is empty: no images for Grad-CAM")
-    return np.concatenate(chunks)[:num_images]
+    joined = tuple(np.concatenate([c[k] for c in chunks])[:num_images] for k in range(len(chunks[0])))
+    return joined if len(joined) > 1 else joined[0]
 
 
 class GradCAMCallback(keras.callbacks.Callback):
@@ -47,17 +50,22 @@ class GradCAMCallback(keras.callbacks.Callback):
                  use_guided_grads=False, every=1, max_images=8, image_weight=0.6, colormap="jet"):
         super().__init__()
         if isinstance(validation_data, (tuple, list)):
-            images = np.asarray(validation_data[0])
+            inputs = validation_data[0]
         elif hasattr(validation_data, "element_spec"):
-            images = take_images(validation_data, max_images)
+            inputs = take_images(validation_data, max_images)
         else:
-            images = np.asarray(validation_data)
+            inputs = validation_data
+        # a model with patient features takes (images, features); the images alone are shown
+        parts = tuple(np.asarray(p, dtype=np.float32)[:max_images] for p in
+                      (inputs if isinstance(inputs, tuple) else (inputs,)))
+        images = parts[0]
         if images.ndim != 4 or len(images) == 0:
             raise ConfigError(f"GradCAMCallback needs a batch of images (N, height, width, channels), got shape "
                               f"{images.shape}")
         if int(every) < 1:
             raise ConfigError(f"GradCAMCallback every must be >= 1 epoch, got {every}")
-        self.images = images[:max_images].astype(np.float32)
+        self.images = images
+        self.inputs = parts if len(parts) > 1 else images
         self.class_index = class_index
         self.output_dir = output_dir
         self.layer_name = layer_name
@@ -100,17 +108,17 @@ class GradCAMCallback(keras.callbacks.Callback):
         shown = display_images(self.model, self.images)
         classes = self._classes()
         if classes is None:
-            probs = np.asarray(self.model(self.images, training=False))
+            probs = np.asarray(self.model(self.inputs, training=False))
             top = probs.argmax(axis=1)
             uniq = sorted(set(int(t) for t in top))
-            maps, _ = self._engine(self.images, uniq)
+            maps, _ = self._engine(self.inputs, uniq)
             out = {}
             for k, index in enumerate(uniq):  # one grid per predicted label, so each tile's class is known
                 tiles = [blend(shown[i], maps[i, k], self.colormap, self.image_weight)
                          for i in np.flatnonzero(top == index)]
                 out[f"gradcam/top1/{self._label(index)}"] = grid_display(np.stack(tiles))
             return out
-        maps, _ = self._engine(self.images, classes)
+        maps, _ = self._engine(self.inputs, classes)
         out = {}
         for k, index in enumerate(classes):
             tiles = [blend(img, m, self.colormap, self.image_weight) for img, m in zip(shown, maps[:, k])]

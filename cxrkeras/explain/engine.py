@@ -57,6 +57,7 @@ class HeatmapEngine:
         else:
             self._final = None
             score = model.outputs[0]
+        self.num_inputs = len(model.inputs)  # 2 for a model with patient features: (images, features)
         inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
         self._grad_model = keras.Model(inputs, [feature, score], name=f"gradcam_{self.layer_name}")
 
@@ -116,16 +117,24 @@ class HeatmapEngine:
         return cams, grad_max, probs
 
     def __call__(self, images, class_indices, batch_size=16):
-        """(heatmaps [N, K, h, w] in [0, 1], probabilities [N, outputs]) for output indices `class_indices`."""
+        """(heatmaps [N, K, h, w] in [0, 1], probabilities [N, outputs]) for output indices `class_indices`.
+        `images`: the model's input: a batch of images, or a tuple (images, patient features) for a model with
+        patient features."""
         import tensorflow as tf
 
-        images = np.asarray(images, dtype=np.float32)
-        if images.ndim != 4:
-            raise ConfigError(f"images must be a batch (N, height, width, channels), got shape {images.shape}")
+        parts = [np.asarray(p, dtype=np.float32) for p in (images if isinstance(images, tuple) else [images])]
+        if len(parts) != self.num_inputs:
+            raise ConfigError(f"model {self.model.name!r} takes {self.num_inputs} inputs "
+                              f"({', '.join(t.name for t in self.model.inputs)}), got {len(parts)}")
+        if parts[0].ndim != 4:
+            raise ConfigError(f"images must be a batch (N, height, width, channels), got shape {parts[0].shape}")
+        if any(len(p) != len(parts[0]) for p in parts):
+            raise ConfigError(f"the inputs hold different numbers of images: {[len(p) for p in parts]}")
         classes = tf.constant(list(class_indices), dtype=tf.int32)
         cams, gmax, probs = [], [], []
-        for start in range(0, len(images), max(1, int(batch_size))):
-            c, g, p = self._step(tf.constant(images[start:start + batch_size]), classes)
+        for start in range(0, len(parts[0]), max(1, int(batch_size))):
+            batch = tuple(tf.constant(p[start:start + batch_size]) for p in parts)
+            c, g, p = self._step(batch if len(batch) > 1 else batch[0], classes)
             cams.append(c.numpy()), gmax.append(g.numpy()), probs.append(p.numpy())
         cams, gmax, probs = np.concatenate(cams), np.concatenate(gmax), np.concatenate(probs)
         return _normalise(cams, gmax, self.layer_name), probs

@@ -38,13 +38,42 @@ def read_inputs(paths, preprocessor, batch_size=8):
     return [originals[i] for i in good], x, good, errors
 
 
+def model_inputs(source, paths, patient=None, batch_size=8):
+    """`read_inputs` for a ModelSource: (originals, what the model takes, indices of the usable files, {index:
+    reason}). A model with patient features takes (images, features): `patient` holds (age, sex, view) per path
+    (None: missing), encoded by the model's encoder; a file without usable values is named in the errors."""
+    originals, x, good, errors = read_inputs(paths, source.preprocessor, batch_size)
+    if source.patient is None:
+        if patient is not None and any(v is not None for v in patient):
+            raise ConfigError("the model takes no patient features (age, sex, view): leave them out")
+        return originals, x, good, errors
+    patient = list(patient) if patient is not None else [None] * len(paths)
+    encoder = source.patient
+    missing = [i for i in good if patient[i] is None]
+    given = [i for i in good if patient[i] is not None]
+    problems = dict(zip(given, encoder.check_values(*zip(*[patient[i] for i in given])))) if given else {}
+    for i in good:
+        reason = "age, sex and view are needed for this model" if i in missing else problems.get(i)
+        if reason:
+            errors[i] = reason
+    keep = [j for j, i in enumerate(good) if i not in errors]
+    good = [good[j] for j in keep]
+    originals, images = [originals[j] for j in keep], x[keep]
+    from cxrkeras.data.patient import value_tensors
+
+    features = encoder.encode(**value_tensors([patient[i] for i in good])).numpy() if good else \
+        np.zeros((0, encoder.width), np.float32)
+    return originals, (images, features), good, errors
+
+
 def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=None, method="gradcam",
-                  alpha=0.4, batch_size=8, log=print):
+                  alpha=0.4, batch_size=8, log=print, patient=None):
     """Write one overlay PNG per image and class to out_dir plus gradcam.json; returns the list of entries.
 
     model: a run folder, a stage folder, a .keras file or a keras.Model built by cxrkeras (its stored or rebuilt
     `Preprocessor` prepares the images). Classes: `class_names` (names or indices) for every image, else each
     image's `top_k` most probable labels. One backward pass per batch covers all classes asked for in that batch.
+    patient: for a model with patient features, (age, sex, view) of each image (a list aligned with `images`).
     """
     from cxrkeras.explain.engine import get_engine
     from cxrkeras.explain.overlay import overlay_figure, to_original_frame
@@ -70,7 +99,8 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
     entries, stems = [], set()
     for start in range(0, len(images), batch_size):
         paths = list(images[start:start + batch_size])
-        originals, x, _, errors = read_inputs(paths, pre, batch_size)
+        values = list(patient[start:start + batch_size]) if patient is not None else None
+        originals, x, _, errors = model_inputs(source, paths, values, batch_size)
         if errors:
             at = min(errors)
             raise DataError(f"image {paths[at]}: {errors[at]}")

@@ -94,6 +94,16 @@ def read_boxes(path):
 # --- the whole score ---
 
 
+def box_class(box_label, labels):
+    """The model output a box is scored for: its own label, or for a binary any-finding model (`--labels Finding`)
+    that output for a box of any NIH label (every box marks a finding); None when the model has neither."""
+    from cxrkeras.labels import ANY_FINDING, NIH_LABELS
+
+    if box_label in labels:
+        return box_label
+    return ANY_FINDING if ANY_FINDING in labels and box_label in NIH_LABELS else None
+
+
 def _summarise(rows, labels):
     def stats(sel):
         n = len(sel)
@@ -136,16 +146,18 @@ def _score_case(heatmap, image_shape, region, boxes, threshold, rng, draws):
 
 
 def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=10, layer_name=None,
-             method="gradcam", batch_size=8, progress=False, log=print):
+             method="gradcam", batch_size=8, progress=False, log=print, patient_csv=None):
     """Score Grad-CAM of `model` (a keras.Model, a .keras file or a run folder) on every boxed image found.
 
     Returns a dict: settings, per_label and overall scores (pointing game, mean IoU, fraction with IoU >= 0.5, and the
     same for `random_draws` seeded random maps per box), rows (one per image and label; several boxes of one label
-    in one image are scored as their union), and the boxes left out (image not found, unreadable, unknown label).
+    in one image are scored as their union; for an any-finding model every box counts for its 'Finding' output), and
+    the boxes left out (image not found, unreadable, a label the model lacks).
+    A model with patient features reads each image's age, sex and view from `patient_csv` (NIH's Data_Entry file).
     """
     from cxrkeras.data.image_index import ImageIndex
     from cxrkeras.explain import engine as engine_lib
-    from cxrkeras.explain.files import read_inputs
+    from cxrkeras.explain.files import model_inputs
     from cxrkeras.runs import load_source
 
     if not 0.0 < float(threshold) <= 1.0:
@@ -158,6 +170,15 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
             log(note)
     net, labels, pre = source.model, source.labels, source.preprocessor
     engine = engine_lib.get_engine(net, layer_name, method)
+    patients = None
+    if source.patient is not None or patient_csv is not None:
+        from cxrkeras.data.patient import read_patient_csv
+
+        if source.patient is None:
+            raise ConfigError("the model takes no patient features: leave out the patient CSV")
+        if patient_csv is None:
+            raise ConfigError("the model takes age, sex and view: give NIH's Data_Entry CSV (--patient-csv) for them")
+        patients = read_patient_csv(patient_csv)
     boxes, bad_rows = read_boxes(boxes_csv)
     index = ImageIndex(images_dir, by_name=True, duplicates="first")
     files = index.names
@@ -165,14 +186,15 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
     by_image = OrderedDict()
     not_found, unknown_label, unreadable = [], [], []
     for b in boxes:
-        if b["label"] not in labels:
+        target = box_class(b["label"], labels)
+        if target is None:
             unknown_label.append(f"{b['image']} ({b['label']}, row {b['row']})")
         elif b["image"] in index.outside_names:
             unreadable.append(f"{b['image']}: {OUTSIDE_ROOT}")
         elif b["image"] not in files:
             not_found.append(b["image"])
         else:
-            by_image.setdefault(b["image"], defaultdict(list))[b["label"]].append(b["box"])
+            by_image.setdefault(b["image"], defaultdict(list))[target].append(b["box"])
     unreadable = sorted(set(unreadable))
     # images sorted by their labels so that a batch mostly asks for one class (K small in the backward pass)
     order = sorted(by_image, key=lambda name: (tuple(sorted(by_image[name])), name))
@@ -185,7 +207,8 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
         iterator = tqdm(iterator, desc="localize", unit="batch")
     for start in iterator:
         batch = order[start:start + batch_size]
-        arrays, x, good, errors = read_inputs([files[name] for name in batch], pre, batch_size)
+        arrays, x, good, errors = model_inputs(source, [files[name] for name in batch],
+                                               [patients.get(n) for n in batch] if patients else None, batch_size)
         unreadable += [f"{files[batch[i]]}: {reason}" for i, reason in sorted(errors.items())]
         names = [batch[i] for i in good]
         if not names:

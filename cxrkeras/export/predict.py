@@ -42,6 +42,7 @@ class _SavedModelPredictor:
         self.path = version_dir
         self.note = None
         self.fn = tf.saved_model.load(version_dir).signatures["serving_default"]
+        self.takes_patient = "age" in self.fn.structured_input_signature[1]
         assets = os.path.join(version_dir, "assets")
         try:
             with open(os.path.join(assets, "labels.txt"), encoding="utf-8") as f:
@@ -53,10 +54,10 @@ class _SavedModelPredictor:
         self.thresholds = np.asarray(doc["thresholds"], dtype=np.float64)
         self.warning = doc.get("warning")
 
-    def __call__(self, blobs):
+    def __call__(self, blobs, patient=None):
         import tensorflow as tf
 
-        out = self.fn(image_bytes=tf.constant(blobs))
+        out = self.fn(image_bytes=tf.constant(blobs), **patient_tensors(patient, self.takes_patient))
         return out["probabilities"].numpy().astype(np.float64), out["findings"].numpy()
 
 
@@ -74,17 +75,33 @@ class _KerasPredictor:
         thresholds, info = resolve_thresholds(self.source, None, log=lambda *_: None)
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.warning = info.get("warning")
+        self.takes_patient = self.source.patient is not None
 
-    def __call__(self, blobs):
+    def __call__(self, blobs, patient=None):
         import tensorflow as tf
 
         from cxrkeras.export.serving import bytes_to_inputs
-
         from cxrkeras.inference import inference_step
 
         x = bytes_to_inputs(tf.constant(blobs), self.source.preprocessor)
+        if self.takes_patient:  # the model's own encoder, as the SavedModel's graph has it
+            x = (x, self.source.patient.encode_checked(**patient_tensors(patient, True), count=tf.shape(x)[0]))
         probs = np.asarray(inference_step(self.source.model)(x), dtype=np.float64)
         return probs, probs >= self.thresholds.astype(np.float32)
+
+
+def patient_tensors(patient, takes_patient):
+    """{age, sex, view} tensors of [(age, sex, view)] per image (the serving signature's extra inputs), {} for a
+    model without patient features."""
+    from cxrkeras.data.patient import value_tensors
+
+    if not takes_patient:
+        if patient is not None:
+            raise CxrError("this model takes no patient features (age, sex, view): leave them out")
+        return {}
+    if patient is None or any(v is None for v in patient):
+        raise CxrError("this model takes age, sex and view for every image")
+    return value_tensors(patient)
 
 
 def load_predictor(model, log=print):
@@ -121,17 +138,24 @@ def expand_inputs(paths):
     return out
 
 
-def predict(model, files, batch_size=16, log=print):
+def predict(model, files, batch_size=16, log=print, patient=None, patient_csv=None):
     """[{file, probabilities: {label: p}, findings: [labels], error}] in the order of `files` (folders expanded,
-    see `expand_inputs`); a file that cannot be predicted has its `error` and costs the others nothing."""
+    see `expand_inputs`); a file that cannot be predicted has its `error` and costs the others nothing.
+    A model with patient features needs `patient` ((age, sex, view) of every file) or `patient_csv` (a CSV with a
+    row per file name: NIH's Data_Entry file, or columns image, age, sex, view); a bad value is that file's error."""
     if not files:
         raise CxrError("no input files: give one or more PNG/JPEG/DICOM paths")
     if not 1 <= int(batch_size) <= MAX_BATCH_SIZE:
         raise CxrError(f"--batch-size {batch_size}: must be 1 to {MAX_BATCH_SIZE}")
     import tensorflow as tf
 
+    from cxrkeras.data.patient import values_for
+
     inputs = expand_inputs(files)
     predictor = load_predictor(model, log)
+    if not predictor.takes_patient and (patient is not None or patient_csv is not None):
+        raise CxrError(f"{model} takes no patient features: leave out --age/--sex/--view and --patient-csv")
+    values = values_for([f for f, _ in inputs], patient, patient_csv) if predictor.takes_patient else None
     if predictor.note:
         log(predictor.note)
     if predictor.warning:
@@ -141,10 +165,16 @@ def predict(model, files, batch_size=16, log=print):
     for i, (path, err) in enumerate(inputs):
         if err is not None:
             continue
+        if values is not None and values[i] is None:
+            results[i]["error"] = f"no row for {os.path.basename(path)} in {patient_csv} (age, sex and view needed)"
+            continue
         try:
             ready.append((i, read_file_bytes(path)))
         except FileError as exc:
             results[i]["error"] = str(exc)
+
+    def call(chunk):
+        return predictor([b for _, b in chunk], [values[i] for i, _ in chunk] if values is not None else None)
 
     def store(i, probs, found):
         results[i]["probabilities"] = {lbl: float(p) for lbl, p in zip(predictor.labels, probs)}
@@ -156,14 +186,14 @@ def predict(model, files, batch_size=16, log=print):
         chunk = ready[start:start + batch_size]
         while chunk:  # one bad file must not cost the others their prediction: drop it (the error names it), retry
             try:
-                probs, found = predictor([b for _, b in chunk])
+                probs, found = call(chunk)
             except tf.errors.InvalidArgumentError as exc:
                 at, reason = item_error(exc.message)
                 if at is None or not 0 <= at < len(chunk):
                     at = 0 if len(chunk) == 1 else None
                 if at is None:  # no index in the message: find the culprit one file at a time
                     for item in chunk:
-                        _predict_one(predictor, item, results, store)
+                        _predict_one(call, item, results, store)
                     break
                 results[chunk[at][0]]["error"] = reason
                 chunk = chunk[:at] + chunk[at + 1:]
@@ -175,14 +205,14 @@ def predict(model, files, batch_size=16, log=print):
             "warning": predictor.warning, "results": results}
 
 
-def _predict_one(predictor, item, results, store):
+def _predict_one(call, item, results, store):
     import tensorflow as tf
 
     from cxrkeras.export.serving import item_error
 
-    i, blob = item
+    i, _ = item
     try:
-        probs, found = predictor([blob])
+        probs, found = call([item])
         store(i, probs[0], found[0])
     except tf.errors.InvalidArgumentError as exc:
         results[i]["error"] = item_error(exc.message)[1]

@@ -90,15 +90,18 @@ def _write_assets(folder, source, thresholds, thr_info, method, test_metrics_pat
     if test_metrics_path:
         shutil.copyfile(test_metrics_path, os.path.join(folder, "test_metrics.json"))
         paths["test_metrics"] = os.path.join(folder, "test_metrics.json")
+    extra = (", age: float32 [batch] (years; -1 unknown), sex: string [batch] (M/F), view: string [batch] (PA/AP)"
+             if source.patient else "")
     info = {"created": utc_now(), "cxrkeras": __version__, "model": source.model_path,
             "model_sha256": source.model_sha256, "variant": source.variant, "labels": source.labels,
             "image_size": source.image_size, "preprocessing": source.preprocessing, "equalize": source.equalize,
             "preprocessor": source.preprocessor.to_config(), "threshold_method": method,
             "thresholds_source": thr_info.get("source"), "warning": thr_info.get("warning"),
-            "signatures": {"serving_default": "image_bytes: string [batch] (PNG/JPEG) -> probabilities float32 "
-                                              "[batch, labels], findings bool [batch, labels]",
+            "patient_features": source.patient.to_config() if source.patient else None,
+            "signatures": {"serving_default": f"image_bytes: string [batch] (PNG/JPEG){extra} -> probabilities "
+                                              "float32 [batch, labels], findings bool [batch, labels]",
                            "predict_images": f"images: float32 [batch, {source.image_size}, {source.image_size}, 3] "
-                                             f"(preprocessed) -> probabilities, findings"}}
+                                             f"(preprocessed){extra} -> probabilities, findings"}}
     put("export_info.json", json_text(info))
     return paths
 
@@ -134,7 +137,8 @@ def export(run_or_model, out_base, records_dir=None, threshold_method="youden", 
         assets = _write_assets(asset_dir, source, thresholds, thr_info, threshold_method,
                                _test_metrics_from_evaluation(source))
         staged = os.path.join(work, "model")
-        archive = build_archive(source.model, thresholds, source.preprocessor, asset_paths=assets)
+        archive = build_archive(source.model, thresholds, source.preprocessor, asset_paths=assets,
+                                patient=source.patient)
         archive.write_out(staged, verbose=False)
         # a numbered folder appears only complete (rename), so a polling TF Serving never loads half a model
         while True:
@@ -152,15 +156,17 @@ def export(run_or_model, out_base, records_dir=None, threshold_method="youden", 
                   "labels": source.labels, "warning": thr_info.get("warning")}
         if verify:
             case_dir = os.path.join(work, "case")
-            write_case(case_dir, source.model, source.preprocessor)
+            write_case(case_dir, source.model, source.preprocessor, patient=source.patient)
             check = run_fresh(target, case_dir)
             result["verification"] = check
             log(check["signatures"])
             worst = max(check["max_abs_diff_bytes"], check["max_abs_diff_images"], check["after_bad_max_abs_diff"])
             log(f"fresh-process check: max |SavedModel - Keras| = {check['max_abs_diff_bytes']:.2e} (image_bytes), "
                 f"{check['max_abs_diff_images']:.2e} (predict_images); findings consistent: {check['findings_ok']}; "
-                f"bad bytes -> InvalidArgument: {check['bad_bytes_error']!r}; next batch still served")
-            if worst > TOLERANCE or not check["findings_ok"] or not check["bad_bytes_error"]:
+                f"bad bytes -> InvalidArgument: {check['bad_bytes_error']!r}; next batch still served"
+                + (f"; bad patient value -> InvalidArgument: {check['bad_patient_error']!r}" if source.patient else ""))
+            patient_ok = not source.patient or bool(check.get("bad_patient_error"))
+            if worst > TOLERANCE or not check["findings_ok"] or not check["bad_bytes_error"] or not patient_ok:
                 raise CxrError(f"exported model at {target} does not match the Keras model (max abs diff {worst:.2e} "
                                f"> {TOLERANCE}) or mishandles bad input: {check}")
         return result

@@ -15,6 +15,7 @@ BYTES_SIGNATURE = "serving_default"
 IMAGES_SIGNATURE = "predict_images"
 BYTES_INPUT = "image_bytes"
 IMAGES_INPUT = "images"
+PATIENT_INPUTS = ("age", "sex", "view")  # models with patient features: float32 years, "M"/"F", "PA"/"AP"
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -138,32 +139,48 @@ def bytes_to_inputs(image_bytes, preprocessor, preprocessing=None, equalize=None
         return tf.identity(images)
 
 
-def make_endpoints(model, thresholds, preprocessor, preprocessing=None, equalize=None):
-    """(bytes_fn, images_fn, specs): plain functions of the two signatures and their input signatures."""
+def make_endpoints(model, thresholds, preprocessor, preprocessing=None, equalize=None, patient=None):
+    """(bytes_fn, images_fn, specs): plain functions of the two signatures and their input signatures. With a
+    `patient` encoder (a model with patient features) both also take `age`, `sex` and `view`, one per image,
+    encoded in the graph by the model's encoder (a bad value: InvalidArgumentError "sex[i]: ...")."""
     preprocessor = as_preprocessor(preprocessor, preprocessing, equalize)
     thresholds = tf.constant(thresholds, tf.float32, name="thresholds")
     image_size = preprocessor.image_size
 
-    def outputs(images):
-        probs = tf.cast(model(images, training=False), tf.float32)
+    def outputs(images, fields=None):
+        x = images if fields is None else (images, patient.encode_checked(*fields, count=tf.shape(images)[0]))
+        probs = tf.cast(model(x, training=False), tf.float32)
         return {"probabilities": probs, "findings": tf.greater_equal(probs, thresholds)}
-
-    def serve_bytes(image_bytes):
-        return outputs(bytes_to_inputs(image_bytes, preprocessor))
-
-    def serve_images(images):
-        return outputs(images)
 
     specs = {BYTES_SIGNATURE: [tf.TensorSpec([None], tf.string, name=BYTES_INPUT)],
              IMAGES_SIGNATURE: [tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=IMAGES_INPUT)]}
-    return serve_bytes, serve_images, specs
+    if patient is None:
+        def serve_bytes(image_bytes):
+            return outputs(bytes_to_inputs(image_bytes, preprocessor))
+
+        def serve_images(images):
+            return outputs(images)
+
+        return serve_bytes, serve_images, specs
+
+    def serve_bytes_patient(image_bytes, age, sex, view):
+        return outputs(bytes_to_inputs(image_bytes, preprocessor), (age, sex, view))
+
+    def serve_images_patient(images, age, sex, view):
+        return outputs(images, (age, sex, view))
+
+    fields = [tf.TensorSpec([None], tf.float32, name="age"), tf.TensorSpec([None], tf.string, name="sex"),
+              tf.TensorSpec([None], tf.string, name="view")]
+    specs = {name: spec + fields for name, spec in specs.items()}
+    return serve_bytes_patient, serve_images_patient, specs
 
 
-def build_archive(model, thresholds, preprocessor, asset_paths=None):
-    """A keras.export.ExportArchive with both signatures (serving_default first) and `asset_paths` as assets."""
+def build_archive(model, thresholds, preprocessor, asset_paths=None, patient=None):
+    """A keras.export.ExportArchive with both signatures (serving_default first) and `asset_paths` as assets;
+    `patient`: the model's PatientEncoder (the signatures then take age, sex and view too)."""
     import keras
 
-    serve_bytes, serve_images, specs = make_endpoints(model, thresholds, preprocessor)
+    serve_bytes, serve_images, specs = make_endpoints(model, thresholds, preprocessor, patient=patient)
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(BYTES_SIGNATURE, serve_bytes, input_signature=specs[BYTES_SIGNATURE])
@@ -211,12 +228,13 @@ def inputs_of(blobs, preprocessor, batch_size=16):
 
 def item_error(message):
     """(index of the bad item or None, reason) of a serving InvalidArgument message; the reason without the
-    "image_bytes[i]: " prefix and the advice to serving clients."""
+    "image_bytes[i]: " prefix and the advice to serving clients (a patient field keeps its name: "sex: ...")."""
     text = error_summary(message)
-    match = re.match(r"image_bytes\[(\d+)\]: (.*)", text, re.S)
+    match = re.match(r"(image_bytes|age|sex|view)\[(\d+)\]: (.*)", text, re.S)
     if not match:
         return None, text
-    return int(match.group(1)), match.group(2).split(" " + _SEND)[0].rstrip(".")
+    reason = match.group(3).split(" " + _SEND)[0].rstrip(".")
+    return int(match.group(2)), reason if match.group(1) == BYTES_INPUT else f"{match.group(1)}: {reason}"
 
 
 def error_summary(message):

@@ -70,9 +70,16 @@ def verification_images(sample_dir=None):
     return out
 
 
-def write_case(case_dir, model, preprocessor, images=None):
-    """Keras-side reference: inputs (each file through `preprocessor`, eagerly, one at a time) and expected outputs
-    of both signatures, saved to case_dir/case.npz."""
+# patient values of the check (models with patient features): spellings the encoder must accept, one per image
+CASE_AGES = (58.0, 34.5, 71.0, 12.0)
+CASE_SEXES = ("M", "F", "f", " M ")
+CASE_VIEWS = ("PA", "AP", "pa", "AP")
+
+
+def write_case(case_dir, model, preprocessor, images=None, patient=None):
+    """Keras-side reference: inputs (each file through `preprocessor`, eagerly, one at a time; with a `patient`
+    encoder, also age, sex and view through it) and expected outputs of both signatures, saved to
+    case_dir/case.npz."""
     import tensorflow as tf
 
     from cxrkeras.fileio import write_json
@@ -80,10 +87,18 @@ def write_case(case_dir, model, preprocessor, images=None):
     images = images or verification_images()
     os.makedirs(case_dir, exist_ok=True)
     x = np.stack([preprocessor.from_bytes(tf.constant(b)).numpy() for _, b in images])
-    expected = np.asarray(model(x, training=False), dtype=np.float32)
+    fields = {}
+    if patient is not None:
+        n = len(images)
+        fields = dict(age=np.resize(np.array(CASE_AGES, np.float32), n), sex=np.resize(np.array(CASE_SEXES), n),
+                      view=np.resize(np.array(CASE_VIEWS), n))
+        inputs = (x, patient.encode(fields["age"], fields["sex"], fields["view"]).numpy())
+    else:
+        inputs = x
+    expected = np.asarray(model(inputs, training=False), dtype=np.float32)
     blobs = {f"bytes_{i}": np.frombuffer(b, dtype=np.uint8) for i, (_, b) in enumerate(images)}
     np.savez(os.path.join(case_dir, "case.npz"), images=x.astype(np.float32), expected=expected,
-             n=np.array(len(images)), **blobs)
+             n=np.array(len(images)), **fields, **blobs)
     write_json(os.path.join(case_dir, "names.json"), [name for name, _ in images])
     return expected
 
@@ -121,8 +136,13 @@ def _check(version_dir, case_dir):
     loaded = tf.saved_model.load(version_dir)
     serve = loaded.signatures["serving_default"]
     images_fn = loaded.signatures["predict_images"]
-    by_bytes = serve(image_bytes=tf.constant(blobs))
-    by_images = images_fn(images=tf.constant(case["images"]))
+    fields = {k: tf.constant(case[k]) for k in ("age", "sex", "view") if k in case.files}
+
+    def first(k, values):  # the patient values of the first `k` images (none for an image-only model)
+        return {name: v[:k] for name, v in values.items()}
+
+    by_bytes = serve(image_bytes=tf.constant(blobs), **fields)
+    by_images = images_fn(images=tf.constant(case["images"]), **fields)
     expected = case["expected"]
     result = {
         "max_abs_diff_bytes": float(np.max(np.abs(by_bytes["probabilities"].numpy() - expected))),
@@ -131,11 +151,18 @@ def _check(version_dir, case_dir):
         "batch": n,
     }
     try:
-        serve(image_bytes=tf.constant([blobs[0], b"not an image at all"]))
+        serve(image_bytes=tf.constant([blobs[0], b"not an image at all"]), **first(2, fields))
         result["bad_bytes_error"] = None
     except tf.errors.InvalidArgumentError as exc:
         result["bad_bytes_error"] = _summary(exc.message)
-    again = serve(image_bytes=tf.constant(blobs))
+    if fields:
+        bad = dict(first(2, fields), sex=tf.constant(["M", "X"]))
+        try:
+            serve(image_bytes=tf.constant(blobs[:2]), **bad)
+            result["bad_patient_error"] = None
+        except tf.errors.InvalidArgumentError as exc:
+            result["bad_patient_error"] = _summary(exc.message)
+    again = serve(image_bytes=tf.constant(blobs), **fields)
     result["after_bad_max_abs_diff"] = float(np.max(np.abs(again["probabilities"].numpy() - expected)))
     result["signatures"] = signature_summary(version_dir)
     print(_RESULT_MARK + json.dumps(result), flush=True)

@@ -4,13 +4,17 @@ import keras
 
 from cxrkeras.errors import ConfigError, CxrError
 from cxrkeras.labels import NIH_LABELS
-from cxrkeras.models import densenet, vgg
+from cxrkeras.models import densenet, resnet, vgg
+from cxrkeras.models.attention import FEATURE_LAYER as ATTENTION_FEATURE_LAYER
+from cxrkeras.models.attention import apply_attention_head, check_attention
 from cxrkeras.models.head import MultiLabelDense, apply_head
 from cxrkeras.models.lka import FORMS
 from cxrkeras.models.registry import get_variant
 
 OVERRIDES = ("lka_blocks", "lka_form", "dropout", "width_multiplier", "blocks", "name", "preprocessing", "bn_epsilon",
-             "bn_momentum", "final_relu")
+             "bn_momentum", "final_relu", "attention")
+MODULES = {"densenet121": densenet, "vgg16": vgg, "resnet50": resnet}
+IMAGE_INPUT, PATIENT_INPUT = "image", "patient"  # the model's input names
 ORIGIN_OPTIONS = ("preprocessing", "bn_epsilon", "bn_momentum")  # None: the default for the initial weights
 
 
@@ -72,14 +76,19 @@ def _batch_norm(spec, options, overrides):
 
 
 def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3), label_names=None,
-                weights_labels=None, preprocessor=None, **overrides):
+                weights_labels=None, preprocessor=None, patient_features=None, **overrides):
     """Build a registered variant as a functional keras.Model ending in a sigmoid layer named "predictions".
 
     overrides: lka_blocks ("none" | "after" | "last2"/"last3" | "full" | list of block numbers and/or "after"),
     lka_form ("lka" the paper's | "van"), dropout (head rate; default the variant's: 0.5 as the paper's code for
     its six variants, 0.2 for the baselines), width_multiplier (thin test models), blocks (DenseNet layers per dense
     block), name (model name), preprocessing ("torch" | "caffe"), bn_epsilon / bn_momentum (Keras momentum =
-    1 - PyTorch's), final_relu (DenseNet: ReLU after norm5; default only for the `densenet121` baseline).
+    1 - PyTorch's), final_relu (DenseNet: ReLU after norm5; default for the `densenet121` baseline and the
+    attention variants), attention (DenseNet: "none" | "a" | "b", the "learn to pay attention" gates on the
+    outputs of transitions 1-3; default the variant's).
+    patient_features: None, True (the study's age normalisation) or a `cxrkeras.data.patient.PatientEncoder` (or its
+    config): the model takes a second input "patient" (the encoded age, sex and view, 5 values) through a
+    Dense(3) + ReLU branch concatenated before the classifier; the encoder is stored with the model (model_info).
     Defaults of preprocessing and batch norm follow the origin of `weights` (see `build_options`); the choices are
     stored with the model (model_info).
     weights: None; "imagenet" (keras.applications' DenseNet121 / VGG16 files; for VGG16-BN torchvision's
@@ -115,19 +124,33 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
     final_relu = options.get("final_relu", spec.final_relu)
     if not isinstance(final_relu, bool):
         raise ConfigError(f"final_relu must be true or false, got {final_relu!r}")
+    attention = check_attention(options.get("attention", spec.attention))
+    if attention != "none" and spec.backbone != "densenet121":
+        raise ConfigError(f"attention gates are defined on DenseNet121's transition outputs, not on {spec.name}: "
+                          "use a densenet121 variant")
     preprocessing = check_mode(options["preprocessing"])
     bn = _batch_norm(spec, options, overrides)
+    from cxrkeras.data.patient import PatientEncoder
 
-    module = densenet if spec.backbone == "densenet121" else vgg
+    encoder = PatientEncoder.of(patient_features)
+
+    module = MODULES[spec.backbone]
     shape = _check_input_shape(input_shape, spec, module.MIN_INPUT_SIZE)
-    inputs = keras.Input(shape=shape, name="image")
+    inputs = keras.Input(shape=shape, name=IMAGE_INPUT)
     if spec.backbone == "densenet121":
         blocks = tuple(int(b) for b in (blocks or densenet.DENSENET121_BLOCKS))
         if len(blocks) != 4 or min(blocks) < 1:
             raise ConfigError(f"blocks must be four positive layer counts, got {blocks!r}")
-        x, feature_layer = densenet.apply_densenet_features(
+        x, feature_layer, transitions = densenet.apply_densenet_features(
             inputs, lka_blocks, lka_form, blocks=blocks, growth_rate=max(1, round(32 * width)),
             stem_filters=max(1, round(64 * width)), final_relu=final_relu, bn=bn)
+        if attention != "none":  # the classifier sees the attended local features; g only steers the gates
+            g = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+            x = apply_attention_head(transitions, g, attention)
+            feature_layer = ATTENTION_FEATURE_LAYER
+    elif spec.backbone == "resnet50":
+        x, feature_layer = resnet.apply_resnet50_features(inputs, lka_blocks, lka_form, width_multiplier=width,
+                                                          bn=bn)
     else:
         x, feature_layer = vgg.apply_vgg_features(inputs, lka_blocks, lka_form, batch_norm=spec.batch_norm,
                                                   width_multiplier=width, bn=bn or vgg.TORCH_BN)
@@ -136,11 +159,16 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
                       blocks=list(blocks) if blocks else None,
                       bn_epsilon=bn and bn["epsilon"], bn_momentum=bn and bn["momentum"],
                       final_relu=final_relu if spec.backbone == "densenet121" else None)
+    if attention != "none":
+        build_args["attention"] = attention
     metadata = dict(labels=labels, variant=spec.name, preprocessing=preprocessing,
                     feature_layer=feature_layer, build_args=build_args,
-                    preprocessor=_preprocessor_config(preprocessor, preprocessing, shape))
-    outputs = apply_head(x, len(labels), dropout, metadata)
-    model = keras.Model(inputs, outputs, name=options.get("name") or spec.name.replace("-", "_"))
+                    preprocessor=_preprocessor_config(preprocessor, preprocessing, shape),
+                    patient_features=encoder.to_config() if encoder else None)
+    patient = keras.Input(shape=(encoder.width,), name=PATIENT_INPUT) if encoder else None
+    outputs = apply_head(x, len(labels), dropout, metadata, patient=patient)
+    model = keras.Model([inputs, patient] if encoder else inputs, outputs,
+                        name=options.get("name") or spec.name.replace("-", "_"))
     if weights is not None:
         from cxrkeras.models.weights import load_weights, summary
 
@@ -168,8 +196,9 @@ def _preprocessor_config(preprocessor, preprocessing, shape):
 
 
 def model_info(model, strict=True):
-    """dict(variant, labels, preprocessing, feature_layer, input_shape, build_args, preprocessor) of a model made by
-    build_model (preprocessor: its stored Preprocessor config, or None).
+    """dict(variant, labels, preprocessing, feature_layer, input_shape, build_args, preprocessor, patient_features)
+    of a model made by build_model (preprocessor: its stored Preprocessor config, or None; patient_features: its
+    stored PatientEncoder config, or None for an image-only model; input_shape: the image input's).
 
     Works on a model reloaded from .keras: everything is read from its "predictions" layer's config. A model not
     made by build_model raises CxrError, or gives None with strict=False (a plain Keras model in the API).
@@ -184,5 +213,6 @@ def model_info(model, strict=True):
         raise CxrError(f"model {getattr(model, 'name', model)!r} was not built by cxrkeras.models.build_model "
                        "(no MultiLabelDense layer named 'predictions'); rebuild it with build_model")
     return dict(variant=head.variant, labels=list(head.labels), preprocessing=head.preprocessing,
-                feature_layer=head.feature_layer, input_shape=tuple(model.input_shape[1:]),
-                build_args=dict(head.build_args), preprocessor=getattr(head, "preprocessor", None))
+                feature_layer=head.feature_layer, input_shape=tuple(model.inputs[0].shape[1:]),
+                build_args=dict(head.build_args), preprocessor=getattr(head, "preprocessor", None),
+                patient_features=getattr(head, "patient_features", None))

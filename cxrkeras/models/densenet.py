@@ -51,16 +51,18 @@ def apply_stem(x, filters, name="conv1", bn=TORCH_BN):
 
 def apply_densenet_features(x, lka_blocks="none", lka_form="lka", blocks=DENSENET121_BLOCKS, growth_rate=32,
                             stem_filters=64, final_relu=False, bn=TORCH_BN):
-    """DenseNet features; returns (tensor, feature_layer_name).
+    """DenseNet features; returns (tensor, feature_layer_name, [the outputs of transitions 1-3]).
 
     The paper's forward: block b's LKA sits after dense block b, before its transition (block 4's before norm5,
     "bn" here); "after" sits after norm5; then the head, with no ReLU in between. `final_relu` adds torchvision's
     `F.relu` after the features (after an "after" LKA), as the `densenet121` baseline does. `bn`: the batch-norm
-    epsilon and (Keras) momentum, from the origin of the initial weights.
+    epsilon and (Keras) momentum, from the origin of the initial weights. The transitions' outputs
+    (pool2_pool, pool3_pool, pool4_pool) are the local features of the attention gates.
     """
     positions = resolve_placement(lka_blocks, len(blocks), NAMED_PLACEMENTS, "DenseNet121")
     x = apply_stem(x, stem_filters, bn=bn)
     feature_layer = None
+    transitions = []
     for b, num_layers in enumerate(blocks, start=1):
         x = apply_dense_block(x, num_layers, growth_rate, name=f"conv{b + 1}", bn=bn)
         if b in positions:
@@ -68,10 +70,11 @@ def apply_densenet_features(x, lka_blocks="none", lka_form="lka", blocks=DENSENE
             x = apply_lka(x, lka_form, name=feature_layer)
         if b < len(blocks):
             x = apply_transition_block(x, 0.5, name=f"pool{b + 1}", bn=bn)
+            transitions.append(x)
     x = _bn(x, bn, "bn")
     if AFTER in positions:
         feature_layer = "lka_after"
         x = apply_lka(x, lka_form, name=feature_layer)
     if final_relu:
         x = keras.layers.Activation("relu", name="relu")(x)
-    return x, feature_layer or ("relu" if final_relu else "bn")
+    return x, feature_layer or ("relu" if final_relu else "bn"), transitions

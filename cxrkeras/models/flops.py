@@ -16,11 +16,12 @@ def _hwc(shape):
 def layer_multiply_adds(layer, include_bn=False, convention="macs"):
     """Operations of one layer for one input image.
 
-    "macs": convolutions, depthwise convolutions, dense layers and the LKA gating product count one per
-    multiply-add; biases, activations, pooling and concatenation count nothing; batch norm counts nothing unless
+    "macs": convolutions, depthwise convolutions, dense layers, the attention gates' weighted sums (Dot) and the
+    LKA gating product count one per multiply-add; biases, activations, pooling and concatenation count nothing; batch norm counts nothing unless
     `include_bn` (it folds into the preceding convolution at inference), then one per element.
     "fvcore": what fvcore's FlopCountAnalysis reports for the paper's PyTorch modules in eval mode, the paper's
-    GFLOPs: convolutions and linear layers as multiply-adds, batch norm 2 per element, adaptive average pooling
+    GFLOPs: convolutions, linear layers and matrix products (the gates' Dot) as multiply-adds, batch norm 2 per
+    element, adaptive average pooling
     1 per input element; the LKA product (aten::mul), ReLU, max/avg pooling and concatenation are not counted.
     """
     if convention not in CONVENTIONS:
@@ -37,6 +38,9 @@ def layer_multiply_adds(layer, include_bn=False, convention="macs"):
         return _hwc(layer.output.shape) * kh * kw * cin
     if isinstance(layer, keras.layers.Dense):
         return _hwc(layer.input.shape) * layer.units
+    if isinstance(layer, keras.layers.Dot):  # the attention gates' weighted sum over the pixels (a batched matmul)
+        axis = layer.axes if isinstance(layer.axes, int) else layer.axes[0]
+        return _hwc(layer.output.shape) * int(layer.input[0].shape[axis])
     if isinstance(layer, keras.layers.BatchNormalization):
         return 2 * _hwc(layer.output.shape) if fvcore else (_hwc(layer.output.shape) if include_bn else 0)
     if fvcore and isinstance(layer, keras.layers.GlobalAveragePooling2D):

@@ -6,7 +6,8 @@ import zipfile
 from cxrkeras.errors import CxrError
 
 HEAD_NAME = "predictions"
-HEAD_FIELDS = ("variant", "labels", "preprocessing", "feature_layer", "build_args", "preprocessor")
+HEAD_FIELDS = ("variant", "labels", "preprocessing", "feature_layer", "build_args", "preprocessor",
+               "patient_features")
 
 
 def read_keras_config(path):
@@ -39,7 +40,7 @@ def head_config(config):
 
 
 def keras_file_info(path):
-    """{variant, labels, preprocessing, feature_layer, build_args, preprocessor} of a cxrkeras .keras file, as
+    """{variant, labels, preprocessing, feature_layer, build_args, preprocessor, patient_features} of a .keras file, as
     `model_info` would give after loading it; a CxrError for a file not made by cxrkeras."""
     head = head_config(read_keras_config(path))
     if head is None:

@@ -188,6 +188,11 @@ def map_state_dict(model, state, variant, source, weights_labels=None):
     from cxrkeras.models.densenet import DENSENET121_BLOCKS
     from cxrkeras.models.vgg import VGG16_BLOCKS
 
+    from cxrkeras.models.lka import LargeKernelAttention
+
+    if variant.backbone not in ("densenet121", "vgg16"):
+        raise ConfigError(f"PyTorch checkpoints map onto DenseNet121 and VGG16 variants, not {variant.name}: give it "
+                          "keras.applications' weights (weights='imagenet') or a Keras file (.keras / .h5)")
     info = model_info(model)
     if variant.backbone == "densenet121":
         names = densenet_names(tuple((info.get("build_args") or {}).get("blocks") or DENSENET121_BLOCKS))
@@ -198,7 +203,7 @@ def map_state_dict(model, state, variant, source, weights_labels=None):
     labels = list(info["labels"])
     layout = describe_layout(set(groups), variant.backbone)
     paper_layout = any(re.match(r"^(att_block\d|lka\d?|block\d)(\.|$)", p) for p in groups)
-    lka_names = [layer.name for layer in model.layers if layer.name in _new_layers(model) - {"predictions"}]
+    lka_names = [layer.name for layer in model.layers if isinstance(layer, LargeKernelAttention)]
 
     problems, skipped_head, plan, absent = [], [], {}, {}
     for prefix, params in groups.items():
@@ -294,10 +299,10 @@ def _model_order(model):
 
 
 def _new_layers(model):
-    """Layers a backbone file never fills: the LKA blocks and the head."""
-    from cxrkeras.models.lka import LargeKernelAttention
+    """Layers a backbone file never fills: the LKA blocks, attention gates, patient branch and head."""
+    from cxrkeras.models.parts import added_layers
 
-    return {layer.name for layer in model.layers if isinstance(layer, LargeKernelAttention)} | {"predictions"}
+    return set(added_layers(model)) | {"predictions"}
 
 
 def _all_targets(model):

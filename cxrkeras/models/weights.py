@@ -28,6 +28,9 @@ IMAGENET_FILES = {
     ("vgg16", "keras"): ("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
                          _BASE + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
                          "6d6bbae143d832006294945121d1f1fc"),
+    ("resnet50", "keras"): ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                            _BASE + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                            "4d473c1dd8becc155b73f8504c6f6626"),
     ("densenet121", "torchvision"): (
         "timm_densenet121.tv_in1k.safetensors", _HF + "densenet121.tv_in1k/resolve/main/model.safetensors",
         "c894c6d9caa317a8ca1942986dee7a16a86c77734a4d691d2abe05389cfef358"),
@@ -41,7 +44,8 @@ TORCHVISION_PTH = {"densenet121": "https://download.pytorch.org/models/densenet1
                    "vgg16_bn": "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth"}
 NAMED = ("imagenet", "torchvision")
 _TORCHVISION_NAME = re.compile(r"^[A-Za-z0-9_]+-([0-9a-f]{8,64})\.pth$")
-KERAS_BN = dict(bn_epsilon=1.001e-5, bn_momentum=0.99)  # keras.applications' DenseNet121
+KERAS_BN = dict(bn_epsilon=1.001e-5, bn_momentum=0.99)  # keras.applications' DenseNet121 and ResNet50
+KERAS_ONLY = ("vgg16", "resnet50")  # families whose only ImageNet weights are keras.applications' (caffe input)
 TORCH_BN = dict(bn_epsilon=1e-5, bn_momentum=0.9)  # PyTorch's BatchNorm2d defaults (momentum 0.1)
 
 
@@ -55,7 +59,8 @@ def _source(variant, weights):
         return variant.imagenet_source
     if (_family(variant), "torchvision") not in IMAGENET_FILES:
         raise ConfigError(f"weights='torchvision' is for DenseNet121 and VGG16-BN variants, not {variant.name}: "
-                          "use weights='imagenet' (keras.applications' VGG16) or a vgg16-bn variant")
+                          f"use weights='imagenet' (keras.applications' {variant.backbone.upper()} file)"
+                          + (" or a vgg16-bn variant" if variant.backbone == "vgg16" else ""))
     return "torchvision"
 
 
@@ -75,7 +80,7 @@ def weights_origin(variant, weights):
         return "keras" if _source(variant, weights) == "keras" else "torch"
     path = _local_path(weights)
     if path is None or path.endswith(".weights.h5"):  # no file (load_weights reports it), or no record in it
-        return "keras" if _family(variant) == "vgg16" else "torch"
+        return "keras" if _family(variant) in KERAS_ONLY else "torch"
     if is_pytorch_file(path):
         return "torch"
     if zipfile.is_zipfile(path):
@@ -89,9 +94,9 @@ def origin_defaults(variant, weights):
     from cxrkeras.models.torch_checkpoint import is_pytorch_file
 
     origin = weights_origin(variant, weights)
-    out = dict(preprocessing="caffe" if _family(variant) == "vgg16" and origin == "keras" else "torch")
-    if variant.backbone == "densenet121" or variant.batch_norm:
-        out.update(KERAS_BN if variant.backbone == "densenet121" and origin == "keras" else TORCH_BN)
+    out = dict(preprocessing="caffe" if _family(variant) in KERAS_ONLY and origin == "keras" else "torch")
+    if variant.backbone in ("densenet121", "resnet50") or variant.batch_norm:
+        out.update(KERAS_BN if variant.backbone in ("densenet121", "resnet50") and origin == "keras" else TORCH_BN)
     path = _local_path(weights)
     if path and zipfile.is_zipfile(path) and not is_pytorch_file(path):
         own = _keras_file_settings(path)

@@ -2,19 +2,21 @@
 freezing of a training phase.
 
 Layer groups follow fastai's `vision_learner` split of torchvision's backbones (fastai/vision/learner.py:
-`_densenet_split` cuts `features` at index 7, before transition 2; `_vgg_split` at index 22, after block 3), and
-the new layers (LKA blocks and the head) form the last group: [early backbone, late backbone, LKA + head].
+`_densenet_split` cuts `features` at index 7, before transition 2; `_vgg_split` at index 22, after block 3;
+`_resnet_split` before layer3), and the added layers (LKA blocks, attention gates, the patient branch, the head)
+form the last group: [early backbone, late backbone, added layers + head].
 """
 
 import math
 
 from cxrkeras.errors import ConfigError
+from cxrkeras.models.parts import HEAD_LAYERS  # noqa: F401 (its old home)
 
-HEAD_LAYERS = ("avg_pool", "head_dropout", "predictions")
-GROUP_NAMES = ("early backbone", "late backbone", "LKA + head")
+GROUP_NAMES = ("early backbone", "late backbone", "added layers (LKA, gates, patient branch) + head")
 # the first layer of the late-backbone group: DenseNet's transition 2 (torchvision features[7], Keras "pool3_*"),
-# VGG's block 4 (features[22:] holds block 3's last ReLU, which has no weights, then blocks 4 and 5)
-LATE_GROUP_START = {"densenet121": "pool3_", "vgg16": "block4_"}
+# VGG's block 4 (features[22:] holds block 3's last ReLU, which has no weights, then blocks 4 and 5), ResNet's
+# layer3 (`_resnet_split`: children [:6] = conv1 .. layer2; Keras "conv4_block*")
+LATE_GROUP_START = {"densenet121": "pool3_", "vgg16": "block4_", "resnet50": "conv4_"}
 
 
 def make_schedule(optim, total_steps, lr=None, pct_start=None, div=None, first_step=0):
@@ -67,21 +69,19 @@ def make_optimizer(optim, total_steps, lr=None, lr_multipliers=None, no_decay=()
 # --- layer groups ---
 
 
-def is_new_layer(layer):
-    """A layer the pretrained backbone does not have: an LKA block or part of the head."""
-    from cxrkeras.models.lka import LargeKernelAttention
-
-    return layer.name in HEAD_LAYERS or isinstance(layer, LargeKernelAttention)
-
-
 def is_backbone(layer):
-    """A layer of the pretrained backbone: it has weights and is neither an LKA block nor part of the head."""
-    return bool(layer.weights) and not is_new_layer(layer)
+    """A layer of the pretrained backbone: it has weights and is none of the added layers (LKA blocks, attention
+    gates, the patient branch, the head: `cxrkeras.models.parts`)."""
+    from cxrkeras.models.parts import is_added
+
+    return bool(layer.weights) and not is_added(layer)
 
 
 def layer_groups(model):
-    """[[layer, ...] x 3]: early backbone, late backbone, LKA + head (layers with weights, in model order)."""
+    """[[layer, ...] x 3]: early backbone, late backbone, the added layers (LKA, attention gates, patient branch,
+    head), each with the layers that have weights, in model order."""
     from cxrkeras.models import model_info
+    from cxrkeras.models.parts import is_added
     from cxrkeras.models.registry import get_variant
 
     try:
@@ -94,7 +94,7 @@ def layer_groups(model):
         if not layer.weights:
             continue
         late = late or layer.name.startswith(start)
-        groups[2 if is_new_layer(layer) else 1 if late else 0].append(layer)
+        groups[2 if is_added(layer) else 1 if late else 0].append(layer)
     return [list(g) for g in groups]
 
 
@@ -123,7 +123,7 @@ def norm_and_bias_paths(model):
 
 
 def set_backbone_trainable(model, trainable, train_bn=False):
-    """Freeze/unfreeze the backbone: every layer with weights except the LKA blocks and the head.
+    """Freeze/unfreeze the backbone: every layer with weights except the added ones (LKA, gates, patient, head).
 
     train_bn: batch-norm layers stay trainable when the backbone is frozen (fastai's `train_bn=True`): their scale
     and offset are trained and, since a trainable Keras BatchNormalization runs in training mode, they normalise

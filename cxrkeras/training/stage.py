@@ -44,6 +44,7 @@ class StageContext:
     out_dir: str = None  # stage_dir on the chief, a scratch folder on other workers
     state: str = "new"  # new | resume
     chief: bool = True
+    patient: object = None  # cxrkeras.data.patient.PatientEncoder of a model with patient features
 
 
 @dataclasses.dataclass
@@ -156,7 +157,7 @@ class StageRun:
         with self.strategy.scope():
             model = build_model(ctx.variant.name, num_classes=len(ctx.labels), weights=weights,
                                 input_shape=(size, size, 3), label_names=ctx.labels, preprocessor=ctx.preprocessor,
-                                **ctx.build_options)
+                                patient_features=ctx.patient, **ctx.build_options)
             if getattr(model, "weights_report", None):
                 self.log(model.weights_report)
             if ctx.init_path and not self.resume:
@@ -219,6 +220,7 @@ class StageRun:
             records_image_size=list(pre.stored_size) if pre.stored_size else None, records_channels=pre.channels,
             variant=ctx.variant.name, labels=ctx.labels, image_size=config.data.image_size,
             preprocessing=pre.preprocessing, equalize=pre.equalize, preprocessor=pre.to_config(),
+            patient_features=ctx.patient.to_config() if ctx.patient else None,
             git_commit=rundir.git_commit(), versions=rundir.versions(), devices=describe_devices(self.strategy),
             mixed_precision=mixed, xla=config.train.xla, global_batch_size=batch,
             per_replica_batch_size=batch // replicas if batch % replicas == 0 else None,
@@ -279,7 +281,7 @@ class StageRun:
             from cxrkeras.training.trainer import make_datasets
 
             train_ds, val_ds = make_datasets(config, ctx.stage, self.strategy, data_seed, verify="size",
-                                             preprocessor=ctx.preprocessor)  # hashed by train()'s checks
+                                             preprocessor=ctx.preprocessor, patient=ctx.patient)  # hashed by train()
             model = self.build_model()
             if ctx.init_path and not self.resume:
                 from cxrkeras.training.trainer import weights_fingerprint
@@ -375,7 +377,7 @@ class StageRun:
         with precision_policy(mixed):
             keras.utils.set_random_seed(self.config.train.seed)
             train_ds, _ = make_datasets(self.config, self.ctx.stage, self.strategy, verify="size",
-                                        preprocessor=self.ctx.preprocessor)
+                                        preprocessor=self.ctx.preprocessor, patient=self.ctx.patient)
             model = self.build_model()
             before = weights_fingerprint(model)
             result = self.sweep(model, self.build_loss(), train_ds, steps, start_lr, end_lr)

@@ -50,6 +50,11 @@ def _check_data(config, stage):
                             + (" (all its images are 'No Finding')" if stage == 1 else ""))
     val = manifest["splits"][config.data.val_split]
     positives = {label: int(val.get("positives", {}).get(label, 0)) for label in labels}
+    if config.data.no_finding_class:  # derived by the pipeline: stage 1 reads no 'No Finding' image
+        from cxrkeras.labels import NO_FINDING, with_no_finding
+
+        labels = with_no_finding(labels, where=f"the records {records}")
+        positives[NO_FINDING] = int(val.get("no_finding", 0)) if stage == 2 else 0
     n_val = counts[config.data.val_split]
     if not any(0 < p < n_val for p in positives.values()):
         hint = ("with a single label every stage-1 image is positive: train stage 2 alone, "
@@ -88,6 +93,9 @@ def _stage2_init(config, init, manifest_sha, labels, variant):
         problems.append(f"variant {file_info['variant']!r} there, {variant!r} here")
     if file_info["labels"] != list(labels):
         problems.append(f"labels {file_info['labels']} there, {list(labels)} here (records label order)")
+    if bool(file_info.get("patient_features")) != bool(config.model.patient_features):
+        problems.append("patient features (model.patient_features) " + ("there, not here" if
+                        file_info.get("patient_features") else "here, not there"))
     info = RunInfo.read(os.path.dirname(os.path.abspath(path))) or RunInfo()
     if info.manifest_sha256 and info.manifest_sha256 != manifest_sha:
         problems.append(f"records {info.records!r} (manifest sha256 {info.manifest_sha256[:12]}…) there, "
@@ -123,14 +131,16 @@ def stage_preprocessor(config, manifest=None):
                                     config.data.equalize)
 
 
-def make_datasets(config, stage, strategy=None, seed=None, verify=None, preprocessor=None):
+def make_datasets(config, stage, strategy=None, seed=None, verify=None, preprocessor=None, patient=None):
     """(training dataset: shuffled, augmented, repeated, global batches; validation dataset: the whole split,
     deterministic eval transform, last partial batch kept). Stage 1 reads no 'No Finding' image.
-    `verify`: how shards are checked against the manifest (default data.verify_records)."""
+    `verify`: how shards are checked against the manifest (default data.verify_records). `patient`: the model's
+    PatientEncoder (inputs are then (images, patient features))."""
     from cxrkeras.data.pipeline import build_dataset
 
     preprocessor = preprocessor or stage_preprocessor(config)
-    common = dict(stage=stage, preprocessor=preprocessor, verify=verify or config.data.verify_records)
+    common = dict(stage=stage, preprocessor=preprocessor, verify=verify or config.data.verify_records,
+                  patient=patient, no_finding_class=config.data.no_finding_class)
     d = config.data
     augmentation = dict(augment=d.augment, max_rotation=d.max_rotation, crop_scale=tuple(d.crop_scale), flip=d.flip,
                         fill_mode=d.fill_mode)
@@ -189,15 +199,25 @@ def stage_inputs(config, stage, init=None):
             "manifest_sha": manifest_sha, "init_path": init_path, "init_info": init_info}
 
 
-def stage_context(config, stage, inputs, **where):
-    """The StageContext of `stage_inputs`; `where`: stage_dir, out_dir, state, chief."""
+def stage_context(config, stage, inputs, log, **where):
+    """The StageContext of `stage_inputs` (with the patient encoder of a model with patient features, fitted on the
+    training split); `where`: stage_dir, out_dir, state, chief."""
     from cxrkeras.training.stage import StageContext
 
+    patient = None
+    if config.model.patient_features:  # the age normalisation of the training split, stored with the model
+        from cxrkeras.data.patient import fit_encoder
+
+        patient = fit_encoder(config.data.records, config.data.train_split, config.data.patient_missing, log)
+        log(f"patient features: {patient.describe()}")
+    if config.data.no_finding_class and stage == 1:
+        log("note: stage 1 reads only images with a finding, so the 'No Finding' output sees no positive image "
+            "before stage 2 (or train one stage: --stage 2 --init none)")
     return StageContext(config=config, stage=stage, variant=inputs["variant"], labels=inputs["labels"],
                         counts=inputs["counts"], positives=inputs["positives"], manifest_sha=inputs["manifest_sha"],
                         preprocessor=stage_preprocessor(config, inputs["manifest"]),
                         build_options=model_options(config), init_path=inputs["init_path"],
-                        init_info=inputs["init_info"], **where)
+                        init_info=inputs["init_info"], patient=patient, **where)
 
 
 def train(config, stage, init=None, callbacks=(), log=print):
@@ -243,7 +263,8 @@ def train(config, stage, init=None, callbacks=(), log=print):
         rundir.write_config(stage_dir, config)
     from cxrkeras.training.stage import StageRun
 
-    context = stage_context(config, stage, inputs, stage_dir=stage_dir, out_dir=out_dir, state=state, chief=chief)
+    context = stage_context(config, stage, inputs, log, stage_dir=stage_dir, out_dir=out_dir, state=state,
+                            chief=chief)
     try:
         return StageRun(context, callbacks, log).run()
     finally:
@@ -260,5 +281,5 @@ def find_learning_rate(config, stage, out_dir, init=None, steps=None, start_lr=1
     stage = int(stage)
     inputs = stage_inputs(config, stage, init)
     os.makedirs(out_dir, exist_ok=True)
-    context = stage_context(config, stage, inputs, stage_dir=out_dir, out_dir=out_dir, state="new", chief=True)
+    context = stage_context(config, stage, inputs, log, stage_dir=out_dir, out_dir=out_dir, state="new", chief=True)
     return StageRun(context, log=log).lr_find_only(int(steps or config.optim.lr_find_steps), start_lr, end_lr)
