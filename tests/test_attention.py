@@ -152,6 +152,25 @@ def test_one_image_or_many_give_the_same_attention():
     np.testing.assert_allclose(together, alone, atol=1e-6)
 
 
+def test_gradcam_of_att_b_with_several_classes_falls_back_from_pfor():
+    """TF's pfor cannot vectorise att-B's gradients of one image (BiasAddGrad of its (1, HW, 1) maps), so batch_jacobian fails
+    while tracing; the engine then takes one backward pass per class: each class's maps equal its maps alone."""
+    from cxrkeras.explain.engine import HeatmapEngine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model("densenet121-att-b", input_shape=(32, 32, 3), patient_features=True, **THIN)
+        engine = HeatmapEngine(model)
+        x = np.random.default_rng(1).normal(size=(1, 32, 32, 3)).astype("float32")  # one image: (1, HW, 1) maps
+        f = np.array([[0.3, 1, 0, 1, 0]], "float32")
+        maps, probs = engine((x, f), [0, 3])
+        alone = [engine((x, f), [k])[0][:, 0] for k in (0, 3)]
+    assert maps.shape[:2] == (1, 2) and np.isfinite(maps).all()
+    for j in range(2):
+        np.testing.assert_allclose(maps[:, j], alone[j], atol=1e-5)
+    np.testing.assert_allclose(probs, np.asarray(model((x, f))), atol=1e-5)
+
+
 def test_gradcam_of_a_gated_model_with_patient_features(tmp_path):
     """Two inputs (image, patient features): the engine explains the default feature layer (L3), its
     probabilities are the model's, and a .keras round trip keeps both."""

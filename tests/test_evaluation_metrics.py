@@ -139,7 +139,7 @@ def test_threshold_table_and_binary_summary():
     from cxrkeras.evaluation import report
 
     y, p = np.array(A_Y, float)[:, None], np.array(A_S)[:, None]
-    r = M.compute_all(y, p, PATIENTS, ["A"], y_val=y, p_val=p, n_boot=50)
+    r = M.compute_all(y, p, PATIENTS, ["A"], y_val=y, p_val=p, n_boot=50, min_patients=3)
     r["validation"] = {"split": "val"}
     md = report.threshold_markdown(r, "youden")  # youden on A: 0.6 -> TP 3, FP 1, FN 0, TN 6
     assert "| A | 0.6000 | 0.900 | 1.000 | 0.857 | 0.750 | 0.857 | 3 | 1 | 0 | 6 |" in md
@@ -149,6 +149,10 @@ def test_threshold_table_and_binary_summary():
     assert "A vs not: AUC 0.905 (95% CI" in text and "accuracy 0.900" in text and "specificity 0.857" in text
     assert text.splitlines()[-1].split() == ["true", "A", "0", "(FN)", "3", "(TP)"]
     assert text.splitlines()[-2].split() == ["true", "no", "A", "6", "(TN)", "1", "(FP)"]
+    # 3 positive patients, fewer than the default 5: the point AUC and the reason, no CI
+    few = M.compute_all(y, p, PATIENTS, ["A"], y_val=y, p_val=p, n_boot=50)
+    assert "A vs not: AUC 0.905 (no CI: not estimable: its positives come from 3 patients, fewer than 5)" in \
+        report.binary_summary(few, "youden")
     r3 = M.compute_all(Y, P, PATIENTS, LABELS, y_val=Y, p_val=P, n_boot=0)
     assert report.binary_summary(r3, "youden") is None
     assert "Confusion matrix" not in report.threshold_markdown(r3, "f1")

@@ -152,6 +152,32 @@ def test_layer_groups_follow_fastais_split_and_map_learning_rates():
     assert new == ["block3_lka", "block4_lka", "block5_lka", "predictions"]
 
 
+def test_layer_groups_of_the_attention_study_models():
+    """att-A's gates and the patient branch are new layers (last group, never frozen); ResNet-50 splits as fastai's
+    `_resnet_split`: conv1 .. layer2, then layer3 (Keras conv4_*) and layer4."""
+    import warnings
+
+    from cxrkeras.models import build_model
+    from cxrkeras.models.parts import added_layers
+    from cxrkeras.training.optim import layer_groups, set_backbone_trainable
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # softmax over 1x1 maps in the tiny gates
+        gated = build_model("densenet121-att-a", num_classes=3, weights=None, input_shape=(64, 64, 3),
+                            patient_features=True, **THIN)
+    early, late, new = ([layer.name for layer in g] for g in layer_groups(gated))
+    assert new == added_layers(gated) and any(n.startswith("att1_") for n in new)
+    assert any(n.startswith("patient_") for n in new) and new[-1] == "predictions"
+    assert early[0] == "conv1_conv" and late[0] == "pool3_bn"
+    set_backbone_trainable(gated, False, train_bn=True)
+    assert all(layer.trainable for layer in layer_groups(gated)[2])
+    assert not gated.get_layer("conv1_conv").trainable and gated.get_layer("conv1_bn").trainable
+    resnet = build_model("resnet50", num_classes=3, weights=None, input_shape=(32, 32, 3), width_multiplier=0.0625)
+    early, late, new = ([layer.name for layer in g] for g in layer_groups(resnet))
+    assert early[0] == "conv1_conv" and early[-1].startswith("conv3_block4") and late[0].startswith("conv4_block1")
+    assert late[-1].startswith("conv5_block3") and new == ["predictions"]
+
+
 # --- fine_tune ---
 
 def _stage_run(config, start_epoch=0, steps=10):

@@ -81,6 +81,18 @@ class HeatmapEngine:
             z = z + tf.cast(self._head.bias, tf.float32)
         return z
 
+    def _per_class_grads(self, images, classes):
+        """[N, K, h, w, c] as batch_jacobian without pfor: a loop over the K classes, one backward pass each (the
+        gradient of a class's batch sum: images are independent in inference mode), on a fresh forward pass."""
+        import tensorflow as tf
+
+        with tf.GradientTape(persistent=True) as tape:
+            feats, pre = self._grad_model(images, training=False)
+            selected = tf.gather(self._logits(pre), classes, axis=1)
+        grads = tape.batch_jacobian(selected, feats, unconnected_gradients="zero", experimental_use_pfor=False)
+        del tape
+        return grads
+
     def _batch(self, images, classes):
         import tensorflow as tf
 
@@ -92,9 +104,13 @@ class HeatmapEngine:
             total = tf.reduce_sum(selected) if one_class else None
         if one_class:  # images are independent in inference mode: the batch sum's gradient is per-image
             grads = tf.cast(tape.gradient(total, feats, unconnected_gradients="zero"), tf.float32)[:, None]
-        else:  # batch_jacobian vectorises the K cotangents: one backward pass for all classes of the batch
-            grads = tf.cast(tape.batch_jacobian(selected, feats, unconnected_gradients="zero"),
-                            tf.float32)  # [N, K, h, w, c]
+        else:
+            try:  # batch_jacobian vectorises the K cotangents: one backward pass for all classes of the batch
+                grads = tape.batch_jacobian(selected, feats, unconnected_gradients="zero")
+            except ValueError:  # TF's pfor cannot vectorise some gradients (att-B's BiasAddGrad on (1, HW, 1)
+                # maps: "Invalid reduction dimension"), raised while tracing: one backward pass per class instead
+                grads = self._per_class_grads(images, classes)
+            grads = tf.cast(grads, tf.float32)  # [N, K, h, w, c]
         feats = tf.cast(feats, tf.float32)
         if self.use_guided_grads:
             grads = grads * tf.cast(feats[:, None] > 0, tf.float32) * tf.cast(grads > 0, tf.float32)
