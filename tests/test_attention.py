@@ -152,25 +152,6 @@ def test_one_image_or_many_give_the_same_attention():
     np.testing.assert_allclose(together, alone, atol=1e-6)
 
 
-def test_gradcam_of_att_b_with_several_classes_falls_back_from_pfor():
-    """TF's pfor cannot vectorise att-B's gradients of one image (BiasAddGrad of its (1, HW, 1) maps), so batch_jacobian fails
-    while tracing; the engine then takes one backward pass per class: each class's maps equal its maps alone."""
-    from cxrkeras.explain.engine import HeatmapEngine
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = build_model("densenet121-att-b", input_shape=(32, 32, 3), patient_features=True, **THIN)
-        engine = HeatmapEngine(model)
-        x = np.random.default_rng(1).normal(size=(1, 32, 32, 3)).astype("float32")  # one image: (1, HW, 1) maps
-        f = np.array([[0.3, 1, 0, 1, 0]], "float32")
-        maps, probs = engine((x, f), [0, 3])
-        alone = [engine((x, f), [k])[0][:, 0] for k in (0, 3)]
-    assert maps.shape[:2] == (1, 2) and np.isfinite(maps).all()
-    for j in range(2):
-        np.testing.assert_allclose(maps[:, j], alone[j], atol=1e-5)
-    np.testing.assert_allclose(probs, np.asarray(model((x, f))), atol=1e-5)
-
-
 def test_gradcam_of_a_gated_model_with_patient_features(tmp_path):
     """Two inputs (image, patient features): the engine explains the default feature layer (L3), its
     probabilities are the model's, and a .keras round trip keeps both."""
@@ -198,6 +179,37 @@ def test_gradcam_of_a_gated_model_with_patient_features(tmp_path):
     # the branch: Dense(3) + ReLU on the 5 features, concatenated before the classifier
     assert model.get_layer("patient_dense").kernel.shape == (5, 3)
     assert model.get_layer("predictions").kernel.shape[0] == 3 * 8 + 3  # 3 attended vectors of g (8) + branch
+
+
+def test_gradcam_of_att_b_on_one_image_and_several_classes(monkeypatch):
+    """One image, several classes: TF's batch_jacobian cannot vectorise att-B's gate gradients at batch size 1
+    (pfor fails on a BiasAddGrad); the engine then takes the loop-based jacobian, and each class's heatmap equals the
+    one-class path (a plain tape.gradient)."""
+    import tensorflow as tf
+
+    from cxrkeras.explain.engine import HeatmapEngine
+
+    used_pfor = []
+    original = tf.GradientTape.batch_jacobian
+
+    def spy(self, *args, **kwargs):
+        used_pfor.append(kwargs.get("experimental_use_pfor", True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf.GradientTape, "batch_jacobian", spy)
+    keras.utils.set_random_seed(0)
+    model = build_model("densenet121-att-b", num_classes=15, input_shape=(32, 32, 3), patient_features=True,
+                        blocks=[1, 1, 1, 1], width_multiplier=0.125)
+    rng = np.random.default_rng(0)
+    x, f = rng.random((1, 32, 32, 3)).astype("float32"), rng.random((1, 5)).astype("float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = HeatmapEngine(model, "pool4_pool")
+        maps, _ = engine((x, f), [0, 1, 2], batch_size=1)
+        single = np.concatenate([engine((x, f), [k], batch_size=1)[0] for k in (0, 1, 2)], axis=1)
+    assert used_pfor[:2] == [True, False]  # the vectorised jacobian failed and the fallback ran
+    assert maps.max() > 0
+    np.testing.assert_allclose(maps, single, atol=1e-5)
 
 
 # --- ResNet-50 ---

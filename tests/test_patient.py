@@ -18,7 +18,7 @@ from cxrkeras.data.patient import PatientEncoder, fit_encoder
 from cxrkeras.errors import ConfigError, DataError
 from cxrkeras.labels import NIH_LABELS, NO_FINDING
 
-# absolute and normalised: chromedriver refuses an upload path with ".." in it ("path is not canonical")
+# absolute: Chromium's file input refuses a path with '..' in it ("path is not canonical")
 CSV_64 = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "cxrkeras", "sample_data", "nih-64px",
                                       "Data_Entry_2017.csv"))
 
