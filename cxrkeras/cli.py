@@ -71,11 +71,19 @@ def cli():
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=1),
               help="Square input size the GFLOPs are counted at.")
 @click.option("--num-classes", default=14, show_default=True, type=click.IntRange(min=1))
-def models_cmd(variants, image_size, num_classes):
+@click.option("--head", type=click.Choice(["linear", "fpsm"]), default="linear", show_default=True,
+              help="fpsm: the Feature Pyramid Sum head (per-level GAP -> Dense logits, summed).")
+@click.option("--head-stages", default="4+3+2", show_default=True, help="FPSM pyramid levels, e.g. 4+3+2+1.")
+@click.option("--head-merge", type=click.Choice(["sum", "concat"]), default="sum", show_default=True)
+def models_cmd(variants, image_size, num_classes, head, head_stages, head_merge):
     """List model variants (or only VARIANTS): trainable parameters, GMACs and the paper's GFLOPs (fvcore's count)."""
     from cxrkeras.models.summary import format_table, variant_rows
 
-    click.echo(format_table(variant_rows(variants or None, image_size, num_classes), image_size))
+    options = dict(head=head, head_stages=head_stages, head_merge=head_merge) if head == "fpsm" else {}
+    skipped = {}
+    click.echo(format_table(variant_rows(variants or None, image_size, num_classes, skipped, **options), image_size))
+    for name, reason in skipped.items():
+        click.echo(f"{name}: not listed: {reason}")
 
 
 @cli.command("preview-batch")

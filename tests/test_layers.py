@@ -42,6 +42,12 @@ CASES = {
                             "stored_size": [256, 256], "channels": 1}),
          _FEATURES, (2, 3), 2, None),
     ],
+    "cxrkeras>PyramidSum": [
+        (dict(units=3, stage_widths=[8, 4], levels=[4, 2], labels=["a", "b", "c"], variant="vgg16-bn",
+              preprocessing="torch", feature_layer="block5_conv3_relu",
+              build_args={"head": "fpsm", "head_stages": "4+2", "head_merge": "sum"}),
+         _FEATURES, (2, 3), 4, None),
+    ],
 }
 
 
