@@ -298,6 +298,33 @@ def evaluate_cmd(run_dir, model_path, records, split, val_split, out_dir, batch_
              figures_on=not no_figures, log=click.echo, verify_records=verify_records)
 
 
+@cli.command("ensemble")
+@click.argument("members", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for ensemble.keras, ensemble.json and evaluation/<split>/ (export it with --run OUT).")
+@click.option("--weights", default="val-auc", show_default=True,
+              help="val-auc (proportional to each member's mean validation AUC), equal, or w1,w2,... (normalised).")
+@click.option("--records", type=click.Path(file_okay=False), help="Records folder (default: the first member's).")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate (all of it).")
+@click.option("--val-split", default="val", show_default=True, help="Split the weights and thresholds use.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Bootstrap resamples (by patient) for the AUC confidence intervals.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+@click.option("--threshold-method", default="youden", show_default=True, type=_choice(THRESHOLD_METHODS))
+@click.option("--no-figures", is_flag=True, help="Skip the PNG figures.")
+@click.option("--verify-records", default="sha256", show_default=True, type=_choice(VERIFY_MODES))
+def ensemble_cmd(members, out_dir, weights, records, split, val_split, batch_size, n_boot, seed, threshold_method,
+                 no_figures, verify_records):
+    """Average the probabilities of MEMBERS (run folders or .keras files sharing labels, input size and
+    preprocessing) into one model and evaluate it as `evaluate` does, beside each member's mean AUC."""
+    from cxrkeras.evaluation.ensemble import ensemble
+
+    ensemble(members, out_dir, records, split=split, val_split=val_split, weights=weights, batch_size=batch_size,
+             n_boot=n_boot, seed=seed, threshold_method=threshold_method, figures_on=not no_figures, log=click.echo,
+             verify_records=verify_records)
+
+
 @cli.command("export")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), help="Run folder (runs/<name>).")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False), help="A .keras model file.")
