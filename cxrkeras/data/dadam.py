@@ -3,8 +3,9 @@ training split only (`build-records --augment dadam --boxes BBox_List_2017.csv -
 
 Each synthetic image takes the box patch of a tail-class training image (the donor) and either pastes it onto a
 training image with no finding at the same relative position (mode "normal"; the box, given in NIH's 1024 px frame,
-is scaled to the records' size, which donor and receiver share), adding the patch's label and, when a label is
-correlated with it in the training labels (Pearson r >= `correlation`), a patch of that label too; or blends it
+is scaled to the records' size, which donor and receiver share), adding the patch's label and, with the training
+labels' co-occurrence rate P(m | label), a patch of its most correlated label m (Pearson r >= `correlation`) too,
+so that the label correlation structure is kept; or blends it
 (opacity `alpha`) onto a training image that has a tail class (mode "blend"), adding the label. Donors and
 receivers are read from the training split's own records, so no validation or test image can be either. The
 manifest's "augment" records the options, the boxes used and left out, the synthetic count per label, and
