@@ -161,3 +161,33 @@ def test_fpsm_save_load_and_gradcam_explains_the_summed_score(tmp_path):
     g_levels = [tape.gradient(t, f, unconnected_gradients="zero").numpy() for t in per_level]
     np.testing.assert_allclose(g_total, sum(g_levels), atol=1e-6)
     assert all(np.abs(g).max() > 0 for g in g_levels[:3]) and np.abs(g_levels[3]).max() == 0  # level 1 is below
+
+
+@pytest.mark.timeout(300)
+def test_fpsm_run_trains_both_stages_with_the_summed_loss(tiny_records, tmp_path):
+    """train() with head fpsm: stage 1 (BCE) and stage 2 (focal) run; the validation loss in history.csv is the
+    number of levels x the stage's loss of the summed prediction over the validation split, by hand."""
+    import csv
+
+    from cxrkeras.config import load_config
+    from cxrkeras.evaluation.evaluate import predict_split
+    from cxrkeras.runs import load_source
+    from cxrkeras.training.trainer import train
+
+    config = load_config(overrides={
+        "data": {"records": tiny_records, "image_size": 32, "batch_size": 4, "shuffle_buffer": 64},
+        "model": {"variant": "densenet121-lka-last2", "weights": None,
+                  "overrides": {"blocks": [1, 1, 1, 1], "width_multiplier": 0.125, "head": "fpsm"}},
+        "train": {"epochs": 1, "steps_per_epoch": 2, "verbose": 0}, "run": {"root": str(tmp_path), "name": "f"}})
+    for stage, hand in ((1, _bce), (2, _focal)):
+        result = train(config, stage, log=lambda *_: None)
+        source = load_source(os.path.join(result.stage_dir, "last.keras"))
+        assert model_info(source.model)["build_args"]["head_stages"] == "4+3+2"
+        probs, y, _, _ = predict_split(source, tiny_records, "val")
+        if stage == 1:  # stage 1 reads the images with a finding
+            probs, y = probs[y.sum(axis=1) > 0], y[y.sum(axis=1) > 0]
+        with open(os.path.join(result.stage_dir, "history.csv"), newline="") as f:
+            row = list(csv.DictReader(f))[-1]
+        p = np.clip(probs, 1e-7, 1 - 1e-7)
+        assert float(row["val_loss"]) == pytest.approx(3 * hand(y, np.log(p / (1 - p))), rel=2e-3)
+        assert float(row["loss"]) > 0
