@@ -63,6 +63,7 @@ def augmented(tiny_records, tmp_path_factory):
             x, y = rng.uniform(150, 600, 2)
             rows.append([image, TAIL[k % 2], x, y, rng.uniform(120, 300), rng.uniform(120, 300)])
     rows.append(["not_in_the_records.png", "Mass", 100, 100, 50, 50])
+    rows.append([by_split["train"][0], "Mass", 2000, 100, 50, 50])  # beyond the 1024 px frame
     boxes = _write_boxes(str(root / "boxes.csv"), rows)
     out = str(root / "records")
     options = DadamOptions(boxes, n=60, tail_labels=TAIL, alpha=0.6, normal_fraction=0.5, correlation=-1.0, seed=3)
@@ -93,7 +94,7 @@ def test_donors_and_receivers_are_training_images_only(augmented):
     assert not ({r["donor_patient"] for r in prov} | {r["receiver_patient"] for r in prov}) & held_patients
     aug = augmented["manifest"]["augment"]
     assert aug["boxes"]["left_out"] == {"validation/test image": {"val": 3, "test": 3}, "not in the records": 1,
-                                        "label not in the records": 0}
+                                        "label not in the records": 0, "outside the image": 1}
     assert aug["boxes"]["training_donor_boxes"] == 6 and aug["synthetic"]["images"] == 60
     # the synthetic records: training split, the receivers' patients; inspect re-counts them and the split
     synthetic = _records(out, aug["shards"])

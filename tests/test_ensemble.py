@@ -144,3 +144,16 @@ def test_members_that_differ_are_refused_naming_the_difference(members, tmp_path
         ensemble(members["paths"], str(tmp_path / "x"), members["records"], weights="1,2,3", **quiet)
     with pytest.raises(ConfigError, match="2 to"):
         ensemble(members["paths"][:1], str(tmp_path / "x"), members["records"], **quiet)
+
+
+def test_gradcam_refuses_an_ensemble_and_model_info_reads_it(built):
+    from cxrkeras.explain.engine import get_engine
+    from cxrkeras.models import keras_file_info, model_info
+    from cxrkeras.runs import load_source
+
+    source = load_source(built["out"])  # the ensemble folder, as --run
+    info = model_info(source.model)
+    assert info["variant"] == "ensemble" and info["build_args"]["weighting"] == "equal"
+    assert keras_file_info(os.path.join(built["out"], "ensemble.keras"))["variant"] == "ensemble"  # not a member's
+    with pytest.raises(ConfigError, match="is an ensemble"):
+        get_engine(source.model)

@@ -218,11 +218,15 @@ def augment_records(out, manifest, options, shard_size, progress=False, log=prin
         raise DataError(f"{out}: training shards hold records of another split (e.g. {wrong[0]}); re-build them")
     by_name = {os.path.basename(r["image_id"]): i for i, r in enumerate(train)}
     split_of = _split_of_images(out)
-    used, left_out = [], {"validation/test image": {}, "not in the records": 0, "label not in the records": 0}
+    used, left_out = [], {"validation/test image": {}, "not in the records": 0, "label not in the records": 0,
+                          "outside the image": 0}
+    height, width = (int(v) for v in manifest["image_size"])
     for box in boxes:
         name = os.path.basename(box["image"])
         if box["label"] not in labels:
             left_out["label not in the records"] += 1
+        elif not box_mask([box["box"]], height, width).any():  # beyond NIH's 1024 px frame
+            left_out["outside the image"] += 1
         elif name in by_name:
             used.append({**box, "donor": by_name[name]})
         elif name in split_of:

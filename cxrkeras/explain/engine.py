@@ -26,8 +26,9 @@ class HeatmapEngine:
     """Grad-CAM of one model at one layer; call it on batches. Reuse it: the graph is traced once per batch shape.
 
     The class score is the pre-activation logit when the model ends in a sigmoid/softmax (Dense(activation=...), an
-    Activation layer, or a head with its own `logits`: the Feature Pyramid Sum head's summed logits): gradients of a saturated probability vanish, those of its logit do not, and for unsaturated
-    outputs the normalised map is the same (the sigmoid's derivative is one positive factor per image and class).
+    Activation layer, or a head with its own `logits`: the Feature Pyramid Sum head's summed logits): gradients of
+    a saturated probability vanish, those of its logit do not, and for unsaturated outputs the normalised map is
+    the same (the sigmoid's derivative is one positive factor per image and class).
     """
 
     def __init__(self, model, layer_name=None, method="gradcam", use_guided_grads=False):

@@ -4,10 +4,9 @@ import keras
 
 from cxrkeras.errors import ConfigError, CxrError
 from cxrkeras.labels import NIH_LABELS
-from cxrkeras.models import densenet, resnet, vgg
+from cxrkeras.models import densenet, fpsm, resnet, vgg
 from cxrkeras.models.attention import FEATURE_LAYER as ATTENTION_FEATURE_LAYER
 from cxrkeras.models.attention import apply_attention_head, check_attention
-from cxrkeras.models import fpsm
 from cxrkeras.models.head import HeadMetadata, apply_head
 from cxrkeras.models.lka import FORMS
 from cxrkeras.models.registry import get_variant
