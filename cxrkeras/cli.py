@@ -84,11 +84,19 @@ def cli():
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=1),
               help="Square input size the GFLOPs are counted at.")
 @click.option("--num-classes", default=14, show_default=True, type=click.IntRange(min=1))
-def models_cmd(variants, image_size, num_classes):
+@click.option("--head", type=click.Choice(["linear", "fpsm"]), default="linear", show_default=True,
+              help="fpsm: the Feature Pyramid Sum head (per-level GAP -> Dense logits, summed).")
+@click.option("--head-stages", default="4+3+2", show_default=True, help="FPSM pyramid levels, e.g. 4+3+2+1.")
+@click.option("--head-merge", type=click.Choice(["sum", "concat"]), default="sum", show_default=True)
+def models_cmd(variants, image_size, num_classes, head, head_stages, head_merge):
     """List model variants (or only VARIANTS): trainable parameters, GMACs and the paper's GFLOPs (fvcore's count)."""
     from cxrkeras.models.summary import format_table, variant_rows
 
-    click.echo(format_table(variant_rows(variants or None, image_size, num_classes), image_size))
+    options = dict(head=head, head_stages=head_stages, head_merge=head_merge) if head == "fpsm" else {}
+    skipped = {}
+    click.echo(format_table(variant_rows(variants or None, image_size, num_classes, skipped, **options), image_size))
+    for name, reason in skipped.items():
+        click.echo(f"{name}: not listed: {reason}")
 
 
 @cli.command("preview-batch")
@@ -108,13 +116,16 @@ def models_cmd(variants, image_size, num_classes):
                    "is the same either way.")
 @click.option("--equalize", type=_choice(EQUALIZE), help="Contrast equalisation [default: the model's, else none].")
 @click.option("--eval-view", is_flag=True, help="Show the deterministic eval transform instead of augmentation.")
+@click.option("--dadam", is_flag=True, help="Show the records' DADAM images (training split, eval view) with the "
+              "boxes of their patches.")
 def preview_batch_cmd(records, split, stage, out, n, model_path, image_size, seed, preprocessing, equalize,
-                      eval_view):
+                      eval_view, dadam):
     """Write a PNG grid of one augmented training batch of RECORDS with each image's labels."""
     from cxrkeras.data.preview import preview_batch
 
     path = preview_batch(records, out, split=split, stage=int(stage), n=n, image_size=image_size, seed=seed,
-                         preprocessing=preprocessing, training=not eval_view, equalize=equalize, model=model_path)
+                         preprocessing=preprocessing, training=not eval_view, equalize=equalize, model=model_path,
+                         dadam=dadam)
     click.echo(f"wrote {path}")
 
 
@@ -384,6 +395,33 @@ def compare_cmd(run_a, run_b, split, out_dir, n_boot, seed, min_patients, no_fig
                  figure=not no_figure, log=click.echo)
 
 
+@cli.command("ensemble")
+@click.argument("members", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for ensemble.keras, ensemble.json and evaluation/<split>/ (export it with --run OUT).")
+@click.option("--weights", default="val-auc", show_default=True,
+              help="val-auc (proportional to each member's mean validation AUC), equal, or w1,w2,... (normalised).")
+@click.option("--records", type=click.Path(file_okay=False), help="Records folder (default: the first member's).")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate (all of it).")
+@click.option("--val-split", default="val", show_default=True, help="Split the weights and thresholds use.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Bootstrap resamples (by patient) for the AUC confidence intervals.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+@click.option("--threshold-method", default="youden", show_default=True, type=_choice(THRESHOLD_METHODS))
+@click.option("--no-figures", is_flag=True, help="Skip the PNG figures.")
+@click.option("--verify-records", default="sha256", show_default=True, type=_choice(VERIFY_MODES))
+def ensemble_cmd(members, out_dir, weights, records, split, val_split, batch_size, n_boot, seed, threshold_method,
+                 no_figures, verify_records):
+    """Average the probabilities of MEMBERS (run folders or .keras files sharing labels, input size and
+    preprocessing) into one model and evaluate it as `evaluate` does, beside each member's mean AUC."""
+    from cxrkeras.evaluation.ensemble import ensemble
+
+    ensemble(members, out_dir, records, split=split, val_split=val_split, weights=weights, batch_size=batch_size,
+             n_boot=n_boot, seed=seed, threshold_method=threshold_method, figures_on=not no_figures, log=click.echo,
+             verify_records=verify_records)
+
+
 @cli.command("export")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), help="Run folder (runs/<name>).")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False), help="A .keras model file.")
@@ -495,9 +533,25 @@ def serve_cmd(model, host, port, name, keras_model, max_upload_mb, max_images, m
               help="A class-targeted subset: whole patients, rarest labels first, until each label has N positive "
                    "images (all when fewer), then N 'No Finding' images; seeded by --seed. A label name sets its "
                    "own N (e.g. Hernia=100).")
+@click.option("--augment", type=click.Choice(["dadam"]),
+              help="dadam: extra training shards of box-patch images (diseased-area patches from --boxes, training "
+                   "images only).")
+@click.option("--boxes", type=click.Path(dir_okay=False), help="--augment dadam: NIH's BBox_List_2017.csv.")
+@click.option("--n", "augment_n", default=1000, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="--augment dadam: synthetic images to make.")
+@click.option("--tail-labels", help="--augment dadam: 'A,B' labels whose patches are used [default: the labels "
+              "with at most the median number of training positives].")
+@click.option("--dadam-alpha", default=0.6, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Opacity of a patch blended onto an image with a tail class.")
+@click.option("--dadam-normal", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of the images pasted onto a No Finding image (the others are blends).")
+@click.option("--dadam-correlation", default="0.1", show_default=True,
+              help="Pasting onto No Finding also adds the patch of the label most correlated with it in the "
+                   "training labels when its Pearson r is at least this; 'off' to never.")
 def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split_fractions, seed, image_size,
                       channels, shard_size, workers, dry_run, strict, fmt, labels, path_column, labels_column,
-                      patient_column, id_salt, no_progress, overwrite, subset):
+                      patient_column, id_salt, no_progress, overwrite, subset, augment, boxes, augment_n,
+                      tail_labels, dadam_alpha, dadam_normal, dadam_correlation):
     """Labels CSV + images -> patient-wise stratified train/val/test TFRecord shards and manifest.json."""
     split_lists = [p for item in split_list for p in item.split(",") if p] + list(more_split_lists)
     if more_split_lists and not split_list:
@@ -506,13 +560,27 @@ def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split
     from cxrkeras.data.records import build_records
     from cxrkeras.errors import Interrupted
 
+    options = None
+    if augment:
+        from cxrkeras.data.dadam import DadamOptions
+
+        if not boxes:
+            raise click.UsageError("--augment dadam needs --boxes BBox_List_2017.csv")
+        try:
+            correlation = None if dadam_correlation.strip().lower() == "off" else float(dadam_correlation)
+        except ValueError:
+            raise click.UsageError(f"--dadam-correlation {dadam_correlation!r}: a number or 'off'") from None
+        options = DadamOptions(boxes, augment_n, tuple(t.strip() for t in tail_labels.split(",") if t.strip())
+                               if tail_labels else None, dadam_alpha, dadam_normal, correlation, seed)
+    elif boxes or tail_labels:
+        raise click.UsageError("--boxes and --tail-labels go with --augment dadam")
     try:
         report = build_records(
             csv_path, images, out, split_lists=split_lists, split_fractions=split_fractions, seed=seed,
             image_size=image_size, channels=int(channels), shard_size=shard_size, workers=workers, dry_run=dry_run,
             strict=strict, format=fmt, labels=labels, path_column=path_column, labels_column=labels_column,
             patient_column=patient_column, id_salt=id_salt, progress=not no_progress, overwrite=overwrite,
-            subset=subset)
+            subset=subset, augment=options, log=click.echo)
     except Interrupted as exc:  # stopped by SIGTERM: one line, and the exit status a shell gives (143)
         error = click.ClickException(str(exc))
         error.exit_code = 128 + exc.signum

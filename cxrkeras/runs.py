@@ -21,6 +21,7 @@ LAST_FILE = "last.keras"
 TENSORBOARD_DIR = "tensorboard"
 RESUME_DIR = "resume"  # weights + optimiser state and callback state after the last finished epoch
 EVALUATION_DIR = "evaluation"
+ENSEMBLE_FILE = "ensemble.keras"  # <out>/ of `cxrkeras ensemble`: the averaging model (with evaluation/<split>/)
 
 
 def stage_name(stage):
@@ -123,17 +124,18 @@ def read_run_config(stage_dir):
 
 
 def best_model_choice(run_dir):
-    """(best_model_path, note): stage 2's best.keras if present, else stage 1's; accepts a stage folder or a .keras.
+    """(best_model_path, note): stage 2's best.keras if present, else stage 1's; accepts a stage folder, an ensemble
+    folder (`cxrkeras ensemble --out`: its ensemble.keras) or a .keras.
     The note is one line saying that a run folder's stage 1 model is used because stage 2 has no best.keras (None
     otherwise), for the commands to print."""
     if os.path.isfile(run_dir) and run_dir.endswith(".keras"):
         return run_dir, None
-    candidates = [os.path.join(run_dir, BEST_FILE)]
+    candidates = [os.path.join(run_dir, BEST_FILE), os.path.join(run_dir, ENSEMBLE_FILE)]
     candidates += [os.path.join(run_dir, stage_name(s), BEST_FILE) for s in (2, 1)]
     for path in candidates:
         if os.path.isfile(path):
             note = None
-            if path == candidates[2]:
+            if path == candidates[-1]:
                 stage2 = os.path.join(run_dir, stage_name(2))
                 why = ("stage 2 has no best.keras (not finished, or stopped before a good epoch)"
                        if os.path.isdir(stage2) else "the run has no stage 2")
@@ -155,6 +157,8 @@ def load_keras_model(path):
     """keras.saving.load_model with cxrkeras' registered layers; a clear error for a missing/unreadable file."""
     import keras
 
+    import cxrkeras.models.ensemble  # noqa: F401 - registers EnsembleAverage
+    import cxrkeras.models.fpsm  # noqa: F401 - registers PyramidSum
     import cxrkeras.models.head  # noqa: F401 - registers MultiLabelDense
     import cxrkeras.models.lka  # noqa: F401 - registers LargeKernelAttention
 

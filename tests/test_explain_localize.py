@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from evalexport_helpers import write_dicom
 
-from cxrkeras.explain.localize import box_mask, format_table, read_boxes, score_map
+from cxrkeras.data.boxes import box_mask, read_boxes
+from cxrkeras.explain.localize import format_table, score_map
 from cxrkeras.explain.overlay import to_original_frame
 
 SAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "cxrkeras", "sample_data")

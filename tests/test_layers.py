@@ -29,7 +29,8 @@ REGISTERED = {name: cls for name, cls in keras.saving.get_custom_objects().items
 _X = np.random.default_rng(0).normal(size=(2, 9, 7, 6)).astype("float32")
 _FEATURES = np.random.default_rng(0).normal(size=(2, 12)).astype("float32")
 
-# registered name -> (init kwargs, input, expected output shape, trainable weights, output dtype under any policy)
+# registered name -> (init kwargs, input, expected output shape, trainable weights, output dtype under any policy
+# [, run_layer_test options])
 CASES = {
     "cxrkeras>LargeKernelAttention": [
         (dict(form="lka"), _X, _X.shape, 6, None),
@@ -41,6 +42,17 @@ CASES = {
               preprocessor={"image_size": 224, "preprocessing": "torch", "equalize": "clahe",
                             "stored_size": [256, 256], "channels": 1}),
          _FEATURES, (2, 3), 2, None),
+    ],
+    "cxrkeras>PyramidSum": [
+        (dict(units=3, stage_widths=[8, 4], levels=[4, 2], labels=["a", "b", "c"], variant="vgg16-bn",
+              preprocessing="torch", feature_layer="block5_conv3_relu",
+              build_args={"head": "fpsm", "head_stages": "4+2", "head_merge": "sum"}),
+         _FEATURES, (2, 3), 4, None),
+    ],
+    # fixed weights, nothing to train: the training step's "a weight moved" check does not apply
+    "cxrkeras>EnsembleAverage": [
+        (dict(units=4, member_weights=[0.25, 0.5, 0.25], labels=["a", "b", "c", "d"], preprocessing="torch",
+              build_args={"weighting": "given"}), _FEATURES, (2, 4), 0, None, dict(run_training_check=False)),
     ],
 }
 
@@ -62,6 +74,6 @@ def _params():
 
 @pytest.mark.parametrize("name, case", list(_params()))
 def test_layer(name, case):
-    kwargs, x, shape, n_trainable, output_dtype = case
+    kwargs, x, shape, n_trainable, output_dtype, *options = case
     run_layer_test(REGISTERED[name], kwargs, x, shape, expected_num_trainable_weights=n_trainable,
-                   output_dtype_policy=output_dtype)
+                   output_dtype_policy=output_dtype, **(options[0] if options else {}))

@@ -59,10 +59,16 @@ def _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy
                           f"{strategy.num_replicas_in_sync} replicas of the distribution strategy")
 
 
-def _shard_table(manifest, records_dir, split, verify):
-    """(paths, record counts) of a split; shard files missing, or not the ones the manifest lists, refused up front."""
+def _shard_table(manifest, records_dir, split, verify, only=None):
+    """(paths, record counts) of a split (`only`: of those of its shard files); shard files missing, or not the ones
+    the manifest lists, refused up front."""
     paths = manifest_lib.shard_paths(manifest, records_dir, split)
     counts = [int(s.get("records", -1)) for s in manifest["splits"][split]["shards"]]
+    if only is not None:
+        keep = [i for i, p in enumerate(paths) if os.path.basename(p) in set(only)]
+        if not keep:
+            raise DataError(f"{records_dir}: split {split!r} has none of the shards {', '.join(sorted(only))}")
+        paths, counts = [paths[i] for i in keep], [counts[i] for i in keep]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{records_dir}: shard {os.path.basename(missing[0])} listed in manifest.json is missing "
@@ -225,7 +231,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
                   deterministic=None, drop_remainder=None, repeat=False, strategy=None, equalize=None,
                   return_ids=False, max_rotation=10.0, crop_scale=(0.8, 1.0), flip=True, fill_mode="reflect",
                   jit=True, verify="sha256", preprocessor=None, patient=None, no_finding_class=False,
-                  augment=True):
+                  augment=True, shards=None):
     """A tf.data.Dataset of (images float32 [B,S,S,3], labels float32 [B,L]) (+ {"image_id","patient_id"} string
     [B] with return_ids) from the shards of `split` of a records folder; with `patient`, the inputs are
     (images, patient features float32 [B,5]).
@@ -253,12 +259,13 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
       meta/age, meta/sex and meta/view encoded as the model's second input; a record whose fields the encoder
       cannot take fails, naming the shard, record, image and field (DataError under `data_errors()`).
     no_finding_class: add the label 'No Finding' (none of the records' labels positive) as the last label.
+    shards: read only these shard files of the split (e.g. its DADAM shards, for preview-batch).
     """
     if preprocessor is not None:
         image_size, preprocessing, equalize = preprocessor.image_size, preprocessor.preprocessing, preprocessor.equalize
     _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy, fill_mode, crop_scale)
     manifest = manifest_lib.load_manifest(records_dir)
-    paths, counts = _shard_table(manifest, records_dir, split, verify)
+    paths, counts = _shard_table(manifest, records_dir, split, verify, shards)
     num_labels = len(manifest["labels"])
     channels = 3 if int(manifest.get("channels", 1)) == 3 else 1
     image_size = int(image_size)

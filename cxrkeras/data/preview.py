@@ -18,14 +18,17 @@ def _title(image_id, labels, names):
 
 
 def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=None, seed=0,
-                  preprocessing=None, training=True, equalize=None, model=None):
+                  preprocessing=None, training=True, equalize=None, model=None, dadam=False):
     """Write a grid of `n` images of one batch of `build_dataset` (training augmentation unless training=False);
     returns the output path. model: a run folder, .keras file or keras.Model whose preprocessing (image size,
     equalisation, normalisation) the batch goes through; image_size / preprocessing / equalize given here win
-    (defaults without a model: 224, torch, none; the normalisation is undone for display, so it does not show)."""
+    (defaults without a model: 224, torch, none; the normalisation is undone for display, so it does not show).
+    dadam: the records' DADAM images (training split, eval view so the patches stay where they were put), each
+    patch's box drawn with its label (green: pasted onto No Finding, orange: blended)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -45,10 +48,20 @@ def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=
         raise ConfigError(f"--n must be at least 1, got {n}")
     if not out.lower().endswith(".png"):
         raise ConfigError(f"--out {out!r}: the preview is written as PNG; give a path ending in .png")
-    names = manifest_lib.load_manifest(records_dir)["labels"]
+    manifest = manifest_lib.load_manifest(records_dir)
+    names = manifest["labels"]
+    patches, only = {}, None
+    if dadam:
+        from cxrkeras.data.dadam import read_provenance
+
+        only = (manifest.get("augment") or {}).get("shards")
+        if not only:
+            raise DataError(f"{records_dir} holds no DADAM images: build it with `cxrkeras build-records ... "
+                            f"--augment dadam --boxes BBox_List_2017.csv`")
+        split, training, patches = "train", False, read_provenance(records_dir)
     ds = build_dataset(records_dir, split, stage=stage, batch_size=n, training=training, image_size=image_size,
                        preprocessing=preprocessing, seed=seed, drop_remainder=False, return_ids=True,
-                       equalize=equalize, shuffle_buffer=256)
+                       equalize=equalize, shuffle_buffer=256, shards=only)
     with data_errors():
         batch = next(iter(ds), None)
     if batch is None:
@@ -62,10 +75,17 @@ def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    scale = image_size / float(manifest["image_size"][0])  # records are square: the eval view only rescales them
     for ax, img, y, image_id in zip(axes.flat, pixels, labels, image_ids):
         ax.imshow(img, vmin=0, vmax=255)
         ax.set_title(_title(image_id, y, names), fontsize=7)
-    mode = ("augmented" if training else "eval view") + (f", {equalize}" if equalize else "")
+        for label, (x0, y0, x1, y1), how in patches.get(image_id, ()):
+            color = "lime" if how == "normal" else "orange"
+            ax.add_patch(matplotlib.patches.Rectangle((x0 * scale - 0.5, y0 * scale - 0.5), (x1 - x0) * scale,
+                                                      (y1 - y0) * scale, fill=False, edgecolor=color, linewidth=1.2))
+            ax.text(x0 * scale, y0 * scale - 1.5, label, color=color, fontsize=6, va="bottom")
+    mode = ("DADAM, eval view" if dadam else "augmented" if training else "eval view") + \
+        (f", {equalize}" if equalize else "")
     fig.suptitle(f"{os.path.basename(os.path.normpath(records_dir))} {split} stage {stage} ({mode}, "
                  f"{image_size}px, {preprocessing}, seed {seed})", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.975))

@@ -145,7 +145,8 @@ def _assign(table, split_lists, fractions, seed):
 def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions=(0.7, 0.1, 0.2), seed=0,
                   image_size=256, channels=1, shard_size=1000, workers=None, dry_run=False, strict=False,
                   format="auto", labels=None, path_column="path", labels_column="labels",
-                  patient_column="patient_id", id_salt="", progress=True, overwrite=False, subset=None):
+                  patient_column="patient_id", id_salt="", progress=True, overwrite=False, subset=None, augment=None,
+                  log=print):
     """Build (or finish, or confirm) a records folder; returns a BuildReport whose `.manifest` is what was saved.
 
     `subset`: a class-targeted subset of the CSV, e.g. "per-label=2000,no-finding=10000" (cxrkeras.data.subset:
@@ -155,6 +156,8 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
     Records of another CSV or other options in `out` are refused unless `overwrite`; so is a second build of
     the same folder running at the same time.
     `dry_run` computes the split from the CSV alone and writes a statistics-only manifest.
+    `augment`: a `cxrkeras.data.dadam.DadamOptions`: extra training shards of DADAM box-patch images, made again
+    after every build from the training records (the manifest's "augment" says how); `log` prints its summary.
     """
     started = time.perf_counter()
     fractions = split.parse_fractions(split_fractions)
@@ -164,6 +167,11 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
     label_list = labels if isinstance(labels, (tuple, list)) or labels is None else sources.read_label_list(labels)
     label_list = tuple(label_list) if label_list else None
     images = _resolve_inputs(csv, images)
+    if augment is not None:
+        if dry_run:
+            raise ConfigError("--augment needs the images: it cannot run with --dry-run")
+        if not os.path.isfile(augment.boxes):
+            raise DataError(f"box file {augment.boxes!r} not found (NIH's BBox_List_2017.csv)")
 
     table, index, hashed_ids = _read_inputs(csv, images, format, label_list, path_column, labels_column,
                                             patient_column, id_salt)
@@ -177,9 +185,16 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
     csv_sha = sha256_file(csv)
     shards.check_writable(out)
     with shards.folder_lock(out):
-        return _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fractions, int(seed),
-                      int(image_size), int(channels), int(shard_size), workers, dry_run, strict, path_column,
-                      labels_column, patient_column, id_salt, progress, overwrite, started, subset_info)
+        report = _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fractions, int(seed),
+                        int(image_size), int(channels), int(shard_size), workers, dry_run, strict, path_column,
+                        labels_column, patient_column, id_salt, progress, overwrite, started, subset_info)
+        if augment is not None:
+            from cxrkeras.data.dadam import augment_records
+
+            report.manifest = augment_records(out, report.manifest, augment, int(shard_size), progress, log)
+            report.manifest_written = True
+            report.seconds = time.perf_counter() - started
+        return report
 
 
 def _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fractions, seed, image_size, channels,

@@ -130,10 +130,15 @@ def clean_folder(out, planned_files):
     for path in glob.glob(os.path.join(glob.escape(out), "*.tmp-*")) + \
             glob.glob(os.path.join(glob.escape(out), RECEIPTS, "*.tmp-*")):
         os.remove(path)
-    for fname in os.listdir(out):
-        if SHARD_RE.match(fname) and fname not in planned_files:
+    from cxrkeras.data.dadam import FIGURE, PROVENANCE, SHARD_RE as AUGMENT_RE
+
+    for fname in os.listdir(out):  # augmentation shards are made again after the build, from its records
+        if (SHARD_RE.match(fname) or AUGMENT_RE.match(fname)) and fname not in planned_files:
             os.remove(os.path.join(out, fname))
             removed.append(fname)
+    for fname in (PROVENANCE, FIGURE):
+        if os.path.isfile(os.path.join(out, fname)):
+            os.remove(os.path.join(out, fname))
     receipts = os.path.join(out, RECEIPTS)
     if os.path.isdir(receipts):
         for fname in os.listdir(receipts):

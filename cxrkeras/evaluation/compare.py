@@ -184,12 +184,17 @@ def compare_runs(run_a, run_b, split="test", out_dir=None, n_boot=1000, seed=0, 
         if not os.path.isdir(run_a):
             raise CxrError("give an output folder (--out) when RUN_A is not a run folder")
         out_dir = os.path.join(run_a, "comparisons", f"{b['name']}-{split}")
+    return write_comparison(result, out_dir, figure=figure, log=log)
+
+
+def write_comparison(result, out_dir, figure=True, title=None, log=print):
+    """compare.json, compare.md (printed too) and compare.png of a `paired_comparison` result in `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "compare.json"), result)
-    text = comparison_markdown(result)
+    text = comparison_markdown(result, title=title)
     atomic_write(os.path.join(out_dir, "compare.md"), text)
     if figure:
-        delta_figure(result, os.path.join(out_dir, "compare.png"))
+        delta_figure(result, os.path.join(out_dir, "compare.png"), title=title)
     log(text)
     log(f"written to {out_dir}")
     result["out_dir"] = out_dir

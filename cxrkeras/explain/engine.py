@@ -27,9 +27,10 @@ def _activation_name(layer):
 class HeatmapEngine:
     """Grad-CAM of one model at one layer; call it on batches. Reuse it: the graph is traced once per batch shape.
 
-    The class score is the pre-activation logit when the model ends in a sigmoid/softmax (Dense(activation=...) or an
-    Activation layer): gradients of a saturated probability vanish, those of its logit do not, and for unsaturated
-    outputs the normalised map is the same (the sigmoid's derivative is one positive factor per image and class).
+    The class score is the pre-activation logit when the model ends in a sigmoid/softmax (Dense(activation=...), an
+    Activation layer, or a head with its own `logits`: the Feature Pyramid Sum head's summed logits): gradients of
+    a saturated probability vanish, those of its logit do not, and for unsaturated outputs the normalised map is
+    the same (the sigmoid's derivative is one positive factor per image and class).
     """
 
     def __init__(self, model, layer_name=None, method="gradcam", use_guided_grads=False):
@@ -49,8 +50,11 @@ class HeatmapEngine:
         feature = model.get_layer(self.layer_name).output
         head = _output_layer(model)
         act = _activation_name(head)
-        self._head = None
-        if isinstance(head, keras.layers.Dense) and act in ("sigmoid", "softmax"):
+        self._head = self._summed = None
+        if callable(getattr(head, "logits", None)):  # a head that gives its own score: FPSM's summed logits
+            self._summed, self._final = head.logits, "sigmoid"
+            score = head.input
+        elif isinstance(head, keras.layers.Dense) and act in ("sigmoid", "softmax"):
             self._head, self._final = head, act
             score = head.input
         elif isinstance(head, keras.layers.Activation) and act in ("sigmoid", "softmax"):
@@ -75,6 +79,8 @@ class HeatmapEngine:
     def _logits(self, x):
         import tensorflow as tf
 
+        if self._summed is not None:
+            return tf.cast(self._summed(x), tf.float32)
         if self._head is None:
             return tf.cast(x, tf.float32)
         kernel = tf.cast(self._head.kernel, tf.float32)

@@ -36,7 +36,13 @@ def _candidates_text(names, limit=20):
 
 def default_layer(model):
     """The recorded feature layer (last LKA output, else last conv block), else the last layer with a 4-D output."""
-    name = _info(model).get("feature_layer")
+    from cxrkeras.models.ensemble import ENSEMBLE_VARIANT
+
+    info = _info(model)
+    if info.get("variant") == ENSEMBLE_VARIANT:
+        raise ConfigError(f"Grad-CAM explains one network's feature map; {model.name!r} is an ensemble (its members "
+                          "average their probabilities): explain each member's run instead")
+    name = info.get("feature_layer")
     if name:
         return resolve_layer(model, name)
     names = spatial_layers(model)

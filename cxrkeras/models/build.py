@@ -4,15 +4,15 @@ import keras
 
 from cxrkeras.errors import ConfigError, CxrError
 from cxrkeras.labels import NIH_LABELS
-from cxrkeras.models import densenet, resnet, vgg
+from cxrkeras.models import densenet, fpsm, resnet, vgg
 from cxrkeras.models.attention import FEATURE_LAYER as ATTENTION_FEATURE_LAYER
 from cxrkeras.models.attention import apply_attention_head, check_attention
-from cxrkeras.models.head import MultiLabelDense, apply_head
+from cxrkeras.models.head import HeadMetadata, apply_head
 from cxrkeras.models.lka import FORMS
 from cxrkeras.models.registry import get_variant
 
 OVERRIDES = ("lka_blocks", "lka_form", "dropout", "width_multiplier", "blocks", "name", "preprocessing", "bn_epsilon",
-             "bn_momentum", "final_relu", "attention")
+             "bn_momentum", "final_relu", "attention", "head", "head_stages", "head_merge")
 MODULES = {"densenet121": densenet, "vgg16": vgg, "resnet50": resnet}
 IMAGE_INPUT, PATIENT_INPUT = "image", "patient"  # the model's input names
 ORIGIN_OPTIONS = ("preprocessing", "bn_epsilon", "bn_momentum")  # None: the default for the initial weights
@@ -85,7 +85,10 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
     block), name (model name), preprocessing ("torch" | "caffe"), bn_epsilon / bn_momentum (Keras momentum =
     1 - PyTorch's), final_relu (DenseNet: ReLU after norm5; default for the `densenet121` baseline and the
     attention variants), attention (DenseNet: "none" | "a" | "b", the "learn to pay attention" gates on the
-    outputs of transitions 1-3; default the variant's).
+    outputs of transitions 1-3; default the variant's), head ("linear" | "fpsm": the Feature Pyramid Sum head, one
+    GAP -> Dense(n) logits per pyramid level, prediction sigmoid(sum of the logits); levels 1-4 are DenseNet's dense
+    blocks 1-4, VGG16's blocks 2-5, ResNet-50's stages conv2-conv5, each after its LKA), head_stages (the levels,
+    "4+3+2" by default or e.g. "4+3+2+1"), head_merge ("sum" | "concat": one Dense over the concatenated levels).
     patient_features: None, True (the study's age normalisation) or a `cxrkeras.data.patient.PatientEncoder` (or its
     config): the model takes a second input "patient" (the encoded age, sex and view, 5 values) through a
     Dense(3) + ReLU branch concatenated before the classifier; the encoder is stored with the model (model_info).
@@ -133,6 +136,16 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
     from cxrkeras.data.patient import PatientEncoder
 
     encoder = PatientEncoder.of(patient_features)
+    head, merge = options.get("head", "linear"), options.get("head_merge", "sum")
+    fpsm.check_head(head, merge)
+    levels = fpsm.parse_levels(options.get("head_stages", fpsm.DEFAULT_LEVELS)) if head == "fpsm" else None
+    if head == "fpsm" and attention != "none":
+        raise ConfigError(f"head fpsm replaces the classifier, but the attention gates (attention: {attention}) have "
+                          "their own classifier over the attended vectors: use one or the other")
+    if head == "fpsm" and encoder:
+        raise ConfigError("head fpsm does not take patient features (model.patient_features): use the linear head")
+    if head != "fpsm" and any(k in overrides for k in ("head_stages", "head_merge")):
+        raise ConfigError("head_stages and head_merge apply to head: fpsm only")
 
     module = MODULES[spec.backbone]
     shape = _check_input_shape(input_shape, spec, module.MIN_INPUT_SIZE)
@@ -161,12 +174,18 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
                       final_relu=final_relu if spec.backbone == "densenet121" else None)
     if attention != "none":
         build_args["attention"] = attention
+    if head == "fpsm":
+        build_args.update(head=head, head_stages=fpsm.format_levels(levels), head_merge=merge)
     metadata = dict(labels=labels, variant=spec.name, preprocessing=preprocessing,
                     feature_layer=feature_layer, build_args=build_args,
                     preprocessor=_preprocessor_config(preprocessor, preprocessing, shape),
                     patient_features=encoder.to_config() if encoder else None)
     patient = keras.Input(shape=(encoder.width,), name=PATIENT_INPUT) if encoder else None
-    outputs = apply_head(x, len(labels), dropout, metadata, patient=patient)
+    if head == "fpsm":
+        outputs = fpsm.apply_fpsm_head(inputs, x, spec.backbone, levels, merge, len(labels), dropout, metadata,
+                                       blocks=blocks)
+    else:
+        outputs = apply_head(x, len(labels), dropout, metadata, patient=patient)
     model = keras.Model([inputs, patient] if encoder else inputs, outputs,
                         name=options.get("name") or spec.name.replace("-", "_"))
     if weights is not None:
@@ -207,7 +226,7 @@ def model_info(model, strict=True):
         head = model.get_layer("predictions")
     except (ValueError, AttributeError):
         head = None
-    if not isinstance(head, MultiLabelDense):
+    if not isinstance(head, HeadMetadata):
         if not strict:
             return None
         raise CxrError(f"model {getattr(model, 'name', model)!r} was not built by cxrkeras.models.build_model "

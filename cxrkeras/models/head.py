@@ -3,18 +3,20 @@ model's metadata."""
 
 import keras
 
+METADATA_FIELDS = ("labels", "variant", "preprocessing", "feature_layer", "build_args", "preprocessor",
+                   "patient_features")
 
-@keras.saving.register_keras_serializable(package="cxrkeras")
-class MultiLabelDense(keras.layers.Dense):
-    """Dense(n, sigmoid) that stores the label names and model metadata in its config.
 
-    Keeping them here (instead of a Model subclass) means they survive a .keras save/load and TF export with no
-    custom Model class: `cxrkeras.models.model_info` reads them back from the layer named "predictions".
+class HeadMetadata:
+    """The model's metadata, kept by its output layer (named "predictions") in the layer config.
+
+    Keeping them there (instead of a Model subclass) means they survive a .keras save/load and TF export with no
+    custom Model class: `cxrkeras.models.model_info` reads them back. Every cxrkeras output layer (the linear head,
+    the feature-pyramid sum, an ensemble's average) mixes this in.
     """
 
-    def __init__(self, units, labels=(), variant=None, preprocessing=None, feature_layer=None, build_args=None,
-                 preprocessor=None, patient_features=None, activation="sigmoid", **kwargs):
-        super().__init__(units, activation=activation, **kwargs)
+    def _set_metadata(self, labels=(), variant=None, preprocessing=None, feature_layer=None, build_args=None,
+                      preprocessor=None, patient_features=None):
         self.labels = [str(label) for label in labels]
         self.variant = variant
         self.preprocessing = preprocessing
@@ -27,13 +29,24 @@ class MultiLabelDense(keras.layers.Dense):
         # second input is the encoded age, sex and view; None for image-only models.
         self.patient_features = dict(patient_features) if patient_features else None
 
+    def metadata_config(self):
+        return dict(labels=list(self.labels), variant=self.variant, preprocessing=self.preprocessing,
+                    feature_layer=self.feature_layer, build_args=dict(self.build_args),
+                    preprocessor=dict(self.preprocessor) if self.preprocessor else None,
+                    patient_features=dict(self.patient_features) if self.patient_features else None)
+
+
+@keras.saving.register_keras_serializable(package="cxrkeras")
+class MultiLabelDense(HeadMetadata, keras.layers.Dense):
+    """Dense(n, sigmoid) that stores the label names and model metadata in its config (`HeadMetadata`)."""
+
+    def __init__(self, units, labels=(), variant=None, preprocessing=None, feature_layer=None, build_args=None,
+                 preprocessor=None, patient_features=None, activation="sigmoid", **kwargs):
+        super().__init__(units, activation=activation, **kwargs)
+        self._set_metadata(labels, variant, preprocessing, feature_layer, build_args, preprocessor, patient_features)
+
     def get_config(self):
-        config = super().get_config()
-        config.update(labels=list(self.labels), variant=self.variant, preprocessing=self.preprocessing,
-                      feature_layer=self.feature_layer, build_args=dict(self.build_args),
-                      preprocessor=dict(self.preprocessor) if self.preprocessor else None,
-                      patient_features=dict(self.patient_features) if self.patient_features else None)
-        return config
+        return {**super().get_config(), **self.metadata_config()}
 
 
 PATIENT_UNITS = 3  # the attention study's branch: Dense(3) + ReLU on the encoded age, sex and view

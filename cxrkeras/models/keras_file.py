@@ -6,6 +6,7 @@ import zipfile
 from cxrkeras.errors import CxrError
 
 HEAD_NAME = "predictions"
+HEAD_CLASSES = ("MultiLabelDense", "PyramidSum", "EnsembleAverage")  # the layers carrying HeadMetadata
 HEAD_FIELDS = ("variant", "labels", "preprocessing", "feature_layer", "build_args", "preprocessor",
                "patient_features")
 
@@ -32,9 +33,12 @@ def _walk(node):
 
 
 def head_config(config):
-    """The config of the cxrkeras head (the MultiLabelDense layer named "predictions"), or None."""
-    for layer in _walk(config):
-        if str(layer["class_name"]).endswith("MultiLabelDense") and layer["config"].get("name") == HEAD_NAME:
+    """The config of the cxrkeras head (the output layer named "predictions" that carries the model's metadata), or
+    None. The model's own layers first: an ensemble's members are nested models with heads of their own."""
+    own = (config.get("config") or {}).get("layers") if isinstance(config, dict) else None
+    for layer in [*(own if isinstance(own, list) else []), *_walk(config)]:
+        if isinstance(layer, dict) and str(layer.get("class_name")).endswith(HEAD_CLASSES) and \
+                isinstance(layer.get("config"), dict) and layer["config"].get("name") == HEAD_NAME:
             return layer["config"]
     return None
 
@@ -44,7 +48,7 @@ def keras_file_info(path):
     `model_info` would give after loading it; a CxrError for a file not made by cxrkeras."""
     head = head_config(read_keras_config(path))
     if head is None:
-        raise CxrError(f"{path}: not a cxrkeras model (no MultiLabelDense layer named {HEAD_NAME!r}); build it with "
+        raise CxrError(f"{path}: not a cxrkeras model (no cxrkeras output layer named {HEAD_NAME!r}); build it with "
                        f"cxrkeras")
     info = {key: head.get(key) for key in HEAD_FIELDS}
     info["labels"] = list(info["labels"] or [])

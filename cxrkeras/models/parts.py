@@ -1,4 +1,5 @@
-"""Which layers a pretrained backbone never has: LKA blocks, attention gates, the patient branch and the head.
+"""Which layers a pretrained backbone never has: LKA blocks, attention gates, the patient branch and the head (FPSM's
+included).
 
 Backbone weight files leave them at their initial values, and `train.freeze_backbone_epochs` keeps them trainable.
 """
@@ -6,6 +7,7 @@ Backbone weight files leave them at their initial values, and `train.freeze_back
 from cxrkeras.models.attention import LAYER_PREFIXES as ATTENTION_PREFIXES
 
 HEAD_LAYERS = ("avg_pool", "head_dropout", "head_concat", "predictions")
+FPSM_PREFIX = "fpsm"  # the feature-pyramid head's pooling and concatenation (cxrkeras.models.fpsm)
 PATIENT_PREFIX = "patient_"
 
 
@@ -14,7 +16,7 @@ def is_added(layer):
     from cxrkeras.models.lka import LargeKernelAttention
 
     name = layer.name
-    return (isinstance(layer, LargeKernelAttention) or name in HEAD_LAYERS or name.startswith(PATIENT_PREFIX)
+    return (isinstance(layer, LargeKernelAttention) or name in HEAD_LAYERS or name.startswith((PATIENT_PREFIX, FPSM_PREFIX))
             or name.startswith(ATTENTION_PREFIXES))
 
 

@@ -7,19 +7,30 @@ from cxrkeras.models.registry import get_variant, list_variants
 IMAGENET = {"keras": "keras.applications", "torchvision": "torchvision"}
 
 
-def variant_rows(variants=None, image_size=224, num_classes=14):
-    """One dict per variant: built (not run) at image_size to count its parameters and operations."""
+def variant_rows(variants=None, image_size=224, num_classes=14, skipped=None, **head):
+    """One dict per variant: built (not run) at image_size to count its parameters and operations. `head`: build
+    options of the head (head="fpsm", head_stages, head_merge); listing every variant, those that refuse the head
+    are left out and named in `skipped` ({variant: reason}); a variant asked for by name raises."""
     import keras
+
+    from cxrkeras.errors import ConfigError
 
     rows = []
     for name in variants or list_variants():
         spec = get_variant(name)
-        model = build_model(name, num_classes=num_classes, input_shape=(image_size, image_size, 3))
-        # published counts: the LKA paper's at 14 classes, the attention study's (its Table 2) at 15
-        published = {14: spec.paper_params, 15: spec.study_params}.get(num_classes)
+        try:
+            model = build_model(name, num_classes=num_classes, input_shape=(image_size, image_size, 3), **head)
+        except ConfigError as exc:
+            if variants or skipped is None:
+                raise
+            skipped[name] = str(exc)
+            continue
+        # published counts: the LKA paper's at 14 classes, the attention study's (its Table 2) at 15; another head
+        # is not what they counted
+        published = None if head else {14: spec.paper_params, 15: spec.study_params}.get(num_classes)
         rows.append(dict(variant=name, params=trainable_params(model), gflops=gflops(model),
                          fvcore_gflops=fvcore_flops(model), paper_params=published,
-                         paper_gflops=spec.paper_gflops, preprocessing=spec.preprocessing,
+                         paper_gflops=None if head else spec.paper_gflops, preprocessing=spec.preprocessing,
                          imagenet=IMAGENET[spec.imagenet_source], description=spec.description))
         del model
         keras.backend.clear_session()  # keeps memory and layer-name counters flat over 15 builds
