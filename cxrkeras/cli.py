@@ -6,7 +6,7 @@ import sys
 import click
 
 from cxrkeras import __version__
-from cxrkeras.constants import (CHANNELS, EQUALIZE, HEATMAP_METHODS, PATIENT_SEXES, PATIENT_VIEWS, PREPROCESSING,
+from cxrkeras.constants import (CHANNELS, ENCODINGS, EQUALIZE, HEATMAP_METHODS, PATIENT_SEXES, PATIENT_VIEWS, PREPROCESSING,
                                 RECORD_FORMATS, STAGES, THRESHOLD_METHODS, VERIFY_MODES)
 from cxrkeras.errors import CxrError
 
@@ -505,7 +505,10 @@ def serve_cmd(model, host, port, name, keras_model, max_upload_mb, max_images, m
               help="train,val,test fractions of images (with 2 split lists: only train:val matters).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Split and shard-order seed.")
 @click.option("--image-size", default=256, show_default=True, type=click.IntRange(8, 4096),
-              help="Images are resized once to SIZE x SIZE and stored as lossless PNG.")
+              help="Images are resized once to SIZE x SIZE and stored as lossless PNG (or raw, --encoding).")
+@click.option("--encoding", default="png", show_default=True, type=_choice(ENCODINGS),
+              help="png: lossless PNG. raw: the uint8 pixels uncompressed (about 2x the disk, no decoding when "
+                   "read: the fastest input pipeline).")
 @click.option("--channels", default="1", show_default=True, type=_choice(CHANNELS),
               help="1 = grayscale (X-rays), 3 = RGB.")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1, 100_000),
@@ -551,7 +554,7 @@ def serve_cmd(model, host, port, name, keras_model, max_upload_mb, max_images, m
 def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split_fractions, seed, image_size,
                       channels, shard_size, workers, dry_run, strict, fmt, labels, path_column, labels_column,
                       patient_column, id_salt, no_progress, overwrite, subset, augment, boxes, augment_n,
-                      tail_labels, dadam_alpha, dadam_normal, dadam_correlation):
+                      tail_labels, dadam_alpha, dadam_normal, dadam_correlation, encoding):
     """Labels CSV + images -> patient-wise stratified train/val/test TFRecord shards and manifest.json."""
     split_lists = [p for item in split_list for p in item.split(",") if p] + list(more_split_lists)
     if more_split_lists and not split_list:
@@ -580,7 +583,7 @@ def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split
             image_size=image_size, channels=int(channels), shard_size=shard_size, workers=workers, dry_run=dry_run,
             strict=strict, format=fmt, labels=labels, path_column=path_column, labels_column=labels_column,
             patient_column=patient_column, id_salt=id_salt, progress=not no_progress, overwrite=overwrite,
-            subset=subset, augment=options, log=click.echo)
+            subset=subset, augment=options, encoding=encoding, log=click.echo)
     except Interrupted as exc:  # stopped by SIGTERM: one line, and the exit status a shell gives (143)
         error = click.ClickException(str(exc))
         error.exit_code = 128 + exc.signum

@@ -7,6 +7,7 @@ PREPROCESSING = ("torch", "caffe")  # input normalisation: ImageNet mean/std RGB
 EQUALIZE = ("hist", "clahe")  # contrast equalisation of the stored images (None: off)
 CHANNELS = (1, 3)  # records: grayscale or RGB
 RECORD_FORMATS = ("auto", "nih", "generic", "dicom")  # build-records --format
+ENCODINGS = ("png", "raw")  # build-records --encoding: lossless PNG, or the uint8 pixels uncompressed
 VERIFY_MODES = ("sha256", "size")  # how shards are checked against manifest.json before reading
 FILL_MODES = ("reflect", "nearest", "constant")  # augmentation: pixels outside the image
 PATIENT_SEXES = ("M", "F")  # patient features: sex one-hot order

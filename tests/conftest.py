@@ -27,13 +27,13 @@ def sample512():
     return os.path.join(SAMPLE_512, "Data_Entry_2017.csv"), os.path.join(SAMPLE_512, "images")
 
 
-def _write_tiny_records(out_dir, image_size=64, shard_size=40):
+def _write_tiny_records(out_dir, image_size=64, shard_size=40, encoding="png"):
     """Records of the 64 px sample made by `build_records` (patient-wise stratified split, ≥ 2 train shards)."""
     from cxrkeras.data.records import build_records
 
     csv_path, images = SAMPLE_64_CSV, os.path.join(SAMPLE_64, "images")
     build_records(csv_path, images, out_dir, image_size=image_size, channels=1, shard_size=shard_size, seed=0,
-                  workers=1, progress=False)
+                  workers=1, progress=False, encoding=encoding)
     return out_dir
 
 
@@ -41,6 +41,19 @@ def _write_tiny_records(out_dir, image_size=64, shard_size=40):
 def tiny_records(tmp_path_factory):
     """A records folder (64 px, 1 channel, train/val/test) built once per test session from the real sample."""
     return _write_tiny_records(str(tmp_path_factory.mktemp("records")))
+
+
+@pytest.fixture(scope="session")
+def tiny_raw_records(tmp_path_factory):
+    """The same records as `tiny_records`, built with `encoding="raw"` (uint8 pixels, no PNG)."""
+    return _write_tiny_records(str(tmp_path_factory.mktemp("records-raw")), encoding="raw")
+
+
+@pytest.fixture(params=["png", "raw"])
+def any_records(request):
+    """(encoding, records folder): each test that takes it runs on the PNG and on the raw records."""
+    name = "tiny_records" if request.param == "png" else "tiny_raw_records"
+    return request.param, request.getfixturevalue(name)
 
 
 @pytest.fixture

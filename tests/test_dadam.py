@@ -36,19 +36,25 @@ def _records(records, files):
     from cxrkeras.data import features as ft
     from cxrkeras.data.manifest import load_manifest
 
-    spec = ft.feature_spec(len(load_manifest(records)["labels"]))
+    manifest = load_manifest(records)
+    spec = ft.feature_spec(len(manifest["labels"]))
     out = {}
     for name in files:
         for raw in tf.data.TFRecordDataset(os.path.join(records, name)):
             ex = tf.io.parse_single_example(raw, spec)
-            out[ex[ft.IMAGE_ID].numpy().decode()] = (tf.io.decode_png(ex[ft.IMAGE_ENCODED]).numpy()[..., 0],
-                                                     ex[ft.LABELS].numpy(), ex[ft.PATIENT_ID].numpy().decode())
+            data = ex[ft.IMAGE_ENCODED].numpy()
+            if manifest.get("encoding", "png") == "raw":  # every shard, the synthetic ones too, in one encoding
+                image = np.frombuffer(data, np.uint8).reshape(int(ex[ft.IMAGE_HEIGHT]), int(ex[ft.IMAGE_WIDTH]))
+            else:
+                image = tf.io.decode_png(data).numpy()[..., 0]
+            out[ex[ft.IMAGE_ID].numpy().decode()] = (image, ex[ft.LABELS].numpy(), ex[ft.PATIENT_ID].numpy().decode())
     return out
 
 
-@pytest.fixture(scope="module")
-def augmented(tiny_records, tmp_path_factory):
-    """The tests' sample built again with DADAM, from a box file with boxes on images of every split."""
+@pytest.fixture(scope="module", params=["png", "raw"])
+def augmented(request, tiny_records, tmp_path_factory):
+    """The tests' sample built again with DADAM (PNG and raw records), from a box file with boxes on images of every
+    split."""
     from cxrkeras.data.dadam import DadamOptions
     from cxrkeras.data.records import build_records
 
@@ -68,7 +74,7 @@ def augmented(tiny_records, tmp_path_factory):
     out = str(root / "records")
     options = DadamOptions(boxes, n=60, tail_labels=TAIL, alpha=0.6, normal_fraction=0.5, correlation=-1.0, seed=3)
     build_records(SAMPLE_64_CSV, IMAGES, out, image_size=64, channels=1, shard_size=40, seed=0, workers=1,
-                  progress=False, augment=options, log=lambda *_: None)
+                  progress=False, augment=options, log=lambda *_: None, encoding=request.param)
     from cxrkeras.data.manifest import load_manifest
 
     return {"out": out, "boxes": boxes, "rows": rows, "by_split": by_split, "manifest": load_manifest(out),
@@ -161,7 +167,7 @@ def test_preview_draws_the_patches_and_a_plain_rebuild_removes_them(augmented, t
     copy = str(tmp_path / "copy")
     shutil.copytree(augmented["out"], copy)
     build_records(SAMPLE_64_CSV, IMAGES, copy, image_size=64, channels=1, shard_size=40, seed=0, workers=1,
-                  progress=False)  # the same build without --augment
+                  progress=False, encoding=augmented["manifest"].get("encoding", "png"))  # the same without --augment
     assert not any(f.startswith("train-dadam") or f.startswith("dadam") for f in os.listdir(copy))
     assert not inspect_records(copy).problems
 

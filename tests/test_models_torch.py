@@ -364,3 +364,52 @@ def test_thin_densenet_paper_layout_matches(tmp_path):
                         weights=path)
     x = _images((64, 64))
     assert np.max(np.abs(_keras_probs(model, x) - _torch_probs(reference, x, True))) <= TOLERANCE
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 7, 6), (3, 4, 4, 5), (1, 14, 11, 8)], ids=["9x7", "4x4", "14x11"])
+def test_lka_values_and_gradients_match_pytorch_and_the_keras_layers(shape):
+    """The LKA's depthwise convolutions run through `depthwise_same` (own kernel gradient): its output and its
+    gradients (input and every weight) equal the paper's PyTorch LKA module's, and the Keras sub-layers' own call."""
+    import tensorflow as tf
+    from torch_reference import LKA
+
+    from cxrkeras.models.lka import LargeKernelAttention
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=shape).astype("float32")
+    layer = LargeKernelAttention()
+    layer.build(shape)
+    for v in layer.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32") * 0.3)
+    reference = LKA(shape[-1])
+    with torch.no_grad():  # Keras (k, k, C, 1) depthwise / (1, 1, Cin, Cout) kernels -> PyTorch (Cout, Cin/groups, k, k)
+        for keras_layer, module in ((layer.conv0, reference.dw_conv1), (layer.conv_spatial, reference.dw_conv2)):
+            module.weight.copy_(torch.from_numpy(np.transpose(keras_layer.kernel.numpy(), (2, 3, 0, 1))))
+            module.bias.copy_(torch.from_numpy(keras_layer.bias.numpy()))
+        reference.pw_conv.weight.copy_(torch.from_numpy(np.transpose(layer.conv1.kernel.numpy(), (3, 2, 0, 1))))
+        reference.pw_conv.bias.copy_(torch.from_numpy(layer.conv1.bias.numpy()))
+
+    def keras_grads(fn):
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = fn(xt)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        return [y.numpy()] + [g.numpy() for g in tape.gradient(loss, [xt] + layer.trainable_weights)]
+
+    ours = keras_grads(layer)
+    layers = keras_grads(lambda t: t * layer.conv1(layer.conv_spatial(layer.conv0(t))))
+    xt = torch.from_numpy(np.transpose(x, (0, 3, 1, 2))).requires_grad_(True)
+    yt = reference(xt)
+    (yt * torch.sin(yt)).sum().backward()
+    nhwc = lambda t: np.transpose(t.detach().numpy(), (0, 2, 3, 1))  # noqa: E731
+    hwc1 = lambda t: np.transpose(t.detach().numpy(), (2, 3, 0, 1))  # noqa: E731
+    torch_side = [nhwc(yt), nhwc(xt.grad), hwc1(reference.dw_conv1.weight.grad), reference.dw_conv1.bias.grad.numpy(),
+                  hwc1(reference.dw_conv2.weight.grad), reference.dw_conv2.bias.grad.numpy(),
+                  np.transpose(reference.pw_conv.weight.grad.numpy(), (2, 3, 1, 0)), reference.pw_conv.bias.grad.numpy()]
+    names = ["output", "d input", "d conv0.kernel", "d conv0.bias", "d conv_spatial.kernel", "d conv_spatial.bias",
+             "d conv1.kernel", "d conv1.bias"]
+    for name, a, b, t in zip(names, ours, layers, torch_side):
+        scale = max(1.0, float(np.abs(t).max()))
+        np.testing.assert_allclose(a, t, atol=1e-5 * scale, err_msg=f"{name} vs PyTorch")
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale, err_msg=f"{name} vs the Keras layers")

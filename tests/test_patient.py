@@ -192,7 +192,7 @@ def test_patient_features_train_evaluate_export(patient_run, tiny_records):
 def test_patient_features_served_and_predicted(patient_run, tmp_path):
     from serve_helpers import multipart, running_server
 
-    version_dir, base = patient_run["export"]["path"], os.path.dirname(patient_run["export"]["path"])
+    base = os.path.dirname(patient_run["export"]["path"])
     images = os.path.join(os.path.dirname(CSV_64), "images")
     names = ["00000001_000.png", "00000003_001.png", "00000004_000.png"]
     blobs = [open(os.path.join(images, n), "rb").read() for n in names]

@@ -247,7 +247,7 @@ def test_paths_and_links_out_of_the_image_root_are_never_read(tmp_path, sample64
     inside_abs = str(root / "imgs" / names[3])
     rows = [f"imgs/{names[0]},Effusion,p0", f"imgs/{names[1]},,p1", f"imgs/{names[2]},Effusion,p2",
             f"{inside_abs},,p3", f"{elsewhere / 'passwd'},,p4", f"{secret},Effusion,p5",
-            f"../elsewhere/secret.png,,p6", "imgs/link.png,Effusion,p7", "linkdir/x.png,,p8",
+            "../elsewhere/secret.png,,p6", "imgs/link.png,Effusion,p7", "linkdir/x.png,,p8",
             "imgs/../../elsewhere/secret.png,,p9"]
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("path,labels,patient_id\n" + "\n".join(rows) + "\n")

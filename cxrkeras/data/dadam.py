@@ -73,7 +73,7 @@ def shard_name(i, n):
 # --- reading the training split's records ---
 
 
-def _records(paths, num_labels, keep=None):
+def _records(paths, num_labels, keep=None, encoding="png"):
     """Yield (index, fields) of every record of `paths` in order; the decoded image (uint8 [H, W, C]) only for the
     indices in `keep` (None: no image)."""
     import tensorflow as tf
@@ -91,7 +91,7 @@ def _records(paths, num_labels, keep=None):
                       "sex": ex[ft.SEX].numpy().decode("utf-8"), "view": ex[ft.VIEW].numpy().decode("utf-8"),
                       "split": ex[ft.SPLIT].numpy().decode("utf-8")}
             if keep is not None and index in keep:
-                fields["image"] = tf.io.decode_png(ex[ft.IMAGE_ENCODED]).numpy()
+                fields["image"] = ft.decode_pixels(ex, None, encoding).numpy()  # the records' own encoding
             yield index, fields
             index += 1
 
@@ -204,15 +204,17 @@ def augment_records(out, manifest, options, shard_size, progress=False, log=prin
     import tensorflow as tf
 
     from cxrkeras.data import features as ft
-    from cxrkeras.data.images import encode_png
+    from cxrkeras.data.images import encode_pixels
+    from cxrkeras.data.manifest import records_encoding
 
+    encoding = records_encoding(manifest)  # the synthetic shards are written as the records' other shards are
     labels = list(manifest["labels"])
     options.check(labels)
     boxes, bad_rows = read_boxes(options.boxes)
     info = manifest["splits"][TRAIN]
     base = [s for s in info["shards"] if not SHARD_RE.match(s["file"])]
     paths = [os.path.join(out, s["file"]) for s in base]
-    train = [fields for _, fields in _records(paths, len(labels))]
+    train = [fields for _, fields in _records(paths, len(labels), encoding=encoding)]
     wrong = [r["image_id"] for r in train if r["split"] not in ("", TRAIN)]
     if wrong:  # the records say where they belong: a donor or receiver must be a training image
         raise DataError(f"{out}: training shards hold records of another split (e.g. {wrong[0]}); re-build them")
@@ -250,12 +252,12 @@ def augment_records(out, manifest, options, shard_size, progress=False, log=prin
     plan = _plan(train, donors_of, tail, None if options.correlation is None else before, options, labels)
 
     donors = {box["donor"] for item in plan for _, box in item["patches"]}
-    images = {i: f["image"] for i, f in _records(paths, len(labels), keep=donors) if "image" in f}
+    images = {i: f["image"] for i, f in _records(paths, len(labels), keep=donors, encoding=encoding) if "image" in f}
     order = sorted(range(len(plan)), key=lambda k: (plan[k]["receiver"], k))  # one pass over the receivers
     receivers = {plan[k]["receiver"] for k in order}
     n_shards = max(1, math.ceil(len(plan) / int(shard_size)))
     written, rows = [], []
-    stream = ((i, f) for i, f in _records(paths, len(labels), keep=receivers) if i in receivers)
+    stream = ((i, f) for i, f in _records(paths, len(labels), keep=receivers, encoding=encoding) if i in receivers)
     current = next(stream, None)
     bar = None
     if progress:
@@ -278,10 +280,10 @@ def augment_records(out, manifest, options, shard_size, progress=False, log=prin
                                               float(options.alpha))
                         h, w = img.shape[:2]
                         c = 1 if img.ndim == 2 else img.shape[2]
-                        ex = ft.make_example(encode_png(img[..., 0] if c == 1 else img), h, w, c,
+                        ex = ft.make_example(encode_pixels(img[..., 0] if c == 1 else img, encoding), h, w, c,
                                              item["labels"].tolist(), item["id"], receiver["patient_id"],
                                              age=receiver["age"], sex=receiver["sex"], view=receiver["view"],
-                                             split=TRAIN)
+                                             split=TRAIN, encoding=encoding)
                         writer.write(ex.SerializeToString())
                         for (label, box), bound in zip(item["patches"], bounds):
                             donor = train[box["donor"]]

@@ -1,9 +1,12 @@
-"""The TFRecord schema: feature keys, the writer's `make_example` and the reader's feature spec, in one place."""
+"""The TFRecord schema: feature keys, the writer's `make_example`, the reader's feature spec and the one graph
+decoder of a record's pixels (`decode_pixels`, PNG or raw), in one place."""
 
 import tensorflow as tf
 
-IMAGE_ENCODED = "image/encoded"  # lossless PNG bytes
-IMAGE_FORMAT = "image/format"
+from cxrkeras.constants import ENCODINGS
+
+IMAGE_ENCODED = "image/encoded"  # lossless PNG bytes, or (encoding "raw") the uint8 pixels H x W x C, row-major
+IMAGE_FORMAT = "image/format"  # b"png" or b"raw"
 IMAGE_HEIGHT = "image/height"
 IMAGE_WIDTH = "image/width"
 IMAGE_CHANNELS = "image/channels"
@@ -32,7 +35,7 @@ def _str(value):
 
 
 def make_example(
-    image_png,
+    image_bytes,
     height,
     width,
     channels,
@@ -44,11 +47,17 @@ def make_example(
     sex="",
     view="",
     split="",
+    encoding="png",
 ):
-    """One record. `labels` is the multi-hot vector in manifest label order."""
+    """One record. `labels` is the multi-hot vector in manifest label order; `image_bytes` PNG bytes, or with
+    `encoding="raw"` the H*W*C uint8 pixels."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}: one of {ENCODINGS}")
+    if encoding == "raw" and len(image_bytes) != int(height) * int(width) * int(channels):
+        raise ValueError(f"raw image of {len(image_bytes)} bytes is not {height}x{width}x{channels}")
     feature = {
-        IMAGE_ENCODED: _bytes([image_png]),
-        IMAGE_FORMAT: _bytes([b"png"]),
+        IMAGE_ENCODED: _bytes([image_bytes]),
+        IMAGE_FORMAT: _bytes([encoding.encode("ascii")]),
         IMAGE_HEIGHT: _ints([int(height)]),
         IMAGE_WIDTH: _ints([int(width)]),
         IMAGE_CHANNELS: _ints([int(channels)]),
@@ -81,3 +90,22 @@ def feature_spec(num_labels):
         VIEW: tf.io.FixedLenFeature([], tf.string, default_value=b""),
         SPLIT: tf.io.FixedLenFeature([], tf.string, default_value=b""),
     }
+
+
+def decode_pixels(example, channels, encoding):
+    """The image of a parsed record (`example`: the dict `feature_spec` parses) as uint8 (H, W, C), for the
+    records' `encoding` (the manifest's; "png" when it records none). `channels` 1 or 3: converted to that (PNG)
+    or required (raw); None: as stored. Raw: `tf.io.decode_raw` reshaped to the record's height, width and
+    channels; bytes that are not exactly H*W*C raise InvalidArgumentError, as bad PNG bytes do (so the pipeline's
+    integrity check names the shard and record either way)."""
+    encoded = example[IMAGE_ENCODED]
+    if encoding == "raw":
+        stored = tf.cast(example[IMAGE_CHANNELS], tf.int32)
+        pixels = tf.io.decode_raw(encoded, tf.uint8)
+        shape = tf.stack([tf.cast(example[IMAGE_HEIGHT], tf.int32), tf.cast(example[IMAGE_WIDTH], tf.int32),
+                          stored if channels is None else tf.constant(channels, tf.int32)])
+        return tf.ensure_shape(tf.reshape(pixels, shape), [None, None, channels])
+    if encoding != "png":
+        raise ValueError(f"unknown records encoding {encoding!r}: one of {ENCODINGS}")
+    image = tf.io.decode_image(encoded, channels=channels or 0, dtype=tf.uint8, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, channels])

@@ -125,17 +125,23 @@ def encode_png(arr):
     return buf.getvalue()
 
 
-def encode_resized(arr, image_size):
-    """(png bytes, height, width, channels) of a uint8 image resized to `image_size`."""
+def encode_resized(arr, image_size, encoding="png"):
+    """(bytes, height, width, channels) of a uint8 image resized to `image_size`: lossless PNG, or with
+    `encoding="raw"` the pixels as they are (H x W x C uint8, row-major; about 2x the PNG's size on X-rays)."""
     arr = resize(arr, image_size)
-    return encode_png(arr), arr.shape[0], arr.shape[1], 1 if arr.ndim == 2 else arr.shape[2]
+    return encode_pixels(arr, encoding), arr.shape[0], arr.shape[1], 1 if arr.ndim == 2 else arr.shape[2]
 
 
-def load_encoded(path, image_size, channels=1):
-    """(png bytes, height, width, channels) of `path` resized to `image_size`; raises ImageError."""
+def encode_pixels(arr, encoding="png"):
+    """A record's image bytes of a uint8 image: PNG, or with `encoding="raw"` its pixels (row-major)."""
+    return np.ascontiguousarray(arr).tobytes() if encoding == "raw" else encode_png(arr)
+
+
+def load_encoded(path, image_size, channels=1, encoding="png"):
+    """(bytes, height, width, channels) of `path` resized to `image_size` (see encode_resized); raises ImageError."""
     if path is None:
         raise ImageError("file not found")
-    return encode_resized(read_image(path, channels), image_size)
+    return encode_resized(read_image(path, channels), image_size, encoding)
 
 
 def is_image_name(name):

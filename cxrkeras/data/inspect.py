@@ -49,6 +49,10 @@ def format_manifest(manifest):
                              f"{_pct(data[c]['positives'].get(label, 0), data[c]['images'])}")
     if not manifest.get("dry_run"):
         row("shards", lambda c: "" if c == "all" else f"{len(data[c].get('shards', []))}")
+        listed = [shard for s in splits for shard in infos[s].get("shards", [])]
+        size = sum(int(shard.get("bytes") or 0) for shard in listed)
+        lines.append(f"records: encoding {mf.records_encoding(manifest)}, {_megabytes(size)} in "
+                     f"{len(listed)} shard(s) ({_megabytes(size / max(1, total_images) * 1000)} per 1,000 images)")
     overlap = manifest.get("patient_overlap", {})
     pairs = ", ".join(f"{k} {v}" for k, v in overlap.get("pairs", {}).items())
     lines.append(f"shared patients: {pairs or 'not recorded'}")
@@ -67,6 +71,10 @@ def format_manifest(manifest):
     return "\n".join(lines)
 
 
+def _megabytes(n):
+    return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
+
+
 def subset_lines(subset):
     """The --subset report: targets, available and reached images per label (rarest first)."""
     of = subset["of"]
@@ -82,7 +90,7 @@ def subset_lines(subset):
     return lines
 
 
-def _read_shard(path, num_labels):
+def _read_shard(path, num_labels, encoding="png"):
     """(count, [(image id, patient id, split, labels)], image shape of the first record) of one shard."""
     import tensorflow as tf
 
@@ -95,8 +103,8 @@ def _read_shard(path, num_labels):
     for serialized in tf.data.TFRecordDataset(path).batch(1024):
         ex = tf.io.parse_example(serialized, keep)
         if first_image is None and int(tf.size(serialized)):
-            one = tf.io.parse_single_example(serialized[0], {features.IMAGE_ENCODED: spec[features.IMAGE_ENCODED]})
-            first_image = list(tf.io.decode_png(one[features.IMAGE_ENCODED]).shape.as_list())
+            one = tf.io.parse_single_example(serialized[0], spec)
+            first_image = list(features.decode_pixels(one, None, encoding).shape.as_list())
         for iid, pid, sp, y in zip(ex[features.IMAGE_ID].numpy(), ex[features.PATIENT_ID].numpy(),
                                    ex[features.SPLIT].numpy(), ex[features.LABELS].numpy()):
             rows.append((iid.decode(), pid.decode(), sp.decode(), y))
@@ -135,7 +143,7 @@ def inspect_records(records_dir):
                 problems.append(f"{shard['file']}: sha256 {digest[:12]}… differs from the manifest's "
                                 f"{shard['sha256'][:12]}…; the file changed after it was built (re-run build-records)")
             try:
-                count, rows, shape = _read_shard(path, len(labels))
+                count, rows, shape = _read_shard(path, len(labels), mf.records_encoding(manifest))
             except (tf.errors.OpError, ValueError) as exc:
                 problems.append(f"{shard['file']}: cannot be read as TFRecords ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0][:200]}); re-run build-records")

@@ -3,6 +3,7 @@
 Schema (keys every reader may rely on):
   tool_version: str; created: ISO time; options: dict of resolved build options
   csv: {path, sha256}; labels: [str] (the multi-hot order); image_size: [height, width]; channels: int
+  encoding: "png" | "raw" (how image/encoded holds the pixels; absent in folders built before it: png)
   splits: {split_name: {images, patients, no_finding, positives: {label: int},
                         shards: [{file, records, sha256}]}}
   patient_overlap: {pairs: {"train/val": 0, ...}, ok: bool}
@@ -22,7 +23,7 @@ and options of the build writing the folder) and .lock (flock'ed by that build).
 import json
 import os
 
-from cxrkeras.constants import VERIFY_MODES
+from cxrkeras.constants import ENCODINGS, VERIFY_MODES
 from cxrkeras.errors import DataError
 from cxrkeras.fileio import json_text, read_json, read_json_or, write_json
 
@@ -50,7 +51,15 @@ def load_manifest(records_dir):
     for key in ("labels", "splits"):
         if key not in manifest:
             raise DataError(f"{path}: field {key!r} is missing; re-run `cxrkeras build-records`")
+    if manifest.get("encoding", "png") not in ENCODINGS:
+        raise DataError(f"{path}: encoding {manifest.get('encoding')!r} is not one of {', '.join(ENCODINGS)}; "
+                        f"re-run `cxrkeras build-records` (a newer cxrkeras may have written it)")
     return manifest
+
+
+def records_encoding(manifest):
+    """How the records hold their pixels: "png" (also folders built before the encoding was recorded) or "raw"."""
+    return manifest.get("encoding", "png")
 
 
 def split_info(manifest, split, records_dir="<records>"):

@@ -2,8 +2,8 @@
 
 Order of operations:
   shard files (shuffled in training) -> parallel interleave of the shards' records, each with (shard, record
-  number) -> ONE parallel map: parse (features.feature_spec), stage flag, decode PNG as uint8 in the records'
-  channels, [equalise], bring to one size -> record-integrity check -> drop the rows the stage filters out
+  number) -> ONE parallel map: parse (features.feature_spec), stage flag, decode the pixels as uint8 in the
+  records' channels (PNG, or raw records: `tf.io.decode_raw`, no decoding work), [equalise], bring to one size -> record-integrity check -> drop the rows the stage filters out
   -> [cache] -> [shuffle] -> [repeat] -> batch (the GLOBAL batch)
   -> training: vectorised augmentation of the whole batch (random crop + zoom, rotation, flip: one bilinear warp
      per image, XLA-compiled, seeds from a seeded stream) -> 3 channels + ImageNet normalisation (one matmul)
@@ -107,7 +107,8 @@ def _read_records(paths, counts, shuffle, seed, deterministic):
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
-def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None, no_finding_class=False):
+def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None, no_finding_class=False,
+             encoding="png"):
     """(shard, index, serialized, is_end) -> (shard, index, is_end, image uint8 HxWxC, labels, image id, patient id,
     keep, patient features [F] (F = 0 without an encoder), what is wrong with them ("" when nothing))."""
     spec = features.feature_spec(num_labels)
@@ -115,9 +116,9 @@ def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None,
     placeholder = (tf.zeros([1, 1, channels], tf.uint8), tf.zeros([num_labels + int(no_finding_class)], tf.int64),
                    tf.constant(""), tf.constant(""), tf.constant(False), tf.zeros([width]), tf.constant(""))
 
-    def decode(image_bytes):
-        image = tf.io.decode_image(image_bytes, channels=channels, dtype=tf.uint8, expand_animations=False)
-        image = preprocessor.equalize_stored(tf.ensure_shape(image, [None, None, channels]))
+    def decode(ex):
+        image = features.decode_pixels(ex, channels, encoding)
+        image = preprocessor.equalize_stored(image)
         if work_size is not None:
             # records are one size by construction; a record of another size is resized, never fails the batch
             image = tf.cond(
@@ -134,7 +135,7 @@ def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None,
         if no_finding_class:  # the 'No Finding' class: none of the records' labels is positive
             labels = tf.concat([labels, tf.cast([tf.reduce_all(labels <= 0)], tf.int64)], 0)
         # rows the stage drops are not decoded (cheap placeholder); they still pass the integrity check.
-        image = tf.cond(keep, lambda: decode(ex[features.IMAGE_ENCODED]), lambda: placeholder[0])
+        image = tf.cond(keep, lambda: decode(ex), lambda: placeholder[0])
         if patient is None:
             values, problem = placeholder[5], placeholder[6]
         else:
@@ -279,7 +280,9 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
 
     ds = _read_records(paths, counts, training, seed, deterministic)
     # one parallel map decodes for all shards; deterministic so each shard's records stay in order for the check
-    ds = ds.map(_decoder(num_labels, channels, stage, preprocessor, work_size, patient, no_finding_class),
+    decoder = _decoder(num_labels, channels, stage, preprocessor, work_size, patient, no_finding_class,
+                       manifest_lib.records_encoding(manifest))
+    ds = ds.map(decoder,
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True).ignore_errors()  # a bad image: its element is dropped, the check names it
     names = [os.path.basename(p) for p in paths]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cxrkeras import __version__
-from cxrkeras.constants import SPLITS
+from cxrkeras.constants import ENCODINGS, SPLITS
 from cxrkeras.data import images as imglib
 from cxrkeras.data import manifest as mf
 from cxrkeras.data import shards, sources, split
@@ -146,11 +146,13 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
                   image_size=256, channels=1, shard_size=1000, workers=None, dry_run=False, strict=False,
                   format="auto", labels=None, path_column="path", labels_column="labels",
                   patient_column="patient_id", id_salt="", progress=True, overwrite=False, subset=None, augment=None,
-                  log=print):
+                  encoding="png", log=print):
     """Build (or finish, or confirm) a records folder; returns a BuildReport whose `.manifest` is what was saved.
 
     `subset`: a class-targeted subset of the CSV, e.g. "per-label=2000,no-finding=10000" (cxrkeras.data.subset:
     whole patients, rarest labels first, seeded by `seed`); the manifest's "subset" records targets and reached.
+    `encoding`: "png" (lossless, the default) or "raw" (the uint8 pixels uncompressed: about 2x the bytes on
+    X-rays, no decode when read, faster to write); recorded in the manifest ("encoding") and its fingerprint.
 
     Same inputs twice → nothing is rewritten; an interrupted run re-run writes only the missing shards.
     Records of another CSV or other options in `out` are refused unless `overwrite`; so is a second build of
@@ -162,6 +164,8 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
     started = time.perf_counter()
     fractions = split.parse_fractions(split_fractions)
     workers = _check_options(image_size, channels, shard_size, workers, dry_run)
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"--encoding {encoding!r}: choose one of {', '.join(ENCODINGS)}")
     if split_lists and len(split_lists) not in (2, 3):
         raise ConfigError(f"--split-lists takes 2 files (train_val, test) or 3 (train, val, test); got {len(split_lists)}")
     label_list = labels if isinstance(labels, (tuple, list)) or labels is None else sources.read_label_list(labels)
@@ -187,7 +191,7 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
     with shards.folder_lock(out):
         report = _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fractions, int(seed),
                         int(image_size), int(channels), int(shard_size), workers, dry_run, strict, path_column,
-                        labels_column, patient_column, id_salt, progress, overwrite, started, subset_info)
+                        labels_column, patient_column, id_salt, progress, overwrite, started, subset_info, encoding)
         if augment is not None:
             from cxrkeras.data.dadam import augment_records
 
@@ -199,7 +203,7 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
 
 def _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fractions, seed, image_size, channels,
            shard_size, workers, dry_run, strict, path_column, labels_column, patient_column, id_salt, progress,
-           overwrite, started, subset_info=None):
+           overwrite, started, subset_info=None, encoding="png"):
     assign, list_info = _assign(table, split_lists, fractions, seed)
     if not (assign >= 0).any():
         raise DataError(f"empty selection: none of the {len(table)} rows of {csv} is in the split lists "
@@ -208,7 +212,7 @@ def _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fra
         "csv": os.path.abspath(csv), "images": None if dry_run else os.path.abspath(images),
         "out": os.path.abspath(out), "format": table.format, "split_lists": [os.path.abspath(p) for p in split_lists],
         "split_fractions": list(fractions), "seed": seed, "image_size": image_size,
-        "channels": channels, "shard_size": shard_size, "strict": bool(strict), "dry_run": bool(dry_run),
+        "channels": channels, "encoding": encoding, "shard_size": shard_size, "strict": bool(strict), "dry_run": bool(dry_run),
         "labels": list(table.labels), "path_column": path_column if table.format != "nih" else None,
         "labels_column": labels_column if table.format != "nih" else None,
         "patient_column": patient_column if table.format != "nih" else None,
@@ -219,7 +223,8 @@ def _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fra
         "record_format": RECORD_FORMAT, "csv_sha256": csv_sha,
         "lists": [f["sha256"] for f in list_info.get("files", [])],
         "salt": shards.sha256_text(id_salt), **{k: options[k] for k in FINGERPRINT_OPTIONS},
-        **({"subset": options["subset"]} if subset_info else {})}))  # none without --subset: older folders match
+        **({"subset": options["subset"]} if subset_info else {}),
+        **({"encoding": encoding} if encoding != "png" else {})}))  # none for defaults: older folders match
     build = {"fingerprint": fingerprint, "record_format": RECORD_FORMAT, "options": options,
              "csv": {"path": os.path.abspath(csv), "sha256": csv_sha},
              "split_lists": [f["sha256"] for f in list_info.get("files", [])]}
@@ -234,7 +239,7 @@ def _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fra
         "split_method": "lists" if split_lists and len(split_lists) == 3 else
                         "lists+stratified-val" if split_lists else "stratified-patient-greedy",
         "labels": list(table.labels), "no_finding_label": NO_FINDING,
-        "image_size": [image_size, image_size], "channels": channels,
+        "image_size": [image_size, image_size], "channels": channels, "encoding": encoding,
         "unreadable_values": {column: {"count": len(rows), "rows": rows[:_MAX_IN_MANIFEST]}
                               for column, rows in table.unreadable.items()},
         **({"subset": subset_info} if subset_info else {}),
@@ -290,7 +295,7 @@ def _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fra
         try:
             with stop_on_sigterm():
                 workers = shards.write_shards(out, todo, table, split_of, paths, reasons, image_size, channels, workers,
-                                        strict, progress, receipts)
+                                        strict, progress, receipts, encoding)
         except (Interrupted, WorkerDied) as exc:
             done = len(receipts)
             total = len(planned)
@@ -391,6 +396,8 @@ def _option_differences(old, new):
     before, now = old.get("options") or {}, new["options"]
     diffs = [f"{key} {before.get(key)!r} -> {now[key]!r}" for key in FINGERPRINT_OPTIONS
              if key in before and before.get(key) != now[key]]
+    if before.get("encoding", "png") != now.get("encoding", "png"):
+        diffs.append(f"--encoding {before.get('encoding', 'png')} -> {now.get('encoding', 'png')}")
     if before.get("subset") != now.get("subset"):
         diffs.append(f"--subset {before.get('subset')!r} -> {now.get('subset')!r}")
     lists = old.get("split_lists")

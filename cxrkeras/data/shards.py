@@ -80,12 +80,12 @@ def sha256_text(text):
 
 
 def _encode_task(task):
-    """Worker: (path, size, channels) → (png, h, w, c, source (h, w), None) or (None, 0, 0, 0, None, reason).
-    Pure PIL/numpy, no TF."""
-    path, image_size, channels = task
+    """Worker: (path, size, channels, encoding) → (bytes, h, w, c, source (h, w), None) or
+    (None, 0, 0, 0, None, reason). Pure PIL/numpy, no TF."""
+    path, image_size, channels, encoding = task
     try:
         source = imglib.read_image(path, channels)
-        return imglib.encode_resized(source, image_size) + (source.shape[:2], None)
+        return imglib.encode_resized(source, image_size, encoding) + (source.shape[:2], None)
     except imglib.ImageError as exc:
         return None, 0, 0, 0, None, exc.reason
     except Exception as exc:  # a decoder bug must not kill the whole build: report the file and go on
@@ -148,7 +148,7 @@ def clean_folder(out, planned_files):
 
 
 def write_shards(out, todo, table, assign_names, paths, reasons, image_size, channels, workers, strict, progress,
-                  receipts):
+                  receipts, encoding="png"):
     """Write the shards of `todo` [(file, rows, plan)], each to a temp name then renamed; each finished shard's
     receipt goes into `receipts` at once (so a caller that catches an error knows what was finished)."""
     import tensorflow as tf
@@ -157,7 +157,7 @@ def write_shards(out, todo, table, assign_names, paths, reasons, image_size, cha
     from cxrkeras.data import features
 
     os.makedirs(os.path.join(out, RECEIPTS), exist_ok=True)
-    tasks = [(paths[j], (image_size, image_size), channels) for _, rows, _ in todo for j in rows if paths[j]]
+    tasks = [(paths[j], (image_size, image_size), channels, encoding) for _, rows, _ in todo for j in rows if paths[j]]
     pool = None
     workers = min(workers, max(1, len(tasks) // MIN_TASKS_PER_WORKER))
     fn = _encode_task  # looked up now: a module-level function, so it can travel to the workers by name
@@ -194,7 +194,7 @@ def write_shards(out, todo, table, assign_names, paths, reasons, image_size, cha
                         ex = features.make_example(
                             png, h, w, c, table.y[j].tolist(), table.image_id[j], table.patient_id[j],
                             follow_up=int(table.follow_up[j]), age=int(table.age[j]), sex=table.sex[j],
-                            view=table.view[j], split=split_name)
+                            view=table.view[j], split=split_name, encoding=encoding)
                         writer.write(ex.SerializeToString())
                         count += 1
                 digest, size = sha256_file(tmp), os.path.getsize(tmp)
