@@ -141,7 +141,7 @@ def train_segmentation(config, log=print):
                                                  save_best_only=True)]
     history = model.fit(dataset(preprocessor, images[train], masks[train], config.batch_size, config.seed),
                         validation_data=dataset(preprocessor, images[val], masks[val], config.batch_size)
-                        if val.any() else None, epochs=config.epochs, callbacks=callbacks, verbose=0)
+                        if val.any() else None, epochs=config.epochs, callbacks=callbacks, shuffle=False, verbose=0)  # tf.data shuffles
     best = load_keras_model(path)
     probs = predict_masks(best, preprocessor, images, config.batch_size)
     dice, iou = dice_iou(probs >= 0.5, masks > 0.5)
