@@ -43,6 +43,22 @@ def tiny_records(tmp_path_factory):
     return _write_tiny_records(str(tmp_path_factory.mktemp("records")))
 
 
+@pytest.fixture(scope="session")
+def trained_unet(tmp_path_factory):
+    """A small U-Net trained on 48 synthetic disc images (32 px): its folder, data and metrics."""
+    from segmentation_helpers import write_shapes
+
+    from cxrkeras.segmentation.train import SegmentationConfig, train_segmentation
+
+    root = str(tmp_path_factory.mktemp("shapes"))
+    images, masks = write_shapes(root, 48, size=32)
+    out = os.path.join(root, "unet")
+    config = SegmentationConfig(images=images, masks=masks, out=out, image_size=32, depth=2, width=8, epochs=15,
+                                batch_size=8, lr=3e-3, seed=0)
+    metrics = train_segmentation(config, log=lambda *_: None)
+    return dict(root=root, images=images, masks=masks, out=out, metrics=metrics)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -17,20 +17,12 @@ from cxrkeras.segmentation.metrics import dice_iou
 from cxrkeras.segmentation.pairs import find_pairs, read_pair
 from cxrkeras.segmentation.train import SegmentationConfig, train_segmentation
 
-FAST = dict(image_size=32, depth=2, width=8, epochs=15, batch_size=8, lr=3e-3, seed=0)
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("shapes"))
-    images, masks = write_shapes(root, 48, size=32)
-    out = os.path.join(root, "unet")
-    metrics = train_segmentation(SegmentationConfig(images=images, masks=masks, out=out, **FAST),
-                                 log=lambda *_: None)
-    return dict(root=root, images=images, masks=masks, out=out, metrics=metrics)
+def trained(trained_unet):
+    return trained_unet
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300)  # the session's U-Net is trained in its setup
 def test_unet_learns_a_synthetic_shape(trained):
     splits = trained["metrics"]["splits"]
     assert splits["train"]["n"] + splits["val"]["n"] + splits["test"]["n"] == 48 and splits["test"]["n"] >= 5
