@@ -324,6 +324,37 @@ def segment_cmd(images, model_path, out, threshold):
     click.echo(f"{len(entries)} mask(s) and overlays written to {out}")
 
 
+@cli.command("hybrid")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True),
+              help="A run folder (its best model) or a .keras file: its embedding and its outputs.")
+@click.option("--records", type=click.Path(file_okay=False), help="Records folder (default: the run's).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder [default: <run>/hybrid].")
+@click.option("--classifier", default="logistic", show_default=True, type=click.Choice(["logistic", "mlp"]),
+              help="Per label: L2 logistic regression or a one-hidden-layer MLP (grid chosen by validation AUC).")
+@click.option("--equalize", default="hist", show_default=True, type=_choice(EQUALIZE),
+              help="Equalisation of the image the texture features are computed from.")
+@click.option("--texture-size", default=64, show_default=True, type=click.IntRange(16, 512),
+              help="Square size of that image.")
+@click.option("--hog-orientations", default=9, show_default=True, type=click.IntRange(1, 36))
+@click.option("--hog-cell", default=8, show_default=True, type=click.IntRange(2, 128), help="HOG pixels per cell.")
+@click.option("--hog-block", default=2, show_default=True, type=click.IntRange(1, 16), help="HOG cells per block.")
+@click.option("--lbp-points", default=8, show_default=True, type=click.IntRange(4, 32))
+@click.option("--lbp-radius", default=1.0, show_default=True, type=click.FloatRange(1, 16))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Patient bootstrap resamples for the AUC CIs.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def hybrid_cmd(run_dir, records, out_dir, classifier, equalize, texture_size, hog_orientations, hog_cell, hog_block,
+               lbp_points, lbp_radius, batch_size, n_boot, seed):
+    """HOG + LBP (+ the model's embedding) with a scikit-learn classifier per label, against the CNN alone."""
+    from cxrkeras.hybrid.run import hybrid
+    from cxrkeras.hybrid.texture import TextureParams
+
+    params = TextureParams(size=texture_size, orientations=hog_orientations, pixels_per_cell=hog_cell,
+                           cells_per_block=hog_block, lbp_points=lbp_points, lbp_radius=lbp_radius)
+    hybrid(run_dir, records, out_dir, classifier, params, equalize, batch_size, n_boot, seed, log=click.echo)
+
+
 @cli.command("evaluate")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
               help="Run folder (runs/<name>): its best model (stage 2, else stage 1) and its records.")
