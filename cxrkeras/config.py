@@ -68,7 +68,8 @@ class ModelConfig:
                                        "for plain VGG16)")
     overrides: dict = doc(None, "extra build_model options: lka_blocks, lka_form, width_multiplier, blocks, "
                           "bn_epsilon, bn_momentum (Keras momentum = 1 - PyTorch's), final_relu, attention "
-                          "(DenseNet: none | a | b)", dict)
+                          "(DenseNet: none | a | b), lstm_units, attention_heads, attention_key_dim "
+                          "(efficientnetb2-lstm-mha)", dict)
     patient_features: bool = doc(False, "true: a second input (age normalised with the training split's mean/sd, "
                                  "sex and view one-hot) -> Dense(3)+ReLU, concatenated before the classifier")
 
