@@ -44,6 +44,18 @@ def tiny_records(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def thin_model(tmp_path_factory):
+    """A thin untrained DenseNet121 + LKA (after norm5) at 64 px, saved as .keras: the explain tests' classifier."""
+    from cxrkeras import models
+
+    model = models.build_model("densenet121-lka-after", input_shape=(64, 64, 3), width_multiplier=0.125,
+                               blocks=(1, 1, 1, 1))
+    path = str(tmp_path_factory.mktemp("model") / "thin.keras")
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def trained_unet(tmp_path_factory):
     """A small U-Net trained on 48 synthetic disc images (32 px): its folder, data and metrics."""
     from segmentation_helpers import write_shapes

@@ -31,17 +31,6 @@ def test_fusion_rule():
         fuse(g, m, 1.5)
 
 
-@pytest.fixture(scope="module")
-def thin_model(tmp_path_factory):
-    from cxrkeras import models
-
-    model = models.build_model("densenet121-lka-after", input_shape=(64, 64, 3), width_multiplier=0.125,
-                               blocks=(1, 1, 1, 1))
-    path = str(tmp_path_factory.mktemp("model") / "thin.keras")
-    model.save(path)
-    return path
-
-
 @pytest.mark.timeout(300)  # may train the session's U-Net
 def test_localize_scores_gradcam_mask_and_fusion(thin_model, trained_unet):
     from cxrkeras.explain.localize import format_table, localize

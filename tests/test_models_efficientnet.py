@@ -4,10 +4,10 @@ the sequence head, a training step and the SavedModel export checked in a fresh 
 import json
 import os
 
-import h5py
 import numpy as np
 import pytest
 import yaml
+from weights_helpers import write_legacy_h5
 
 import keras
 
@@ -15,19 +15,6 @@ from cxrkeras.errors import ConfigError
 from cxrkeras.models import build_model, model_info, trainable_params
 
 TINY = dict(input_shape=(32, 32, 3), width_multiplier=0.125)
-
-
-def _write_legacy_h5(model, path):
-    """The layer_names / weight_names layout of keras.applications' ImageNet .h5 files (Keras 2 save_weights)."""
-    with h5py.File(path, "w") as f:
-        names = [layer.name for layer in model.layers if layer.weights]
-        f.attrs["layer_names"] = [n.encode() for n in names]
-        for name in names:
-            group = f.create_group(name)
-            weights = model.get_layer(name).weights
-            group.attrs["weight_names"] = [f"{name}/{w.name}:0".encode() for w in weights]
-            for w in weights:
-                group.create_dataset(f"{name}/{w.name}:0", data=np.asarray(w))
 
 
 def _randomise(model, rng):
@@ -54,7 +41,7 @@ def test_backbone_equals_keras_applications_through_its_imagenet_file_layout(tmp
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     norm.set_weights([w for w in (mean, std ** 2, np.array(0))][:len(norm.get_weights())])
     path = str(tmp_path / "efficientnetb2_notop.h5")
-    _write_legacy_h5(reference, path)
+    write_legacy_h5(reference, path)
 
     model = build_model("efficientnetb2-lstm-mha", num_classes=2, input_shape=(64, 64, 3), weights=path)
     assert "normalization" in model.weights_report  # the file's input layer is left unused: no double normalisation
@@ -119,3 +106,31 @@ def test_trains_a_step_and_serves_through_the_savedmodel(tiny_records, tmp_path)
                     log=lambda *_: None)
     check = result["verification"]
     assert os.path.isdir(result["path"]) and check["max_abs_diff_images"] <= 1e-5
+
+
+def test_imagenet_file_name_offline_and_the_added_layers(monkeypatch):
+    """weights='imagenet' asks for keras.applications' efficientnetb2_notop.h5 (named with its URL when offline);
+    the sequence head is an added layer (kept trainable while the backbone is frozen)."""
+    from cxrkeras.models.parts import added_layers
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(ConfigError, match="https://storage.googleapis.com/keras-applications/efficientnetb2_notop.h5"
+                                          ".*weights='/path/to/efficientnetb2_notop.h5'"):
+        build_model("efficientnetb2-lstm-mha", input_shape=(64, 64, 3), weights="imagenet")
+    with pytest.raises(ConfigError, match="full-width"):
+        build_model("efficientnetb2-lstm-mha", weights="imagenet", **TINY)
+    added = added_layers(build_model("efficientnetb2-lstm-mha", **TINY))
+    assert added == ["seq_lstm", "seq_mha", "predictions"]
+
+
+def test_models_table_prints_the_measured_ratio_to_resnet50():
+    from cxrkeras.models.summary import format_table, variant_rows
+
+    rows = variant_rows(["efficientnetb2-lstm-mha"], image_size=64)  # brings ResNet-50 in beside it
+    assert [r["variant"] for r in rows] == ["efficientnetb2-lstm-mha", "resnet50"]
+    ratio = rows[0]["params"] / rows[1]["params"]
+    assert rows[1]["params"] == 23_534_592 + 2048 * 14 + 14  # keras.applications' ResNet50 notop + the head
+    assert f"= {ratio:.3f} ({100 * (1 - ratio):.1f}% fewer)" in format_table(rows, 64)

@@ -17,8 +17,8 @@ def layer_multiply_adds(layer, include_bn=False, convention="macs"):
     """Operations of one layer for one input image.
 
     "macs": convolutions, depthwise convolutions, dense layers, LSTM gates, multi-head attention (projections and
-    both attention products), the attention gates' weighted sums (Dot) and the
-    LKA gating product count one per multiply-add; biases, activations, pooling and concatenation count nothing; batch norm counts nothing unless
+    both attention products), the attention gates' weighted sums (Dot) and the LKA gating product count one per
+    multiply-add; biases, activations, pooling and concatenation count nothing; batch norm counts nothing unless
     `include_bn` (it folds into the preceding convolution at inference), then one per element.
     "fvcore": what fvcore's FlopCountAnalysis reports for the paper's PyTorch modules in eval mode, the paper's
     GFLOPs: convolutions, linear layers and matrix products (the gates' Dot) as multiply-adds, batch norm 2 per

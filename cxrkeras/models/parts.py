@@ -16,8 +16,8 @@ def is_added(layer):
     from cxrkeras.models.lka import LargeKernelAttention
 
     name = layer.name
-    return (isinstance(layer, LargeKernelAttention) or name in HEAD_LAYERS or name.startswith((PATIENT_PREFIX, SEQUENCE_PREFIX))
-            or name.startswith(ATTENTION_PREFIXES))
+    return (isinstance(layer, LargeKernelAttention) or name in HEAD_LAYERS
+            or name.startswith((PATIENT_PREFIX, SEQUENCE_PREFIX) + tuple(ATTENTION_PREFIXES)))
 
 
 def added_layers(model):

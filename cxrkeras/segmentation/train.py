@@ -39,7 +39,8 @@ class SegmentationConfig:
         from cxrkeras.data.split import parse_fractions
 
         for key, value, lo, hi in (("image_size", self.image_size, 16, MAX_IMAGE_SIZE),
-                                   ("epochs", self.epochs, 1, MAX_EPOCHS), ("batch_size", self.batch_size, 1, MAX_BATCH)):
+                                   ("epochs", self.epochs, 1, MAX_EPOCHS),
+                                   ("batch_size", self.batch_size, 1, MAX_BATCH)):
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ConfigError(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
         if not 0 < float(self.lr) < 1:
@@ -141,7 +142,8 @@ def train_segmentation(config, log=print):
                                                  save_best_only=True)]
     history = model.fit(dataset(preprocessor, images[train], masks[train], config.batch_size, config.seed),
                         validation_data=dataset(preprocessor, images[val], masks[val], config.batch_size)
-                        if val.any() else None, epochs=config.epochs, callbacks=callbacks, shuffle=False, verbose=0)  # tf.data shuffles
+                        if val.any() else None, epochs=config.epochs, callbacks=callbacks,
+                        shuffle=False, verbose=0)  # the dataset shuffles itself
     best = load_keras_model(path)
     probs = predict_masks(best, preprocessor, images, config.batch_size)
     dice, iou = dice_iou(probs >= 0.5, masks > 0.5)
