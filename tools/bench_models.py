@@ -1,4 +1,5 @@
-"""Training-step throughput of the paper's LKA variants vs their no-LKA baselines, beside their FLOP ratios.
+"""Training-step throughput of the paper's LKA variants vs their no-LKA baselines, and of the lightweight
+EfficientNet-B2 + LSTM + attention model vs ResNet-50, beside their FLOP ratios.
 
 Usage: .venv/bin/python tools/bench_models.py [--batch 4] [--steps 6] [--size 224] [--variants a,b,...]
 Each backbone's models are built and warmed up together, then timed in interleaved rounds (one step of each model
@@ -13,7 +14,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PAIRS = (("densenet121", ("densenet121-lka-after", "densenet121-lka-last2", "densenet121-lka-full")),
-         ("vgg16-bn", ("vgg16-lka-after", "vgg16-lka-last3", "vgg16-lka-full")))
+         ("vgg16-bn", ("vgg16-lka-after", "vgg16-lka-last3", "vgg16-lka-full")),
+         ("resnet50", ("efficientnetb2-lstm-mha",)))
 
 
 def time_group(names, batch, steps, size):
@@ -47,14 +49,14 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--variants", default=None, help="comma-separated LKA variants (default: the paper's six)")
+    parser.add_argument("--variants", default=None, help="comma-separated variants (default: the paper's six and efficientnetb2-lstm-mha)")
     args = parser.parse_args()
     wanted = set(args.variants.split(",")) if args.variants else None
     import tensorflow as tf
 
     print(f"training step (Adam, BCE), batch {args.batch}, median of {args.steps} interleaved steps, "
           f"{args.size}x{args.size}, float32, CPU ({os.cpu_count()} cores, TF {tf.__version__}); "
-          "ratios vs the no-LKA baseline above each group (time ratio = time per image / baseline's)")
+          "ratios vs the baseline above each group (time ratio = time per image / baseline's)")
     print(f"{'variant':24s} {'GFLOPs':>7s} {'FLOP ratio':>10s} {'img/s':>7s} {'time ratio':>10s}", flush=True)
     for baseline, variants in PAIRS:
         variants = [v for v in variants if wanted is None or v in wanted]

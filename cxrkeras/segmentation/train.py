@@ -13,6 +13,7 @@ from cxrkeras.errors import ConfigError, DataError
 
 MODEL_FILE = "unet.keras"
 MAX_IMAGE_SIZE, MAX_EPOCHS, MAX_BATCH = 1024, 10_000, 1024
+MAX_MEMORY = 16 << 30  # images (uint8) and masks (float32) are held in memory at the training size
 
 
 @dataclasses.dataclass
@@ -79,6 +80,10 @@ def load_pairs(config, log=print):
     from cxrkeras.segmentation.pairs import find_pairs, read_pair
 
     pairs = find_pairs(config.images, config.masks)
+    need = len(pairs) * config.image_size ** 2 * 5
+    if need > MAX_MEMORY:
+        raise ConfigError(f"{len(pairs):,} pairs at {config.image_size} px need {need / 2 ** 30:.1f} GiB in memory, "
+                          f"over the {MAX_MEMORY >> 30} GiB limit: lower --image-size")
     images, masks = [], []
     for name, image_path, mask_path in pairs:
         image, mask = read_pair(name, image_path, mask_path, config.image_size)
