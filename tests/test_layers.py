@@ -43,7 +43,7 @@ CASES = {
          _FEATURES, (2, 3), 2, None),
     ],
     "cxrkeras>MaskOutput": [
-        (dict(filters=1, kernel_size=1, depth=2, width=4,
+        (dict(filters=1, kernel_size=(1, 1), depth=2, width=4,
               preprocessor={"image_size": 64, "preprocessing": "torch", "equalize": None, "stored_size": None,
                             "channels": 1}),
          _X, (2, 9, 7, 1), 2, None),
