@@ -181,6 +181,37 @@ def test_gradcam_of_a_gated_model_with_patient_features(tmp_path):
     assert model.get_layer("predictions").kernel.shape[0] == 3 * 8 + 3  # 3 attended vectors of g (8) + branch
 
 
+def test_gradcam_of_att_b_on_one_image_and_several_classes(monkeypatch):
+    """One image, several classes: TF's batch_jacobian cannot vectorise att-B's gate gradients at batch size 1
+    (pfor fails on a BiasAddGrad); the engine then takes the loop-based jacobian, and each class's heatmap equals the
+    one-class path (a plain tape.gradient)."""
+    import tensorflow as tf
+
+    from cxrkeras.explain.engine import HeatmapEngine
+
+    used_pfor = []
+    original = tf.GradientTape.batch_jacobian
+
+    def spy(self, *args, **kwargs):
+        used_pfor.append(kwargs.get("experimental_use_pfor", True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf.GradientTape, "batch_jacobian", spy)
+    keras.utils.set_random_seed(0)
+    model = build_model("densenet121-att-b", num_classes=15, input_shape=(32, 32, 3), patient_features=True,
+                        blocks=[1, 1, 1, 1], width_multiplier=0.125)
+    rng = np.random.default_rng(0)
+    x, f = rng.random((1, 32, 32, 3)).astype("float32"), rng.random((1, 5)).astype("float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = HeatmapEngine(model, "pool4_pool")
+        maps, _ = engine((x, f), [0, 1, 2], batch_size=1)
+        single = np.concatenate([engine((x, f), [k], batch_size=1)[0] for k in (0, 1, 2)], axis=1)
+    assert used_pfor[:2] == [True, False]  # the vectorised jacobian failed and the fallback ran
+    assert maps.max() > 0
+    np.testing.assert_allclose(maps, single, atol=1e-5)
+
+
 # --- ResNet-50 ---
 
 def resnet50_backbone():

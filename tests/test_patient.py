@@ -18,8 +18,9 @@ from cxrkeras.data.patient import PatientEncoder, fit_encoder
 from cxrkeras.errors import ConfigError, DataError
 from cxrkeras.labels import NIH_LABELS, NO_FINDING
 
-CSV_64 = os.path.join(os.path.dirname(__file__), os.pardir, "cxrkeras", "sample_data", "nih-64px",
-                      "Data_Entry_2017.csv")
+# absolute: Chromium's file input refuses a path with '..' in it ("path is not canonical")
+CSV_64 = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "cxrkeras", "sample_data", "nih-64px",
+                                      "Data_Entry_2017.csv"))
 
 
 def _index(records):

@@ -1,6 +1,8 @@
 """The one heatmap engine: Grad-CAM and Grad-CAM++ for several classes with one forward and one backward pass per
 batch. `GradCAM` (tf-explain's API), `compute_heatmaps`, the callback, `gradcam` and `localize` all call it."""
 
+import contextlib
+import logging
 import warnings
 import weakref
 
@@ -84,7 +86,8 @@ class HeatmapEngine:
     def _batch(self, images, classes):
         import tensorflow as tf
 
-        with tf.GradientTape() as tape:
+        # persistent for several classes: batch_jacobian may need a second, loop-based pass (below)
+        with tf.GradientTape(persistent=classes.shape[0] != 1) as tape:
             feats, pre = self._grad_model(images, training=False)
             logits = self._logits(pre)
             selected = tf.gather(logits, classes, axis=1)  # [N, K]
@@ -93,8 +96,12 @@ class HeatmapEngine:
         if one_class:  # images are independent in inference mode: the batch sum's gradient is per-image
             grads = tf.cast(tape.gradient(total, feats, unconnected_gradients="zero"), tf.float32)[:, None]
         else:  # batch_jacobian vectorises the K cotangents: one backward pass for all classes of the batch
-            grads = tf.cast(tape.batch_jacobian(selected, feats, unconnected_gradients="zero"),
-                            tf.float32)  # [N, K, h, w, c]
+            try:
+                with _quiet_tf_logger():  # its failure is handled below; do not print TF's conversion errors
+                    jac = tape.batch_jacobian(selected, feats, unconnected_gradients="zero")
+            except ValueError:  # TF's vectoriser lacks a rule for some gradients (seen: BiasAddGrad in att-B's gates)
+                jac = tape.batch_jacobian(selected, feats, unconnected_gradients="zero", experimental_use_pfor=False)
+            grads = tf.cast(jac, tf.float32)  # [N, K, h, w, c]
         feats = tf.cast(feats, tf.float32)
         if self.use_guided_grads:
             grads = grads * tf.cast(feats[:, None] > 0, tf.float32) * tf.cast(grads > 0, tf.float32)
@@ -145,6 +152,18 @@ class HeatmapEngine:
         classes, single = resolve_classes(self.model, class_index, self.num_outputs)
         maps, probs = self(images, classes, batch_size=batch_size)
         return (maps[:, 0] if single else maps), probs
+
+
+@contextlib.contextmanager
+def _quiet_tf_logger():
+    """TensorFlow's Python logger at CRITICAL for the block (pfor logs a failed conversion as ERROR, then raises)."""
+    logger = logging.getLogger("tensorflow")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _normalise(cams, grad_max, layer_name):
