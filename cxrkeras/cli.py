@@ -26,19 +26,32 @@ def _run_or_model(run_dir, model_path):
     return run_dir or model_path
 
 
-def _patient_options(command):
-    """--age/--sex/--view (one patient for every file) and --patient-csv, for models with patient features."""
-    options = [
-        click.option("--age", type=click.FloatRange(min=0), help="Patient age in years (models with patient "
-                     "features; with --sex and --view, for every file)."),
-        click.option("--sex", type=click.Choice(PATIENT_SEXES, case_sensitive=False), help="Patient sex."),
-        click.option("--view", type=click.Choice(PATIENT_VIEWS, case_sensitive=False), help="View position."),
-        click.option("--patient-csv", type=click.Path(exists=True, dir_okay=False),
-                     help="Age, sex and view per file name: NIH's Data_Entry CSV, or columns image, age, sex, view."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _stacked(options):
+    """A decorator applying click `options` in the order listed (as written above a command)."""
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return apply
+
+
+_bootstrap_options = _stacked([  # the patient bootstrap of evaluate, compare and reproduce
+    click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(0, 100_000),
+                 help="Bootstrap resamples by patient for the AUC confidence intervals (paired in comparisons)."),
+    click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed."),
+    click.option("--min-patients", default=5, show_default=True, type=click.IntRange(1, 1000),
+                 help="A label whose positives (or negatives) come from fewer patients is not estimable: no CI, "
+                      "left out of the mean."),
+])
+
+_patient_options = _stacked([  # one patient for every file, or --patient-csv, for models with patient features
+    click.option("--age", type=click.FloatRange(min=0), help="Patient age in years (models with patient "
+                 "features; with --sex and --view, for every file)."),
+    click.option("--sex", type=click.Choice(PATIENT_SEXES, case_sensitive=False), help="Patient sex."),
+    click.option("--view", type=click.Choice(PATIENT_VIEWS, case_sensitive=False), help="View position."),
+    click.option("--patient-csv", type=click.Path(exists=True, dir_okay=False),
+                 help="Age, sex and view per file name: NIH's Data_Entry CSV, or columns image, age, sex, view."),
+])
 
 
 def _patient(age, sex, view):
@@ -209,6 +222,72 @@ def train_cmd(config_path, stage, epochs, batch_size, lr, records, run_dir, name
     train(load_config(config_path, options, sets), int(stage), init=init, log=click.echo)
 
 
+@cli.command("lr-find")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="The stage's YAML config.")
+@click.option("--stage", required=True, type=_choice(STAGES), help="The stage whose model, data and loss are swept.")
+@click.option("--records", type=click.Path(file_okay=False), help="data.records")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for lr_find.png and lr_find.json.")
+@click.option("--init", metavar="PATH|none", help="stage 2: the .keras to start from (default: stage 1's best of "
+                                                  "the run), or none (model.weights)")
+@click.option("--steps", type=click.IntRange(6, 10_000), help="Steps of the sweep [default: optim.lr_find_steps].")
+@click.option("--start-lr", default=1e-7, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--end-lr", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any config key (repeatable).")
+def lr_find_cmd(config_path, stage, records, out_dir, init, steps, start_lr, end_lr, sets):
+    """fastai's LR finder: an exponential learning-rate sweep on the stage's model (as its first phase trains it),
+    the loss-vs-LR plot, the valley and steepest-point suggestions; the weights are restored afterwards."""
+    from cxrkeras.config import load_config
+    from cxrkeras.training.trainer import find_learning_rate
+
+    if not start_lr < end_lr:
+        raise click.UsageError(f"--start-lr {start_lr:g} must be below --end-lr {end_lr:g}")
+    config = load_config(config_path, {"data": {"records": records}} if records else None, sets)
+    result = find_learning_rate(config, int(stage), out_dir, init=init, steps=steps, start_lr=start_lr,
+                                end_lr=end_lr, log=click.echo)
+    for rule in ("valley", "steep"):
+        lr = result.suggestions[rule]
+        click.echo(f"{rule:>6}: {'none' if lr is None else f'{lr:.3g}'}")
+    click.echo(f"{len(result.lrs)} steps from {result.lrs[0]:.2g} to {result.lrs[-1]:.2g} ({result.stopped}); "
+               f"weights restored: {'yes' if result.weights_restored else 'NO'}")
+    if result.note:
+        click.echo(f"note: {result.note}")
+    click.echo(f"written: {', '.join(result.files)}")
+
+
+@cli.command("reproduce")
+@click.option("--grid", "grid_name", default="paper", show_default=True, type=click.Choice(["paper"]),
+              help="paper: Table 4's 12 runs and Table 5's placements (16 runs; Table 2 is its best model).")
+@click.option("--records", required=True, type=click.Path(file_okay=False), help="Records made by build-records.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: runs/<run>/, tables.md, comparisons/.")
+@click.option("--only", metavar="RUN[,RUN...]", help="Only these runs (names or shell patterns, e.g. 'vgg16*').")
+@click.option("--dry-run", is_flag=True, help="Print the plan, each run's state and an estimate of the device hours "
+                                              "from a measured step time; run nothing.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="1: one run at a time on all GPUs (MirroredStrategy); N: N runs at once, one process per GPU.")
+@click.option("--set", "sets", multiple=True, metavar="[RUN-PATTERN:]KEY=VALUE",
+              help="A config key for every run, or for the runs matching the pattern (repeatable), e.g. "
+                   "--set 'vgg16*:data.batch_size=16'.")
+@click.option("--configs", "configs_dir", type=click.Path(file_okay=False),
+              help="The paper configs [default: configs/paper of this checkout].")
+@_bootstrap_options
+@click.option("--measure-steps", default=3, show_default=True, type=click.IntRange(0, 100),
+              help="--dry-run: training steps timed per model for the estimate (0: no estimate).")
+@click.option("--verify-records", default="sha256", show_default=True, type=_choice(VERIFY_MODES),
+              help="How the records are checked against their manifest once, before the grid.")
+def reproduce_cmd(grid_name, records, out_dir, only, dry_run, workers, sets, configs_dir, n_boot, seed, min_patients,
+                  measure_steps, verify_records):
+    """The paper's grid as a resumable queue: every run trained and evaluated on the whole test split; a killed
+    grid, re-run, continues where it stopped and never repeats a finished run. Writes OUT/tables.md (Tables 2, 4, 5
+    with 95% CIs beside the paper, and the paired comparisons of its claims)."""
+    from cxrkeras.reproduce.queue import reproduce
+
+    reproduce(grid_name, records, out_dir, only=only, sets=sets, dry_run=dry_run, workers=workers, n_boot=n_boot,
+              seed=seed, min_patients=min_patients, configs_dir=configs_dir, measure_steps=measure_steps,
+              verify=verify_records, log=click.echo)
+
+
 @cli.command("gradcam")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True),
@@ -365,16 +444,14 @@ def hybrid_cmd(run_dir, records, out_dir, classifier, equalize, texture_size, ho
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output folder (default with --run: <run>/evaluation/<split>).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=0),
-              help="Bootstrap resamples (by patient) for the AUC confidence intervals.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+@_bootstrap_options
 @click.option("--threshold-method", default="youden", show_default=True, type=_choice(THRESHOLD_METHODS),
               help="Thresholds used for the findings column of the predictions CSV (both are in metrics.json).")
 @click.option("--no-figures", is_flag=True, help="Skip the PNG figures.")
 @click.option("--verify-records", default="sha256", show_default=True, type=_choice(VERIFY_MODES),
               help="Shards must match manifest.json: size and sha256 (~1 GB/s), or size only (no hashing).")
 def evaluate_cmd(run_dir, model_path, records, split, val_split, out_dir, batch_size, n_boot, seed, threshold_method,
-                 no_figures, verify_records):
+                 no_figures, verify_records, min_patients):
     """Score a model on a whole records split: AUC with patient-bootstrap CIs, AP, thresholds, calibration, figures."""
     target = _run_or_model(run_dir, model_path)
     if model_path and not out_dir:
@@ -383,7 +460,24 @@ def evaluate_cmd(run_dir, model_path, records, split, val_split, out_dir, batch_
 
     evaluate(target, records, split=split, val_split=val_split, out_dir=out_dir,
              batch_size=batch_size, n_boot=n_boot, seed=seed, threshold_method=threshold_method,
-             figures_on=not no_figures, log=click.echo, verify_records=verify_records)
+             figures_on=not no_figures, log=click.echo, verify_records=verify_records, min_patients=min_patients)
+
+
+@cli.command("compare")
+@click.argument("run_a", type=click.Path(exists=True))
+@click.argument("run_b", type=click.Path(exists=True))
+@click.option("--split", default="test", show_default=True, help="The evaluated split both runs are compared on.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output folder [default: RUN_A/comparisons/<RUN_B name>-<split>].")
+@_bootstrap_options
+@click.option("--no-figure", is_flag=True, help="Skip compare.png.")
+def compare_cmd(run_a, run_b, split, out_dir, n_boot, seed, min_patients, no_figure):
+    """Paired comparison of two evaluated runs (run folders, evaluation folders or predictions CSVs): per-label and
+    mean ΔAUC (A − B) with a paired patient bootstrap, DeLong's test with Holm's correction, a figure."""
+    from cxrkeras.evaluation.compare import compare_runs
+
+    compare_runs(run_a, run_b, split=split, out_dir=out_dir, n_boot=n_boot, seed=seed, min_patients=min_patients,
+                 figure=not no_figure, log=click.echo)
 
 
 @cli.command("export")

@@ -14,7 +14,8 @@ from typing import Optional, Union
 
 import yaml
 
-from cxrkeras.constants import (EQUALIZE, MIXED_PRECISION, OPTIMIZERS, PATIENT_MISSING, PREPROCESSING,  # noqa: F401
+from cxrkeras.constants import (EPS_STYLES, EQUALIZE, FILL_MODES, LOSSES, LR_SUGGESTIONS,  # noqa: F401
+                                MIXED_PRECISION, MONITORS, OPTIMIZERS, PATIENT_MISSING, PREPROCESSING, RECIPES,
                                 SCHEDULES, STRATEGIES, VERIFY_MODES)
 from cxrkeras.errors import ConfigError, CxrError
 
@@ -48,6 +49,13 @@ class DataConfig:
     train_split: str = doc("train")
     val_split: str = doc("val")
     verify_records: str = doc("sha256", "shards must match manifest.json: sha256 (and size) | size (no hashing)")
+    augment: bool = doc(True, "training augmentation (random crop + zoom, rotation, flip); false: training images "
+                        "get the eval transform (still shuffled)")
+    max_rotation: float = doc(10.0, "augmentation: rotation drawn in +-max_rotation degrees (0: none)")
+    crop_scale: list = doc(None, "augmentation: [low, high] side of the random square crop as a share of the short "
+                           "side, 0 < low <= high <= 1 ([1, 1]: no crop or zoom)", lambda: [0.8, 1.0])
+    flip: bool = doc(True, "augmentation: horizontal flip with p = 0.5")
+    fill_mode: str = doc("reflect", "augmentation: pixels from outside the image: reflect | nearest | constant")
     no_finding_class: bool = doc(False, "true: a last output 'No Finding' (none of the records' labels positive), "
                                  "evaluated like any label, left out of the published comparison")
     patient_missing: str = doc("error", "models with patient features: an unknown age/sex/view in a record is an "
@@ -76,41 +84,77 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimiser and learning-rate schedule (plateau: x`factor` after `patience` epochs without a better val AUC)."""
+    """Optimiser and learning-rate schedule (plateau: x`factor` after `patience` epochs without a better monitored
+    value). adam / adamw: Keras' Adam / AdamW update, with a learning rate per layer group (early backbone, late
+    backbone, LKA + head)."""
 
-    optimizer: str = doc("adam", "adam | adamw | sgd")
-    lr: float = doc(1e-4)
-    weight_decay: float = doc(1e-4, "adamw only")
+    optimizer: str = doc("adam", "adam | adamw (decoupled weight decay) | sgd")
+    lr: float = doc(1e-4, "the learning rate (of the last layer group: LKA + head); fine_tune: its base_lr")
+    lr_low: Optional[float] = doc(None, "fastai's slice(lr_low, lr): the 3 layer groups get lr_low ... lr, evenly "
+                                  "spaced on a log scale; null: lr for every group")
+    beta_1: float = doc(0.9, "Adam's beta_1 (fastai: mom 0.9); with one_cycle and moms set, moms cycles it")
+    beta_2: float = doc(0.999, "Adam's beta_2 (fastai: sqr_mom 0.99)")
+    epsilon: float = doc(1e-7, "Adam's epsilon (fastai: 1e-5)")
+    eps_style: str = doc("keras", "keras: eps added to sqrt(v) (Keras/TF) | fastai: to the bias-corrected "
+                         "sqrt(v_hat) (fastai, PyTorch)")
+    weight_decay: float = doc(1e-4, "adamw only: decoupled, each step p -= lr_group * weight_decay * p (fastai: 0.01)")
+    wd_bn_bias: bool = doc(True, "adamw: decay batch-norm and bias variables too (fastai's wd_bn_bias, default "
+                           "false there)")
     momentum: float = doc(0.9, "sgd only")
     nesterov: bool = doc(True, "sgd only")
     clipnorm: Optional[float] = doc(None)
-    schedule: str = doc("plateau", "plateau | cosine | constant")
-    patience: int = doc(2, "plateau: epochs without a better mean val AUC before lr *= factor")
+    schedule: str = doc("plateau", "plateau | cosine | constant | one_cycle (fastai's fit_one_cycle)")
+    patience: int = doc(2, "plateau: epochs without a better train.monitor before lr *= factor")
     factor: float = doc(0.1)
     min_lr: float = doc(1e-7)
     cosine_alpha: float = doc(0.0, "cosine: final lr = lr * cosine_alpha (decay over epochs x steps)")
+    pct_start: Optional[float] = doc(None, "one_cycle: share of the steps warming up (cosine, lr/div -> lr); null: "
+                                     "0.25 (fit_one_cycle), 0.3 in fine_tune's unfrozen phase, which fastai gives")
+    div: Optional[float] = doc(None, "one_cycle: the cycle starts at lr / div; null: 25, 5 in fine_tune's unfrozen "
+                               "phase")
+    div_final: float = doc(1e5, "one_cycle: the cycle ends at lr / div_final")
+    moms: Optional[list] = doc(None, "one_cycle: beta_1 goes moms[0] -> moms[1] -> moms[2] as the lr rises and "
+                               "falls (fastai's moms); null: constant beta_1", lambda: [0.95, 0.85, 0.95])
+    lr_mult: float = doc(100.0, "fine_tune: the unfrozen phase uses slice(lr / 2 / lr_mult, lr / 2)")
+    lr_find: Optional[str] = doc(None, "null: use lr | valley | steep: run the LR finder (cxrkeras lr-find) before "
+                                 "the stage and use its suggestion as lr (recorded in run_info.json)")
+    lr_find_steps: int = doc(100, "lr_find: steps of the exponential sweep 1e-7 -> 10 (fastai: num_it 100)")
 
 
 @dataclass
 class LossConfig:
-    """Stage-2 sigmoid focal loss (keras.losses.BinaryFocalCrossentropy); stage 1 uses plain binary cross-entropy.
+    """The loss: binary cross-entropy in stage 1, sigmoid focal loss (keras.losses.BinaryFocalCrossentropy, the mean
+    of (1 - p_t)^gamma * BCE) in stage 2, unless `kind` says otherwise.
 
-    Defaults: gamma 2.0 and alpha 0.25 (Lin et al. 2017), class balancing off (alpha unused then), no smoothing.
+    The paper's FocalLoss(alpha=1, gamma=2) is gamma 2 with class balancing off: its alpha multiplies every term by 1.
+    Keras' alpha is another thing, a class weight (positives alpha, negatives 1 - alpha) used only with
+    apply_class_balancing: true; alpha 1 there would weight every negative 0 and is refused.
     """
 
-    gamma: float = doc(2.0, "focusing parameter (Lin et al. 2017)")
-    alpha: float = doc(0.25, "positive-class weight, used only with apply_class_balancing: true")
-    apply_class_balancing: bool = doc(False)
-    label_smoothing: float = doc(0.0, "both stages")
+    kind: Optional[str] = doc(None, "null: the stage's (1: bce, 2: focal) | bce | focal (e.g. one-stage ablations)")
+    gamma: float = doc(2.0, "focal: focusing parameter (Lin et al. 2017; the paper's gamma 2)")
+    alpha: Optional[float] = doc(None, "focal with apply_class_balancing only: positives weighted alpha, negatives "
+                                 "1 - alpha, 0 < alpha < 1; null: 0.25 (Lin et al.)")
+    apply_class_balancing: bool = doc(False, "focal: weight the classes by alpha / 1 - alpha (off: the paper's)")
+    label_smoothing: float = doc(0.0, "both losses")
 
 
 @dataclass
 class TrainConfig:
     """Epoch loop, devices and monitoring. `steps_per_epoch` None: one pass over the stage's training images."""
 
-    epochs: int = doc(10)
-    early_stopping_patience: int = doc(5, "on the mean validation AUC; 0: never stop early")
-    freeze_backbone_epochs: int = doc(0, "first N epochs train only the LKA blocks and the head")
+    recipe: str = doc("fit", "fit: one schedule over all epochs | fine_tune: fastai's fine_tune (one_cycle only): "
+                      "freeze_backbone_epochs frozen at lr (pct_start 0.99), then epochs unfrozen at slice(lr / 2 / "
+                      "lr_mult, lr / 2), each phase its own cycle with fresh optimiser state")
+    epochs: int = doc(10, "fit: all epochs, frozen ones included | fine_tune: the unfrozen epochs after the frozen "
+                      "ones (fastai's fine_tune(epochs, freeze_epochs))")
+    early_stopping_patience: int = doc(5, "on train.monitor; 0: never stop early")
+    freeze_backbone_epochs: int = doc(0, "the first N epochs train only the LKA blocks and the head (and batch norm "
+                                      "with train_bn)")
+    train_bn: bool = doc(True, "batch-norm layers stay trainable (and in training mode) while the backbone is "
+                         "frozen, as fastai's train_bn; false: frozen too (Keras then runs them in inference mode)")
+    monitor: str = doc("val_auc_mean", "picks best.keras and drives early stopping and plateau: val_auc_mean "
+                       "(higher is better) | val_loss (lower is better; the paper's)")
     mixed_precision: str = doc("auto", "auto (on with a GPU) | on | off")
     xla: bool = doc(False, "jit_compile the train step")
     strategy: str = doc("auto", "auto: MultiWorkerMirrored if TF_CONFIG is set, Mirrored on >= 2 GPUs, else "
@@ -136,8 +180,8 @@ class Config:
     data: DataConfig = doc(None, "", DataConfig)
     model: ModelConfig = doc(None, "", ModelConfig)
     optim: OptimConfig = doc(None, "", OptimConfig)
-    loss: LossConfig = doc(None, "stage 2 only: keras.losses.BinaryFocalCrossentropy; stage 1 is plain BCE",
-                           LossConfig)
+    loss: LossConfig = doc(None, "stage 1: binary cross-entropy, stage 2: focal (keras.losses."
+                           "BinaryFocalCrossentropy), unless loss.kind", LossConfig)
     train: TrainConfig = doc(None, "", TrainConfig)
     run: RunConfig = doc(None, "", RunConfig)
 
@@ -198,6 +242,9 @@ def _coerce(value, tp, where):
     elif tp is dict:
         if isinstance(value, dict):
             return dict(value)
+    elif tp is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
@@ -299,8 +346,7 @@ def validate(config):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0")
-    if not 0 <= config.loss.alpha <= 1:
-        raise ConfigError(f"loss.alpha must be in [0, 1], got {config.loss.alpha}")
+    _validate_recipe(config, choice)
     if not 0 <= config.loss.label_smoothing < 1:
         raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
     if config.model.dropout is not None and not 0 <= config.model.dropout < 1:
@@ -310,6 +356,60 @@ def validate(config):
     if not config.run.name or os.sep in config.run.name:
         raise ConfigError(f"run.name must be a plain folder name, got {config.run.name!r}")
     return config
+
+
+def _numbers(key, value, count=None):
+    if not isinstance(value, list) or (count and len(value) != count) or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{key} must be a list of {count or 'some'} numbers, got {value!r}")
+    return [float(v) for v in value]
+
+
+def _validate_recipe(config, choice):
+    """The recipe keys of issue 13: schedule, layer groups, Adam, monitor, loss, augmentation."""
+    o, t, loss, d = config.optim, config.train, config.loss, config.data
+    choice("optim.eps_style", o.eps_style, EPS_STYLES)
+    choice("train.recipe", t.recipe, RECIPES)
+    choice("train.monitor", t.monitor, MONITORS)
+    choice("data.fill_mode", d.fill_mode, FILL_MODES)
+    if loss.kind is not None:
+        choice("loss.kind", loss.kind, LOSSES)
+    if o.lr_find is not None:
+        choice("optim.lr_find", o.lr_find, LR_SUGGESTIONS)
+    if t.recipe == "fine_tune" and o.schedule != "one_cycle":
+        raise ConfigError(f"train.recipe fine_tune is fastai's fine_tune, two fit_one_cycle calls: set "
+                          f"optim.schedule: one_cycle (got {o.schedule!r})")
+    if o.lr_low is not None and not 0 < o.lr_low <= o.lr:
+        raise ConfigError(f"optim.lr_low must be in (0, optim.lr = {o.lr:g}], got {o.lr_low!r}")
+    for key, value in (("optim.beta_1", o.beta_1), ("optim.beta_2", o.beta_2)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {value!r}")
+    for key, value in (("optim.epsilon", o.epsilon), ("optim.div_final", o.div_final), ("optim.lr_mult", o.lr_mult),
+                       ("optim.div", 1.0 if o.div is None else o.div)):
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value!r}")
+    if o.pct_start is not None and not 0 <= o.pct_start < 1:
+        raise ConfigError(f"optim.pct_start must be in [0, 1), got {o.pct_start!r}")
+    if o.moms is not None:
+        o.moms = _numbers("optim.moms", o.moms, 3)
+        if not all(0 <= m < 1 for m in o.moms):
+            raise ConfigError(f"optim.moms are beta_1 values, each in [0, 1), got {o.moms}")
+    if not 6 <= o.lr_find_steps <= 10_000:
+        raise ConfigError(f"optim.lr_find_steps must be 6 to 10000, got {o.lr_find_steps}")
+    if loss.alpha is not None and not 0 <= loss.alpha <= 1:
+        raise ConfigError(f"loss.alpha must be in [0, 1], got {loss.alpha}")
+    if loss.apply_class_balancing and loss.alpha is not None and loss.alpha in (0, 1):
+        zero = "negative" if loss.alpha == 1 else "positive"
+        raise ConfigError(
+            f"loss.apply_class_balancing: true with loss.alpha: {loss.alpha:g} weights every {zero} label 0 (Keras "
+            f"weights positives alpha and negatives 1 - alpha), so the loss would ignore them. The paper's "
+            f"FocalLoss(alpha=1, gamma=2) multiplies every term by 1: that is apply_class_balancing: false. For a "
+            f"class weighting, give 0 < alpha < 1 (Lin et al.: 0.25)")
+    d.crop_scale = _numbers("data.crop_scale", d.crop_scale, 2)
+    if not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {d.crop_scale}")
+    if not 0 <= d.max_rotation <= 180:
+        raise ConfigError(f"data.max_rotation must be 0 to 180 degrees, got {d.max_rotation!r}")
 
 
 def load_config(path=None, overrides=None, sets=None):

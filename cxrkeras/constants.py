@@ -15,7 +15,12 @@ PATIENT_MISSING = ("error", "encode")  # an unknown age/sex/view: an error namin
 ATTENTION = ("none", "a", "b")  # DenseNet121's "learn to pay attention" gates: none, att-A, att-B
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("plateau", "cosine", "constant")
+SCHEDULES = ("plateau", "cosine", "constant", "one_cycle")
+EPS_STYLES = ("keras", "fastai")  # Adam's epsilon: added to sqrt(v) (Keras) or to sqrt(v_hat) (fastai, PyTorch)
+RECIPES = ("fit", "fine_tune")  # train.recipe: one schedule over all epochs, or fastai's fine_tune phases
+MONITORS = ("val_auc_mean", "val_loss")  # what picks best.keras and drives early stopping / plateau
+LOSSES = ("bce", "focal")  # loss.kind (default: bce in stage 1, focal in stage 2)
+LR_SUGGESTIONS = ("valley", "steep")  # the LR finder's suggestion rules (fastai's)
 MIXED_PRECISION = ("auto", "on", "off")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 

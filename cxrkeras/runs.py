@@ -61,6 +61,10 @@ class RunInfo:
     train_images: Optional[int] = None
     val_images: Optional[int] = None
     epochs_requested: Optional[int] = None
+    epochs_total: Optional[int] = None  # fine_tune: frozen + unfrozen epochs
+    recipe: Optional[str] = None  # train.recipe
+    monitor: Optional[str] = None  # train.monitor: what picked best_epoch
+    lr_find: Optional[dict] = None  # optim.lr_find: the finder's rule, suggestion and curve summary
     finished: bool = False
     init: Optional[dict] = None  # stage 2: {path, sha256, stage1_best_epoch, weights_fingerprint}
     resumes: list = dataclasses.field(default_factory=list)
@@ -68,6 +72,8 @@ class RunInfo:
     epochs_run: Optional[int] = None
     stopped_early: Optional[int] = None
     best_epoch: Optional[int] = None
+    best_value: Optional[float] = None  # the monitored value at best_epoch
+    val_loss: Optional[float] = None  # at best_epoch
     val_auc_mean: Optional[float] = None
     val_auc: Optional[dict] = None
     resumed_from: Optional[int] = None

@@ -24,7 +24,8 @@ PATIENTS = [f"p{i}" for i in range(10)]
 
 
 def test_auc_hand_values_and_excluded_label():
-    r = M.auc_with_ci(Y, P, PATIENTS, LABELS, n_boot=300, seed=1)
+    # C's positives come from 2 patients: estimable only when at least 2 are asked for (the default is 5)
+    r = M.auc_with_ci(Y, P, PATIENTS, LABELS, n_boot=300, seed=1, min_patients=2)
     # A: .9 beats 7 negatives, .7 and .6 beat 6 each -> 19/21.  C: .9 beats 8, .3 beats 5 -> 13/16.
     assert r["per_label"]["A"]["auc"] == pytest.approx(19 / 21)
     assert r["per_label"]["C"]["auc"] == pytest.approx(13 / 16)
@@ -37,13 +38,16 @@ def test_auc_hand_values_and_excluded_label():
         assert entry["ci_high"] - entry["ci_low"] > 0.01
     # with 2-3 positives among 10 patients some resamples lack a class: skipped, counted, CI still defined
     assert 0 < r["per_label"]["C"]["n_boot_valid"] < 300
-    assert r["mean"]["n_boot_valid"] <= min(r["per_label"]["A"]["n_boot_valid"], r["per_label"]["C"]["n_boot_valid"])
+    # the mean of a resample averages the labels defined in it: it counts whenever one is defined
+    valid = [r["per_label"][k]["n_boot_valid"] for k in ("A", "C")]
+    assert max(valid) <= r["mean"]["n_boot_valid"] <= 300
+    assert r["mean"]["n_boot_all_labels"] <= min(valid) < r["mean"]["n_boot_valid"]
 
 
 def test_bootstrap_is_seeded():
-    a = M.auc_with_ci(Y, P, PATIENTS, LABELS, n_boot=50, seed=3)
-    b = M.auc_with_ci(Y, P, PATIENTS, LABELS, n_boot=50, seed=3)
-    c = M.auc_with_ci(Y, P, PATIENTS, LABELS, n_boot=50, seed=4)
+    a = M.auc_with_ci(Y, P, PATIENTS, LABELS, n_boot=50, seed=3, min_patients=2)
+    b = M.auc_with_ci(Y, P, PATIENTS, LABELS, n_boot=50, seed=3, min_patients=2)
+    c = M.auc_with_ci(Y, P, PATIENTS, LABELS, n_boot=50, seed=4, min_patients=2)
     assert a == b and a["mean"]["ci_low"] != c["mean"]["ci_low"]
 
 
@@ -135,7 +139,7 @@ def test_threshold_table_and_binary_summary():
     from cxrkeras.evaluation import report
 
     y, p = np.array(A_Y, float)[:, None], np.array(A_S)[:, None]
-    r = M.compute_all(y, p, PATIENTS, ["A"], y_val=y, p_val=p, n_boot=50)
+    r = M.compute_all(y, p, PATIENTS, ["A"], y_val=y, p_val=p, n_boot=50, min_patients=3)
     r["validation"] = {"split": "val"}
     md = report.threshold_markdown(r, "youden")  # youden on A: 0.6 -> TP 3, FP 1, FN 0, TN 6
     assert "| A | 0.6000 | 0.900 | 1.000 | 0.857 | 0.750 | 0.857 | 3 | 1 | 0 | 6 |" in md
@@ -145,6 +149,10 @@ def test_threshold_table_and_binary_summary():
     assert "A vs not: AUC 0.905 (95% CI" in text and "accuracy 0.900" in text and "specificity 0.857" in text
     assert text.splitlines()[-1].split() == ["true", "A", "0", "(FN)", "3", "(TP)"]
     assert text.splitlines()[-2].split() == ["true", "no", "A", "6", "(TN)", "1", "(FP)"]
+    # 3 positive patients, fewer than the default 5: the point AUC and the reason, no CI
+    few = M.compute_all(y, p, PATIENTS, ["A"], y_val=y, p_val=p, n_boot=50)
+    assert "A vs not: AUC 0.905 (no CI: not estimable: its positives come from 3 patients, fewer than 5)" in \
+        report.binary_summary(few, "youden")
     r3 = M.compute_all(Y, P, PATIENTS, LABELS, y_val=Y, p_val=P, n_boot=0)
     assert report.binary_summary(r3, "youden") is None
     assert "Confusion matrix" not in report.threshold_markdown(r3, "f1")
@@ -164,7 +172,7 @@ def test_compute_all_is_strict_json_and_comparison_table():
     json.dumps(M.to_jsonable(r), allow_nan=False)
     assert r["at_thresholds"]["f1"]["per_label"]["C"]["threshold"] == pytest.approx(0.9)
     md = published.comparison_markdown(r["auc"], LABELS)
-    assert "CheXNet" not in md and "| C | 0.8125 (" in md and "E: not evaluable" in md
+    assert "CheXNet" not in md and "| C | 0.8125 (" in md and "E: left out of the mean (no positive images" in md
 
 
 def test_published_table_has_nih_labels():
@@ -177,3 +185,49 @@ def test_published_table_has_nih_labels():
            "mean": {"auc": 0.8, "ci_low": 0.75, "ci_high": 0.85, "excluded": {}, "labels_used": list(NIH_LABELS)}}
     header, rows = published.comparison_rows(auc, list(NIH_LABELS))
     assert header[3:] == columns and rows[-1][-1] == "0.8818" and rows[0][1] == "0.8000 (0.7000–0.9000)"
+
+
+def test_a_label_with_positives_from_few_patients_is_not_estimable(rng):
+    """Hernia-like: one positive image among 200 patients keeps its point AUC but gets no CI and leaves the mean."""
+    n = 400
+    groups = np.repeat([f"p{i}" for i in range(200)], 2)
+    y = np.zeros((n, 2))
+    y[:, 0] = np.repeat(rng.random(200) < 0.3, 2)
+    y[7, 1] = 1  # one positive image (patient p3)
+    p = rng.random((n, 2)) * 0.7 + 0.3 * y
+    r = M.auc_with_ci(y, p, groups, ["common", "rare"], n_boot=200, seed=0)
+    rare = r["per_label"]["rare"]
+    assert rare["auc"] == pytest.approx(roc_auc_score(y[:, 1], p[:, 1])) and not rare["estimable"]
+    assert rare["ci_low"] is None and rare["positive_patients"] == 1
+    assert "1 patient, fewer than 5" in rare["reason"]
+    assert r["mean"]["labels_used"] == ["common"] and "rare" in r["mean"]["excluded"]
+    assert r["mean"]["auc"] == pytest.approx(r["per_label"]["common"]["auc"])
+    assert r["per_label"]["common"]["estimable"] and r["min_patients"] == 5
+    table = published.comparison_markdown(r, ["common", "rare"])
+    assert "rare: left out of the mean (not estimable: its positives come from 1 patient" in table
+
+
+def test_mean_ci_averages_each_resample_over_its_defined_labels(rng):
+    """Against a brute force: the same patient resamples drawn again, each resample's images concatenated
+    explicitly, scikit-learn's AUC of every label defined in it, their mean, its percentiles."""
+    patients = 20
+    groups = np.repeat([f"p{i}" for i in range(patients)], 2)
+    n = len(groups)
+    y = np.zeros((n, 3))
+    y[:, 0] = np.repeat(rng.random(patients) < 0.4, 2)
+    y[:, 1] = np.repeat(np.arange(patients) < 2, 2)  # 2 positive patients: missing from ~12% of the resamples
+    y[:, 2] = np.repeat(rng.random(patients) < 0.5, 2)
+    p = rng.random((n, 3)) * 0.6 + 0.4 * y * rng.random((n, 3))
+    r = M.auc_with_ci(y, p, groups, ["a", "b", "c"], n_boot=300, seed=11, min_patients=2)
+
+    _, patient_of_image = np.unique(groups.astype(str), return_inverse=True)
+    draws = np.random.default_rng(11).integers(0, patients, size=(300, patients))
+    means, complete = [], 0
+    for d in draws:
+        rows = np.concatenate([np.flatnonzero(patient_of_image == k) for k in d])
+        aucs = [roc_auc_score(y[rows, j], p[rows, j]) for j in range(3) if 0 < y[rows, j].sum() < len(rows)]
+        means.append(np.mean(aucs))
+        complete += len(aucs) == 3
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    assert r["mean"]["ci_low"] == pytest.approx(lo, abs=1e-12) and r["mean"]["ci_high"] == pytest.approx(hi, abs=1e-12)
+    assert r["mean"]["n_boot_valid"] == 300 and r["mean"]["n_boot_all_labels"] == complete < 300

@@ -32,7 +32,7 @@ import os
 import tensorflow as tf
 
 from cxrkeras.constants import FILL_MODES, STAGES
-from cxrkeras.data import augment, features, manifest as manifest_lib
+from cxrkeras.data import augment as augment_ops, features, manifest as manifest_lib
 from cxrkeras.data import patient as patient_lib
 from cxrkeras.data.equalize import check_equalize
 from cxrkeras.data.normalize import check_mode, to_model_input
@@ -51,7 +51,7 @@ def _check_args(stage, batch_size, image_size, preprocessing, equalize, strategy
     check_equalize(equalize)
     if fill_mode not in FILL_MODES:
         raise ConfigError(f"unknown fill_mode {fill_mode!r}: choose one of {', '.join(FILL_MODES)}")
-    augment.check_crop_scale(crop_scale)
+    augment_ops.check_crop_scale(crop_scale)
     if int(batch_size) < 1 or int(image_size) < 1:
         raise ConfigError(f"batch_size and image_size must be positive, got {batch_size!r}, {image_size!r}")
     if strategy is not None and int(batch_size) % strategy.num_replicas_in_sync:
@@ -224,7 +224,8 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
                   preprocessing="torch", shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, cache=False, seed=None,
                   deterministic=None, drop_remainder=None, repeat=False, strategy=None, equalize=None,
                   return_ids=False, max_rotation=10.0, crop_scale=(0.8, 1.0), flip=True, fill_mode="reflect",
-                  jit=True, verify="sha256", preprocessor=None, patient=None, no_finding_class=False):
+                  jit=True, verify="sha256", preprocessor=None, patient=None, no_finding_class=False,
+                  augment=True):
     """A tf.data.Dataset of (images float32 [B,S,S,3], labels float32 [B,L]) (+ {"image_id","patient_id"} string
     [B] with return_ids) from the shards of `split` of a records folder; with `patient`, the inputs are
     (images, patient features float32 [B,5]).
@@ -232,6 +233,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
     stage: 1 = rows with no positive label ("No Finding") removed at read time; 2 = all rows.
     training: shuffle + augmentation (rotation ±max_rotation°, horizontal flip, random crop + zoom of
       crop_scale of the short side); else the deterministic eval transform of the `Preprocessor`.
+    augment: False gives training batches (shuffled, repeated, full) the eval transform instead of augmentation.
     preprocessing: "torch" | "caffe", from the model variant (`get_variant(name).preprocessing`).
     preprocessor: a `Preprocessor` (e.g. a model's, `cxrkeras.runs.load_source(...).preprocessor`); when given it
       sets image_size, preprocessing and equalize.
@@ -266,7 +268,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         deterministic = not (training and seed is None)
     if drop_remainder is None:
         drop_remainder = bool(training)
-    work_size = _work_size(manifest, image_size, training)
+    work_size = _work_size(manifest, image_size, training and augment)  # no warp: the eval transform's input
 
     ds = _read_records(paths, counts, training, seed, deterministic)
     # one parallel map decodes for all shards; deterministic so each shard's records stay in order for the check
@@ -308,7 +310,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         out = ((images, values) if patient is not None else images, tf.cast(labels, tf.float32))
         return out + ({"image_id": image_id, "patient_id": patient_id},) if return_ids else out
 
-    if training:
+    if training and augment:
         ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
         # one int64 per batch from a seeded stream that differs per epoch (rerandomize) but not per run.
         randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
@@ -317,14 +319,14 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         # one kernel at a time; warp and normalisation are two compiled functions because fused into one, XLA
         # would redo the 1-channel gathers for each of the 3 output channels. jit=False: plain TF kernels, same
         # results up to float rounding. The random transforms are drawn outside (XLA draws other numbers).
-        warp = tf.function(lambda images, t: augment.warp_in_range(images, t, image_size, fill_mode),
+        warp = tf.function(lambda images, t: augment_ops.warp_in_range(images, t, image_size, fill_mode),
                            jit_compile=bool(jit))
         to_input = tf.function(lambda images: to_model_input(images, preprocessing), jit_compile=bool(jit))
 
         def augmented(batch, r):
             images, labels, image_id, patient_id, values = batch
             shape = tf.shape(images)
-            t = augment.augment_transforms(shape[0], shape[1], shape[2], image_size, tf.stack([r, r // 7 + 1]),
+            t = augment_ops.augment_transforms(shape[0], shape[1], shape[2], image_size, tf.stack([r, r // 7 + 1]),
                                            max_rotation=max_rotation, crop_scale=crop_scale, flip=flip)
             return finish(to_input(warp(images, t)), labels, image_id, patient_id, values)
 

@@ -42,9 +42,11 @@ def check_writable(out):
 
 
 @contextlib.contextmanager
-def folder_lock(out):
+def folder_lock(out, holder="build-records", hint="wait for it to finish (then re-run to confirm), or choose another "
+                                                   "--out"):
     """Hold an exclusive lock on `out` for one build: a second build-records into it is refused at once (the kernel
-    drops the lock when the process ends, however it ends, so it never goes stale)."""
+    drops the lock when the process ends, however it ends, so it never goes stale). `holder` and `hint` word the
+    refusal for other commands that lock a folder (reproduce)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -57,9 +59,9 @@ def folder_lock(out):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            holder = "".join(c for c in f.read(200) if c.isprintable()).strip()
-            raise DataError(f"{out} is being written by another build-records ({holder or 'another process'}): "
-                            f"wait for it to finish (then re-run to confirm), or choose another --out") from None
+            who = "".join(c for c in f.read(200) if c.isprintable()).strip()
+            raise DataError(f"{out} is being written by another {holder} ({who or 'another process'}): {hint}") \
+                from None
         before = os.fstat(f.fileno())
         f.seek(0)
         f.truncate()

@@ -49,17 +49,18 @@ def _run_chunk(fn, chunk):
 def _worker_init(parent):
     # Ctrl-C signals the whole process group: the parent stops the build, the workers must stay quiet
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
 
 
-def _exit_with_parent(parent):
+def exit_with_parent(parent):
     """Leave when the parent is gone (kill -9 gives it no chance to stop us): no orphan keeps running."""
     while os.getppid() == parent:
         time.sleep(1.0)
     os._exit(1)
 
 
-def _describe_exit(code):
+def describe_exit(code):
+    """"killed by SIGKILL" / "exited with status 1" for a process exit code (negative: the signal)."""
     if code is not None and code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
@@ -112,7 +113,7 @@ class EncoderPool:
         dead = [p for p in self.processes.values() if p.exitcode not in (None, 0)]
         # the executor SIGTERMs the survivors once one has died: name the one that died first
         first = [p for p in dead if p.exitcode != -signal.SIGTERM] or dead
-        what = ", ".join(f"pid {p.pid} {_describe_exit(p.exitcode)}" for p in first) or "it ended abruptly"
+        what = ", ".join(f"pid {p.pid} {describe_exit(p.exitcode)}" for p in first) or "it ended abruptly"
         oom = any(p.exitcode == -signal.SIGKILL for p in first) or not first
         return (f"an encoding worker process died ({what})"
                 + ("; most likely the kernel's out-of-memory killer stopped it" if oom else ""))

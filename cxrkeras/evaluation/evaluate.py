@@ -106,7 +106,7 @@ def default_out_dir(source, split):
 
 def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_dir=None, batch_size=32,
              n_boot=1000, seed=0, n_bins=10, threshold_method="youden", figures_on=True, log=print,
-             verify_records="sha256"):
+             verify_records="sha256", min_patients=metrics.MIN_PATIENTS):
     """Evaluate a run folder / .keras file / keras.Model on a whole records split; returns the metrics dict.
 
     Thresholds are chosen on `val_split` (Youden J and F1-max) and applied unchanged to `split`; without a
@@ -116,6 +116,7 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
     columns, and each label's accuracy, sensitivity, specificity, precision, F1 and confusion counts at the
     `threshold_method` thresholds; a binary task's confusion matrix).
     `verify_records`: "sha256" (default) or "size": how shards are checked against the manifest before reading.
+    `min_patients`: a label whose positives come from fewer patients is not estimable (no CI, out of the mean).
     """
     if threshold_method not in metrics.THRESHOLD_METHODS:
         raise CxrError(f"unknown threshold method {threshold_method!r}: choose "
@@ -158,8 +159,12 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
                       for m in metrics.THRESHOLD_METHODS}
 
     result = metrics.compute_all(y, probs, patient_ids, labels, thresholds=thresholds, n_boot=n_boot, seed=seed,
-                                 n_bins=n_bins)
+                                 n_bins=n_bins, min_patients=min_patients)
+    from cxrkeras.hashing import images_fingerprint, sha256_file
+
     result.update(split=split, val_split=val_split, validation=val_summary, records=os.path.abspath(records_dir),
+                  manifest_sha256=sha256_file(os.path.join(records_dir, "manifest.json")),
+                  images_fingerprint=images_fingerprint(image_ids, y),
                   model=source.model_path, model_sha256=source.model_sha256, variant=source.variant,
                   image_size=source.image_size, preprocessing=source.preprocessing, equalize=source.equalize,
                   preprocessor=source.preprocessor.to_config(),
@@ -168,7 +173,8 @@ def evaluate(model_or_run, records_dir=None, split="test", val_split="val", out_
     compared, auc_compared = labels, result["auc"]
     if labels and labels[-1] == NO_FINDING:  # the derived class is evaluated, but no published table has it
         compared = labels[:-1]
-        auc_compared = metrics.auc_with_ci(y[:, :-1], probs[:, :-1], patient_ids, compared, n_boot=n_boot, seed=seed)
+        auc_compared = metrics.auc_with_ci(y[:, :-1], probs[:, :-1], patient_ids, compared, n_boot=n_boot, seed=seed,
+                                            min_patients=min_patients)
         result["auc_without_no_finding"] = auc_compared
     write_json(os.path.join(out_dir, METRICS_FILE), result)
     thr_doc = {"labels": labels, "default_method": threshold_method, "chosen_on": val_split if val_summary else None,
@@ -224,7 +230,10 @@ def _note_other_records(preprocessor, records_dir, log):
 def summary_text(result, method="youden"):
     at = result["at_thresholds"][method]
     m = result["auc"]["mean"]
-    ci = f" (95% CI {m['ci_low']:.4f}–{m['ci_high']:.4f})" if m.get("ci_low") is not None else ""
+    ci = (f" (95% CI {m['ci_low']:.4f}–{m['ci_high']:.4f}, {m.get('n_boot_valid')} of "
+          f"{result['auc'].get('n_boot')} patient resamples)") if m.get("ci_low") is not None else ""
+    excluded = m.get("excluded") or {}
+    ci += f" over {len(m.get('labels_used', []))} labels ({len(excluded)} left out)" if excluded else ""
     mean_auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
     mp = result["average_precision"]["map"]
     macro = "n/a" if at["macro_f1"] is None else f"{at['macro_f1']:.4f}"

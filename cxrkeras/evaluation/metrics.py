@@ -92,14 +92,80 @@ def patient_bootstrap_weights(groups, n_boot, rng):
         done += b
 
 
-def auc_with_ci(y_true, y_prob, groups, labels=None, n_boot=1000, seed=0, confidence=0.95):
+MIN_PATIENTS = 5  # a label whose positives (or negatives) come from fewer patients has no estimable CI
+
+
+def patient_counts(y, groups):
+    """(patients with a positive image, patients with a negative image) of one label."""
+    groups = np.asarray(groups).astype(str)
+    pos = y > 0.5
+    return int(len(np.unique(groups[pos]))), int(len(np.unique(groups[~pos])))
+
+
+def not_estimable_reason(y, groups, min_patients=MIN_PATIENTS):
+    """Why a label's AUC cannot be estimated with a CI (None when it can): single-class, or its positives (or
+    negatives) come from fewer than `min_patients` patients, so a patient bootstrap has nothing to resample."""
+    reason = single_class_reason(y)
+    if reason:
+        return reason
+    pos_patients, neg_patients = patient_counts(y, groups)
+    for side, k in (("positives", pos_patients), ("negatives", neg_patients)):
+        if k < min_patients:
+            return (f"not estimable: its {side} come from {k} patient{'s' if k != 1 else ''}, fewer than "
+                    f"{min_patients}")
+    return None
+
+
+def bootstrap_label_aucs(y_true, y_probs, groups, columns, n_boot, seed):
+    """[[n_boot, L] AUCs] of the patient bootstrap, one array per score matrix in `y_probs` (a list; all scored on
+    the SAME resamples, as a paired comparison needs), NaN where a resample leaves a label single-class and in the
+    columns not in `columns`; `seed` fixes the resamples."""
+    boots = [np.full((n_boot, y_true.shape[1]), np.nan) for _ in y_probs]
+    if not columns or n_boot <= 0:
+        return boots
+    sorted_labels = [{j: _SortedLabel(y_true[:, j], p[:, j]) for j in columns} for p in y_probs]
+    row = 0
+    for w in patient_bootstrap_weights(groups, n_boot, np.random.default_rng(seed)):
+        for boot, labels in zip(boots, sorted_labels):
+            for j in columns:
+                boot[row:row + len(w), j] = labels[j].auc(w)
+        row += len(w)
+    return boots
+
+
+def percentile_ci(values, confidence=0.95):
+    """(low, high, n) percentile interval of the finite `values`; NaNs (invalid resamples) left out and counted."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan"), 0
+    tail = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(values, [tail, 1.0 - tail])
+    return float(lo), float(hi), int(len(values))
+
+
+def resample_means(boot):
+    """[B] mean of each resample over the labels defined in it (NaN where none is); [B] whether all were."""
+    defined = np.isfinite(boot)
+    counts = defined.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        means = np.where(counts > 0, np.nansum(boot, axis=1) / np.maximum(counts, 1), np.nan)
+    return means, defined.all(axis=1)
+
+
+def auc_with_ci(y_true, y_prob, groups, labels=None, n_boot=1000, seed=0, confidence=0.95,
+                min_patients=MIN_PATIENTS):
     """Per-label ROC AUC and their mean, each with a percentile bootstrap CI resampled by patient.
 
-    A label without positives (or negatives) gets NaN with a reason and is left out of the mean. In a resample
-    where an evaluable label happens to be single-class, that label's AUC is skipped for that resample; the mean's
-    CI uses only resamples in which every evaluable label is defined (counts are reported).
-    Returns {"per_label": {label: {auc, ci_low, ci_high, n_boot_valid, positives, negatives, reason}},
-             "mean": {auc, ci_low, ci_high, n_boot_valid, labels_used, excluded: {label: reason}}, ...}.
+    A label without positives (or negatives) gets NaN with a reason and is left out of the mean. A label whose
+    positives (or negatives) come from fewer than `min_patients` patients keeps its point AUC but is not estimable:
+    no CI, its reason given, left out of the mean. In a resample where an estimable label happens to be
+    single-class, that label's AUC is skipped for that resample (`n_boot_valid` counts the others); the mean of a
+    resample averages the labels defined in it, so every resample with at least one counts (`n_boot_valid`;
+    `n_boot_all_labels`: those in which every label was defined).
+    Returns {"per_label": {label: {auc, ci_low, ci_high, n_boot_valid, positives, negatives, positive_patients,
+             estimable, reason}}, "mean": {auc, ci_low, ci_high, n_boot_valid, n_boot_all_labels, labels_used,
+             excluded: {label: reason}}, ...}.
     """
     y_true, y_prob = _as_2d(y_true, y_prob)
     n, n_labels = y_true.shape
@@ -107,56 +173,36 @@ def auc_with_ci(y_true, y_prob, groups, labels=None, n_boot=1000, seed=0, confid
     groups = np.asarray(groups)
     if len(groups) != n:
         raise ValueError(f"{len(groups)} patient ids for {n} predictions")
-    rng = np.random.default_rng(seed)
-    tail = (1.0 - confidence) / 2.0
 
     point = np.array(list(per_label_auc(y_true, y_prob, labels)[0].values()))
-    evaluable, sorted_labels, reasons = [], {}, {}
-    for j in range(n_labels):
-        reason = single_class_reason(y_true[:, j])
-        if reason:
-            reasons[j] = reason
-            continue
-        evaluable.append(j)
-        sorted_labels[j] = _SortedLabel(y_true[:, j], y_prob[:, j])
-
-    boot = np.full((n_boot, n_labels), np.nan)
-    if evaluable and n_boot > 0:
-        row = 0
-        for w in patient_bootstrap_weights(groups, n_boot, rng):
-            for j in evaluable:
-                boot[row:row + len(w), j] = sorted_labels[j].auc(w)
-            row += len(w)
-
-    def ci(values):
-        values = values[~np.isnan(values)]
-        if len(values) == 0:
-            return float("nan"), float("nan"), 0
-        lo, hi = np.quantile(values, [tail, 1.0 - tail])
-        return float(lo), float(hi), int(len(values))
+    reasons = {j: r for j in range(n_labels) if (r := not_estimable_reason(y_true[:, j], groups, min_patients))}
+    estimable = [j for j in range(n_labels) if j not in reasons]
+    boot = bootstrap_label_aucs(y_true, [y_prob], groups, estimable, n_boot, seed)[0]
 
     per_label = {}
     for j, name in enumerate(labels):
         pos = int(np.sum(y_true[:, j] > 0.5))
-        entry = {"auc": _f(point[j]), "positives": pos, "negatives": int(n - pos), "reason": reasons.get(j)}
+        entry = {"auc": _f(point[j]), "positives": pos, "negatives": int(n - pos),
+                 "positive_patients": patient_counts(y_true[:, j], groups)[0], "estimable": j not in reasons,
+                 "reason": reasons.get(j)}
         if j in reasons:
             entry.update(ci_low=None, ci_high=None, n_boot_valid=0)
         else:
-            lo, hi, k = ci(boot[:, j])
+            lo, hi, k = percentile_ci(boot[:, j], confidence)
             entry.update(ci_low=_f(lo), ci_high=_f(hi), n_boot_valid=k)
         per_label[name] = entry
 
-    mean = {"auc": None, "ci_low": None, "ci_high": None, "n_boot_valid": 0,
-            "labels_used": [labels[j] for j in evaluable],
-            "excluded": {labels[j]: r for j, r in reasons.items()}}
-    if evaluable:
-        mean["auc"] = _f(np.mean(point[evaluable]))
-        sub = boot[:, evaluable]
-        complete = ~np.isnan(sub).any(axis=1)
-        lo, hi, k = ci(sub[complete].mean(axis=1)) if complete.any() else (float("nan"), float("nan"), 0)
-        mean.update(ci_low=_f(lo), ci_high=_f(hi), n_boot_valid=k)
+    mean = {"auc": None, "ci_low": None, "ci_high": None, "n_boot_valid": 0, "n_boot_all_labels": 0,
+            "labels_used": [labels[j] for j in estimable], "excluded": {labels[j]: r for j, r in reasons.items()}}
+    if estimable:
+        mean["auc"] = _f(np.mean(point[estimable]))
+        if n_boot > 0:
+            means, complete = resample_means(boot[:, estimable])
+            lo, hi, k = percentile_ci(means, confidence)
+            mean.update(ci_low=_f(lo), ci_high=_f(hi), n_boot_valid=k, n_boot_all_labels=int(complete.sum()))
     return {"per_label": per_label, "mean": mean, "n_boot": int(n_boot), "seed": seed, "confidence": confidence,
-            "resampling": "patient", "n_patients": int(len(np.unique(groups.astype(str))))}
+            "resampling": "patient", "min_patients": int(min_patients),
+            "n_patients": int(len(np.unique(groups.astype(str))))}
 
 
 # --- average precision -----------------------------------------------------------------------------------
@@ -301,7 +347,7 @@ def calibration(y_true, y_prob, labels=None, n_bins=10):
 
 
 def compute_all(y_true, y_prob, patient_ids, labels, y_val=None, p_val=None, thresholds=None, n_boot=1000,
-                seed=0, n_bins=10):
+                seed=0, n_bins=10, min_patients=MIN_PATIENTS):
     """All metrics of a split. Thresholds come from (y_val, p_val), or are given ({method: {label: {...}}})."""
     labels = list(labels)
     y_true, y_prob = _as_2d(y_true, y_prob)
@@ -312,7 +358,8 @@ def compute_all(y_true, y_prob, patient_ids, labels, y_val=None, p_val=None, thr
             raise ValueError("give validation labels/probabilities or thresholds")
         thresholds = choose_thresholds(y_val, p_val, labels)
     result = {"n_images": int(len(y_true)), "labels": labels,
-              "auc": auc_with_ci(y_true, y_prob, patient_ids, labels, n_boot=n_boot, seed=seed),
+              "auc": auc_with_ci(y_true, y_prob, patient_ids, labels, n_boot=n_boot, seed=seed,
+                                 min_patients=min_patients),
               "average_precision": average_precision(y_true, y_prob, labels),
               "thresholds": thresholds,
               "at_thresholds": {m: binary_metrics(y_true, y_prob, threshold_vector(t, labels), labels)

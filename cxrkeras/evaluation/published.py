@@ -54,11 +54,15 @@ def comparison_markdown(auc_result, labels, title=None, published=None):
     lines.append("")
     boot = auc_result.get("n_boot")
     if boot:
+        mean = auc_result["mean"]
         lines.append(f"CI: {int(round(auc_result.get('confidence', 0.95) * 100))}% percentile bootstrap, {boot} "
                      f"resamples by patient ({auc_result.get('n_patients', '?')} patients), seed "
-                     f"{auc_result.get('seed')}.")
+                     f"{auc_result.get('seed')}; the mean's CI averages each resample over the labels defined in it "
+                     f"({mean.get('n_boot_valid')} valid resamples, {mean.get('n_boot_all_labels', '?')} with every "
+                     f"label defined). A label whose positives come from fewer than "
+                     f"{auc_result.get('min_patients', '?')} patients is not estimable.")
     for lbl, reason in auc_result["mean"].get("excluded", {}).items():
-        lines.append(f"- {lbl}: not evaluable ({reason}); left out of the mean.")
+        lines.append(f"- {lbl}: left out of the mean ({reason}).")
     if len(header) > 3:
         lines.append(SOURCE_NOTE)
     return "\n".join(lines) + "\n"
@@ -77,5 +81,5 @@ def _fmt_ci(auc, lo, hi, reason=None):
     if auc is None:
         return f"n/a ({reason})" if reason else "n/a"
     if lo is None or hi is None:
-        return f"{auc:.4f}"
+        return f"{auc:.4f} ({reason})" if reason else f"{auc:.4f}"
     return f"{auc:.4f} ({lo:.4f}–{hi:.4f})"

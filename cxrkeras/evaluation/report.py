@@ -51,7 +51,10 @@ def binary_summary(result, method):
     label = labels[0]
     auc = result["auc"]["per_label"][label]
     e = result["at_thresholds"][method]["per_label"][label]
-    ci = f" (95% CI {auc['ci_low']:.3f}–{auc['ci_high']:.3f})" if auc.get("ci_low") is not None else ""
+    if auc.get("ci_low") is not None:
+        ci = f" (95% CI {auc['ci_low']:.3f}–{auc['ci_high']:.3f})"
+    else:  # e.g. positives from fewer than --min-patients patients: the point AUC, and why it has no CI
+        ci = f" (no CI: {auc['reason']})" if auc.get("reason") else ""
     cells = [("", f"predicted no {label}", f"predicted {label}"),
              (f"true no {label}", f"{e['tn']} (TN)", f"{e['fp']} (FP)"),
              (f"true {label}", f"{e['fn']} (FN)", f"{e['tp']} (TP)")]

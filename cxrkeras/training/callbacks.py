@@ -20,6 +20,20 @@ from cxrkeras.evaluation.metrics import per_label_auc
 MONITOR = "val_auc_mean"  # the default monitored value; every callback here takes `monitor`
 
 
+def lower_is_better(monitor):
+    """A loss is minimised (val_loss), anything else maximised (val_auc_mean)."""
+    return str(monitor).endswith("loss")
+
+
+def improves(value, best, monitor):
+    """True when `value` is strictly better than `best` for `monitor`."""
+    return value < best if lower_is_better(monitor) else value > best
+
+
+def worst(monitor):
+    return math.inf if lower_is_better(monitor) else -math.inf
+
+
 def _finite(value):
     return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -147,21 +161,23 @@ class _Stateful(keras.callbacks.Callback):
         for k in self.STATE:
             if k in (state or {}):
                 setattr(self, k, state[k])
+        if getattr(self, "best", 0) is None:  # +-inf is written to JSON as null
+            self.best = worst(self.monitor)
 
 
 class BestCheckpoint(_Stateful):
-    """Save the whole model to `path` whenever the monitored mean validation AUC improves."""
+    """Save the whole model to `path` whenever the monitored value improves (a loss falls, an AUC rises)."""
 
     STATE = ("best", "best_epoch")
 
     def __init__(self, path, guard, monitor=MONITOR, enabled=True):
         super().__init__()
         self.path, self.guard, self.monitor, self.enabled = path, guard, monitor, enabled
-        self.best, self.best_epoch = -math.inf, None
+        self.best, self.best_epoch = worst(monitor), None
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
-        if self.guard.stopped or not _finite(value) or value <= self.best:
+        if self.guard.stopped or not _finite(value) or not improves(value, self.best, self.monitor):
             return
         self.best, self.best_epoch = float(value), epoch + 1
         if self.enabled:
@@ -176,14 +192,14 @@ class _Patience(_Stateful):
     def __init__(self, patience, monitor=MONITOR):
         super().__init__()
         self.patience, self.monitor = patience, monitor
-        self.best, self.wait = -math.inf, 0
+        self.best, self.wait = worst(monitor), 0
 
     def _stalled(self, logs):
         """True when this epoch brought no improvement (the wait grows); a non-finite value is not counted."""
         value = (logs or {}).get(self.monitor)
         if not _finite(value):
             return False
-        if value > self.best:
+        if improves(value, self.best, self.monitor):
             self.best, self.wait = float(value), 0
             return False
         self.wait += 1
@@ -330,6 +346,7 @@ class ResumeSnapshot(keras.callbacks.Callback):
         weights = os.path.join(self.resume_dir, f"epoch_{epoch + 1:04d}.weights.h5")
         self.model.save_weights(weights)
         state = {"epoch": epoch + 1, "weights": os.path.basename(weights),
+                 "learning_rate": current_lr(self.model.optimizer),
                  "callbacks": {name: cb.get_state() for name, cb in self.stateful.items()}}
         state.update(self.extra_state(epoch))
         write_json(os.path.join(self.resume_dir, "state.json"), state)

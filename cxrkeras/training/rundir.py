@@ -73,8 +73,39 @@ def _flatten(d, prefix=""):
 def config_differences(old, new, ignore=RESUMABLE_DIFFERENCES):
     """["key: old -> new", ...] between two resolved config dicts, leaving out `ignore`d keys."""
     a, b = _flatten(old), _flatten(new)
+    if not a.get("loss.apply_class_balancing") and not b.get("loss.apply_class_balancing"):
+        ignore = tuple(ignore) + ("loss.alpha",)  # a class weight that was not applied changes nothing
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k not in ignore and a.get(k) != b.get(k)]
+
+
+def _resolved(old):
+    """A stage folder's config.yaml with today's defaults for the keys it predates (so adding a config key does
+    not make every earlier run folder "a different config"); as written when it no longer loads."""
+    from cxrkeras.config import config_from_dict
+
+    try:
+        return config_from_dict(old, source="config.yaml").to_dict()
+    except Exception:  # a key renamed or a value now refused: compare what was written
+        return old
+
+
+def stage_state(config, stage):
+    """"new", "resume" (a run of this config to continue) or "finished", without changing anything; a ConfigError
+    for a folder that holds no run or a run of another config."""
+    path = stage_path(config, stage)
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    if not (os.path.isdir(path) and os.listdir(path)):
+        return "new"
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"{path} exists but holds no {CONFIG_FILE}, so it is not a cxrkeras run folder of "
+                          f"this config: pass --overwrite to replace it, or choose another --name")
+    diffs = config_differences(_resolved(read_yaml(cfg_path, what="run config")), config.to_dict())
+    if diffs:
+        raise ConfigError(f"{path} holds a run of a different config ({'; '.join(diffs)}): pass --overwrite "
+                          f"to replace it, or choose another run name with --name")
+    info = RunInfo.read(path) or RunInfo()
+    return "finished" if info.finished and info.epochs_requested == config.train.epochs else "resume"
 
 
 def prepare_stage_dir(config, stage, overwrite=False):
@@ -83,23 +114,9 @@ def prepare_stage_dir(config, stage, overwrite=False):
     Returns (path, state) with state "new", "resume" (a previous run of this config to continue) or "finished".
     """
     path = stage_path(config, stage)
-    cfg_path = os.path.join(path, CONFIG_FILE)
-    state = "new"
-    if os.path.isdir(path) and os.listdir(path):
-        if overwrite:
-            shutil.rmtree(path)
-        elif not os.path.isfile(cfg_path):
-            raise ConfigError(f"{path} exists but holds no {CONFIG_FILE}, so it is not a cxrkeras run folder of "
-                              f"this config: pass --overwrite to replace it, or choose another --name")
-        else:
-            old = read_yaml(cfg_path, what="run config")
-            diffs = config_differences(old, config.to_dict())
-            if diffs:
-                raise ConfigError(f"{path} holds a run of a different config ({'; '.join(diffs)}): pass --overwrite "
-                                  f"to replace it, or choose another run name with --name")
-            info = RunInfo.read(path) or RunInfo()
-            finished = info.finished and info.epochs_requested == config.train.epochs
-            state = "finished" if finished else "resume"
+    if overwrite and os.path.isdir(path) and os.listdir(path):
+        shutil.rmtree(path)
+    state = stage_state(config, stage)
     os.makedirs(path, exist_ok=True)
     return path, state
 

@@ -68,6 +68,13 @@ def describe_devices(strategy=None):
     return info
 
 
+def visible_gpu_count():
+    """GPUs TensorFlow sees (CUDA_VISIBLE_DEVICES applies)."""
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
+
+
 def resolve_mixed_precision(setting):
     """auto -> on when a GPU is visible; "on" on CPU is allowed (slow) but said in the log."""
     import tensorflow as tf

@@ -141,10 +141,13 @@ def make_datasets(config, stage, strategy=None, seed=None, verify=None, preproce
     preprocessor = preprocessor or stage_preprocessor(config)
     common = dict(stage=stage, preprocessor=preprocessor, verify=verify or config.data.verify_records,
                   patient=patient, no_finding_class=config.data.no_finding_class)
+    d = config.data
+    augmentation = dict(augment=d.augment, max_rotation=d.max_rotation, crop_scale=tuple(d.crop_scale), flip=d.flip,
+                        fill_mode=d.fill_mode)
     train_ds = build_dataset(config.data.records, config.data.train_split, batch_size=config.data.batch_size,
                              training=True, shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache,
                              seed=config.train.seed if seed is None else seed, repeat=True, strategy=strategy,
-                             **common)
+                             **augmentation, **common)
     val_ds = build_dataset(config.data.records, config.data.val_split, batch_size=config.data.batch_size,
                            training=False, drop_remainder=False, **common)
     return train_ds, val_ds
@@ -162,9 +165,10 @@ def weights_fingerprint(model):
     return h.hexdigest()
 
 
-def summary_result(stage, stage_dir, labels, history, seconds, resumed_from, stopped_early, positives, log):
-    row = best_row(history)
-    log(format_summary(stage, labels, history, positives, seconds, stage_dir, stopped_early))
+def summary_result(stage, stage_dir, labels, history, seconds, resumed_from, stopped_early, positives, log,
+                   monitor=MONITOR):
+    row = best_row(history, monitor)
+    log(format_summary(stage, labels, history, positives, seconds, stage_dir, stopped_early, monitor))
     best_path = os.path.join(stage_dir, rundir.BEST_FILE)
     return TrainResult(
         stage=stage, stage_dir=stage_dir, best_path=best_path if os.path.isfile(best_path) else None,
@@ -174,22 +178,15 @@ def summary_result(stage, stage_dir, labels, history, seconds, resumed_from, sto
         epochs_run=len(history), seconds=seconds, resumed_from=resumed_from, stopped_early=stopped_early)
 
 
-def train(config, stage, init=None, callbacks=(), log=print):
-    """Train one stage into `<run.root>/<run.name>/stage<stage>/` and return a TrainResult.
-
-    Re-running the same command after a kill resumes after the last finished epoch (weights, optimiser state,
-    learning rate, epoch, callback counters); re-running a finished stage only prints its summary.
-    `callbacks`: extra keras callbacks (run after the resume snapshot of each epoch).
-    """
+def stage_inputs(config, stage, init=None):
+    """Everything a stage needs checked before any TensorFlow work: the variant, the records (manifest, labels,
+    image counts, validation positives, manifest sha256) and stage 2's starting checkpoint."""
     from cxrkeras.config import validate
-    from cxrkeras.training.strategy import is_chief
+    from cxrkeras.models.registry import get_variant
 
-    stage = int(stage)
     if stage not in (1, 2):
         raise ConfigError(f"stage must be 1 (BCE, abnormal images) or 2 (focal loss, all images), got {stage}")
     validate(config)
-    from cxrkeras.models.registry import get_variant
-
     variant = get_variant(config.model.variant)
     manifest, labels, counts, positives = _check_data(config, stage)
     manifest_sha = rundir.manifest_sha256(config.data.records)
@@ -198,7 +195,43 @@ def train(config, stage, init=None, callbacks=(), log=print):
         init_path, init_info = _stage2_init(config, init, manifest_sha, labels, variant.name)
     elif init:
         raise ConfigError("--init is for stage 2 (stage 1 starts from model.weights, e.g. imagenet)")
+    return {"variant": variant, "manifest": manifest, "labels": labels, "counts": counts, "positives": positives,
+            "manifest_sha": manifest_sha, "init_path": init_path, "init_info": init_info}
 
+
+def stage_context(config, stage, inputs, log, **where):
+    """The StageContext of `stage_inputs` (with the patient encoder of a model with patient features, fitted on the
+    training split); `where`: stage_dir, out_dir, state, chief."""
+    from cxrkeras.training.stage import StageContext
+
+    patient = None
+    if config.model.patient_features:  # the age normalisation of the training split, stored with the model
+        from cxrkeras.data.patient import fit_encoder
+
+        patient = fit_encoder(config.data.records, config.data.train_split, config.data.patient_missing, log)
+        log(f"patient features: {patient.describe()}")
+    if config.data.no_finding_class and stage == 1:
+        log("note: stage 1 reads only images with a finding, so the 'No Finding' output sees no positive image "
+            "before stage 2 (or train one stage: --stage 2 --init none)")
+    return StageContext(config=config, stage=stage, variant=inputs["variant"], labels=inputs["labels"],
+                        counts=inputs["counts"], positives=inputs["positives"], manifest_sha=inputs["manifest_sha"],
+                        preprocessor=stage_preprocessor(config, inputs["manifest"]),
+                        build_options=model_options(config), init_path=inputs["init_path"],
+                        init_info=inputs["init_info"], patient=patient, **where)
+
+
+def train(config, stage, init=None, callbacks=(), log=print):
+    """Train one stage into `<run.root>/<run.name>/stage<stage>/` and return a TrainResult.
+
+    Re-running the same command after a kill resumes after the last finished epoch (weights, optimiser state,
+    learning rate, epoch, callback counters); re-running a finished stage only prints its summary.
+    `callbacks`: extra keras callbacks (run after the resume snapshot of each epoch).
+    """
+    from cxrkeras.training.strategy import is_chief
+
+    stage = int(stage)
+    inputs = stage_inputs(config, stage, init)
+    labels, positives, init_path = inputs["labels"], inputs["positives"], inputs["init_path"]
     chief = is_chief()
     if chief:
         stage_dir, state = rundir.prepare_stage_dir(config, stage, overwrite=config.run.overwrite)
@@ -225,27 +258,28 @@ def train(config, stage, init=None, callbacks=(), log=print):
         log(f"stage {stage} of run {config.run.name!r} already finished ({stage_dir}); "
             f"pass --overwrite to train it again")
         return summary_result(stage, stage_dir, labels, read_history(history_path), info.seconds or 0.0,
-                              info.resumed_from or 0, info.stopped_early, positives, log)
+                              info.resumed_from or 0, info.stopped_early, positives, log, config.train.monitor)
     if chief:
         rundir.write_config(stage_dir, config)
-    patient = None
-    if config.model.patient_features:  # the age normalisation of the training split, stored with the model
-        from cxrkeras.data.patient import fit_encoder
+    from cxrkeras.training.stage import StageRun
 
-        patient = fit_encoder(config.data.records, config.data.train_split, config.data.patient_missing, log)
-        log(f"patient features: {patient.describe()}")
-    if config.data.no_finding_class and stage == 1:
-        log("note: stage 1 reads only images with a finding, so the 'No Finding' output sees no positive image "
-            "before stage 2 (or train one stage: --stage 2 --init none)")
-    from cxrkeras.training.stage import StageContext, StageRun
-
-    context = StageContext(config=config, stage=stage, variant=variant, labels=labels, counts=counts,
-                           positives=positives, manifest_sha=manifest_sha,
-                           preprocessor=stage_preprocessor(config, manifest), build_options=model_options(config),
-                           init_path=init_path, init_info=init_info, stage_dir=stage_dir, out_dir=out_dir,
-                           state=state, chief=chief, patient=patient)
+    context = stage_context(config, stage, inputs, log, stage_dir=stage_dir, out_dir=out_dir, state=state,
+                            chief=chief)
     try:
         return StageRun(context, callbacks, log).run()
     finally:
         if not chief:
             shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def find_learning_rate(config, stage, out_dir, init=None, steps=None, start_lr=1e-7, end_lr=10.0, log=print):
+    """`cxrkeras lr-find`: the LR finder on the stage's model, data, loss and optimiser as its first phase trains
+    them (frozen backbone included); writes lr_find.png / lr_find.json into `out_dir`, returns the LRFinderResult
+    (with `weights_restored`: the weights after the sweep are those before it)."""
+    from cxrkeras.training.stage import StageRun
+
+    stage = int(stage)
+    inputs = stage_inputs(config, stage, init)
+    os.makedirs(out_dir, exist_ok=True)
+    context = stage_context(config, stage, inputs, log, stage_dir=out_dir, out_dir=out_dir, state="new", chief=True)
+    return StageRun(context, log=log).lr_find_only(int(steps or config.optim.lr_find_steps), start_lr, end_lr)
