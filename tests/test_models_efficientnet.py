@@ -122,8 +122,12 @@ def test_imagenet_file_name_offline_and_the_added_layers(monkeypatch):
         build_model("efficientnetb2-lstm-mha", input_shape=(64, 64, 3), weights="imagenet")
     with pytest.raises(ConfigError, match="full-width"):
         build_model("efficientnetb2-lstm-mha", weights="imagenet", **TINY)
-    added = added_layers(build_model("efficientnetb2-lstm-mha", **TINY))
-    assert added == ["seq_lstm", "seq_mha", "predictions"]
+    model = build_model("efficientnetb2-lstm-mha", **TINY)
+    assert added_layers(model) == ["seq_lstm", "seq_mha", "predictions"]
+    from cxrkeras.training.optim import layer_groups
+
+    early, late, added = ([layer.name for layer in g] for g in layer_groups(model))
+    assert early[0] == "stem_conv" and late[0] == "block4a_expand_conv" and added == added_layers(model)
 
 
 def test_models_table_prints_the_measured_ratio_to_resnet50():
