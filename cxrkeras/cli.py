@@ -62,6 +62,22 @@ def _patient(age, sex, view):
     return (age, sex.upper(), view.upper()) if all(given) else None
 
 
+def _fusion_options(command):
+    """--mask-model, --fusion-lambda and --fusion-sigma: Grad-CAM fused with a U-Net's lung mask."""
+    options = [
+        click.option("--mask-model", type=click.Path(exists=True),
+                     help="A U-Net from `cxrkeras train-segmentation` (its folder or unet.keras): fuse its lung mask "
+                          "with Grad-CAM, F = lambda * mask + (1 - lambda) * Grad-CAM."),
+        click.option("--fusion-lambda", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+                     help="Weight of the mask in the fused map."),
+        click.option("--fusion-sigma", default=0.0, show_default=True, type=click.FloatRange(0, 256),
+                     help="Gaussian smoothing of the mask before fusion, in pixels of the image (0: none)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -296,7 +312,9 @@ def reproduce_cmd(grid_name, records, out_dir, only, dry_run, workers, sets, con
 @click.option("--method", default="gradcam", show_default=True, type=_choice(HEATMAP_METHODS))
 @click.option("--alpha", default=0.4, show_default=True, type=click.FloatRange(0, 1), help="Heatmap opacity.")
 @_patient_options
-def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alpha, age, sex, view, patient_csv):
+@_fusion_options
+def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alpha, age, sex, view, patient_csv,
+                mask_model, fusion_lambda, fusion_sigma):
     """Grad-CAM overlays of PNG/JPEG/DICOM IMAGES at their original size, with label and probability."""
     from cxrkeras.explain.files import explain_files
 
@@ -307,10 +325,12 @@ def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alph
 
         values = values_for(list(images), patient, patient_csv)
     entries = explain_files(model_path, list(images), out, top_k=top_k, class_names=list(class_names) or None,
-                            layer_name=layer, method=method, alpha=alpha, log=click.echo, patient=values)
+                            layer_name=layer, method=method, alpha=alpha, log=click.echo, patient=values,
+                            mask_model=mask_model, fusion_lambda=fusion_lambda, fusion_sigma=fusion_sigma)
     for e in entries:
         zero = "  (all-zero heatmap: no positive evidence at this layer)" if e["heatmap_max"] <= 0 else ""
-        click.echo(f"{e['image']}  {e['label']:<20} p={e['probability']:.3f}  -> {e['overlay']}{zero}")
+        fused = f"  fused -> {e['fused_overlay']}" if "fused_overlay" in e else ""
+        click.echo(f"{e['image']}  {e['label']:<20} p={e['probability']:.3f}  -> {e['overlay']}{zero}{fused}")
     click.echo(f"{len(entries)} overlays and gradcam.json written to {out}")
 
 
@@ -332,12 +352,15 @@ def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alph
 @click.option("--method", default="gradcam", show_default=True, type=_choice(HEATMAP_METHODS))
 @click.option("--patient-csv", type=click.Path(exists=True, dir_okay=False),
               help="Models with patient features: NIH's Data_Entry CSV (age, sex and view of each boxed image).")
-def localize_cmd(model_path, boxes, images_dir, out, threshold, seed, random_draws, layer, method, patient_csv):
+@_fusion_options
+def localize_cmd(model_path, boxes, images_dir, out, threshold, seed, random_draws, layer, method, patient_csv,
+                 mask_model, fusion_lambda, fusion_sigma):
     """Pointing game and IoU of Grad-CAM on NIH's boxes, per label, beside a seeded random baseline."""
     from cxrkeras.explain.localize import format_table, localize, write_result
 
     result = localize(model_path, boxes, images_dir, threshold=threshold, seed=seed, random_draws=random_draws,
-                      layer_name=layer, method=method, progress=True, log=click.echo, patient_csv=patient_csv)
+                      layer_name=layer, method=method, progress=True, log=click.echo, patient_csv=patient_csv,
+                      mask_model=mask_model, fusion_lambda=fusion_lambda, fusion_sigma=fusion_sigma)
     click.echo(format_table(result))
     if result["not_found"]:
         click.echo(f"not found under {images_dir}: {len(result['not_found'])} boxed images, e.g. "
@@ -347,6 +370,79 @@ def localize_cmd(model_path, boxes, images_dir, out, threshold, seed, random_dra
     if out:
         json_path, csv_path = write_result(result, out)
         click.echo(f"written: {json_path}, {csv_path}")
+
+
+@cli.command("train-segmentation")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of radiographs.")
+@click.option("--masks", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of binary lung masks, each with its image's name (or NAME_mask), e.g. Montgomery, "
+                   "Shenzhen or JSRT's masks.")
+@click.option("--out", default="runs/unet", show_default=True, type=click.Path(file_okay=False))
+@click.option("--image-size", default=256, show_default=True, type=click.IntRange(16, 1024))
+@click.option("--depth", default=4, show_default=True, type=click.IntRange(1, 6), help="U-Net poolings.")
+@click.option("--width", default=16, show_default=True, type=click.IntRange(1, 256),
+              help="Filters at the first level (doubled at each pooling).")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--split-fractions", default="0.7,0.15,0.15", show_default=True, help="train,val,test fractions.")
+@click.option("--equalize", type=_choice(EQUALIZE), help="Contrast equalisation, as the classifier's.")
+@click.option("--patient-csv", type=click.Path(exists=True, dir_okay=False),
+              help="CSV naming each image's patient: the split keeps every patient in one split.")
+@click.option("--image-column", default="Image Index", show_default=True)
+@click.option("--patient-column", default="Patient ID", show_default=True)
+def train_segmentation_cmd(**options):
+    """Train a U-Net on image/mask pairs (BCE + Dice); Dice and IoU per split; writes OUT/unet.keras."""
+    from cxrkeras.segmentation.train import SegmentationConfig, train_segmentation
+
+    train_segmentation(SegmentationConfig(**options), log=click.echo)
+
+
+@cli.command("segment")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True),
+              help="A train-segmentation output folder or its unet.keras.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the mask PNGs and overlays.")
+@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True,
+                                                                                   max_open=True))
+def segment_cmd(images, model_path, out, threshold):
+    """Lung masks of IMAGES: NAME_mask.png (0/255, the image's size), NAME_overlay.png and segment.json."""
+    from cxrkeras.segmentation.segment import segment_files
+
+    entries = segment_files(model_path, list(images), out, threshold=threshold, log=click.echo)
+    click.echo(f"{len(entries)} mask(s) and overlays written to {out}")
+
+
+@cli.command("hybrid")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True),
+              help="A run folder (its best model) or a .keras file: its embedding and its outputs.")
+@click.option("--records", type=click.Path(file_okay=False), help="Records folder (default: the run's).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder [default: <run>/hybrid].")
+@click.option("--classifier", default="logistic", show_default=True, type=click.Choice(["logistic", "mlp"]),
+              help="Per label: L2 logistic regression or a one-hidden-layer MLP (grid chosen by validation AUC).")
+@click.option("--equalize", default="hist", show_default=True, type=_choice(EQUALIZE),
+              help="Equalisation of the image the texture features are computed from.")
+@click.option("--texture-size", default=64, show_default=True, type=click.IntRange(16, 512),
+              help="Square size of that image.")
+@click.option("--hog-orientations", default=9, show_default=True, type=click.IntRange(1, 36))
+@click.option("--hog-cell", default=8, show_default=True, type=click.IntRange(2, 128), help="HOG pixels per cell.")
+@click.option("--hog-block", default=2, show_default=True, type=click.IntRange(1, 16), help="HOG cells per block.")
+@click.option("--lbp-points", default=8, show_default=True, type=click.IntRange(4, 32))
+@click.option("--lbp-radius", default=1.0, show_default=True, type=click.FloatRange(1, 16))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Patient bootstrap resamples for the AUC CIs.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def hybrid_cmd(run_dir, records, out_dir, classifier, equalize, texture_size, hog_orientations, hog_cell, hog_block,
+               lbp_points, lbp_radius, batch_size, n_boot, seed):
+    """HOG + LBP (+ the model's embedding) with a scikit-learn classifier per label, against the CNN alone."""
+    from cxrkeras.hybrid.run import hybrid
+    from cxrkeras.hybrid.texture import TextureParams
+
+    params = TextureParams(size=texture_size, orientations=hog_orientations, pixels_per_cell=hog_cell,
+                           cells_per_block=hog_block, lbp_points=lbp_points, lbp_radius=lbp_radius)
+    hybrid(run_dir, records, out_dir, classifier, params, equalize, batch_size, n_boot, seed, log=click.echo)
 
 
 @cli.command("evaluate")

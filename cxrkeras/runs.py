@@ -161,6 +161,7 @@ def load_keras_model(path):
     import cxrkeras.models.fpsm  # noqa: F401 - registers PyramidSum
     import cxrkeras.models.head  # noqa: F401 - registers MultiLabelDense
     import cxrkeras.models.lka  # noqa: F401 - registers LargeKernelAttention
+    import cxrkeras.models.unet  # noqa: F401 - registers MaskOutput
 
     if not os.path.isfile(path):
         raise CxrError(f"model file {path!r} does not exist")

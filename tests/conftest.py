@@ -56,6 +56,34 @@ def any_records(request):
     return request.param, request.getfixturevalue(name)
 
 
+@pytest.fixture(scope="session")
+def thin_model(tmp_path_factory):
+    """A thin untrained DenseNet121 + LKA (after norm5) at 64 px, saved as .keras: the explain tests' classifier."""
+    from cxrkeras import models
+
+    model = models.build_model("densenet121-lka-after", input_shape=(64, 64, 3), width_multiplier=0.125,
+                               blocks=(1, 1, 1, 1))
+    path = str(tmp_path_factory.mktemp("model") / "thin.keras")
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_unet(tmp_path_factory):
+    """A small U-Net trained on 48 synthetic disc images (32 px): its folder, data and metrics."""
+    from segmentation_helpers import write_shapes
+
+    from cxrkeras.segmentation.train import SegmentationConfig, train_segmentation
+
+    root = str(tmp_path_factory.mktemp("shapes"))
+    images, masks = write_shapes(root, 48, size=32)
+    out = os.path.join(root, "unet")
+    config = SegmentationConfig(images=images, masks=masks, out=out, image_size=32, depth=2, width=8, epochs=15,
+                                batch_size=8, lr=3e-3, seed=0)
+    metrics = train_segmentation(config, log=lambda *_: None)
+    return dict(root=root, images=images, masks=masks, out=out, metrics=metrics)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -66,17 +66,6 @@ def test_read_boxes_aliases_and_bad_rows(tmp_path):
         read_boxes(str(wrong))
 
 
-@pytest.fixture(scope="module")
-def thin_model(tmp_path_factory):
-    from cxrkeras import models
-
-    model = models.build_model("densenet121-lka-after", input_shape=(64, 64, 3), width_multiplier=0.125,
-                               blocks=(1, 1, 1, 1))
-    path = str(tmp_path_factory.mktemp("model") / "thin.keras")
-    model.save(path)
-    return path
-
-
 def test_localize_on_the_bundled_boxes(thin_model, tmp_path):
     from cxrkeras.explain.localize import localize, write_result
 

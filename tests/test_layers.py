@@ -54,6 +54,12 @@ CASES = {
         (dict(units=4, member_weights=[0.25, 0.5, 0.25], labels=["a", "b", "c", "d"], preprocessing="torch",
               build_args={"weighting": "given"}), _FEATURES, (2, 4), 0, None, dict(run_training_check=False)),
     ],
+    "cxrkeras>MaskOutput": [
+        (dict(filters=1, kernel_size=(1, 1), depth=2, width=4,
+              preprocessor={"image_size": 64, "preprocessing": "torch", "equalize": None, "stored_size": None,
+                            "channels": 1}),
+         _X, (2, 9, 7, 1), 2, None),
+    ],
 }
 
 

@@ -223,9 +223,14 @@ def test_bundled_configs_start_as_the_paper():
     from cxrkeras.training.trainer import model_options
 
     files = [f for f in glob.glob(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "*.yaml"))
-             if not f.endswith(("demo.yaml", "resnet50.yaml"))]  # ResNet-50: keras.applications' weights only
-    assert len(files) == 10
+             if not f.endswith(("demo.yaml", "resnet50.yaml", "efficientnetb2_lstm_mha.yaml"))]
+    assert len(files) == 10  # ResNet-50 and EfficientNet-B2: keras.applications' weights only
     for path in files:
         config = load_config(path)
         assert config.model.weights == "torchvision", path
         assert model_options(config) == dict(preprocessing="torch", bn_epsilon=1e-5, bn_momentum=0.9), path
+    # keras.applications' EfficientNet-B2 file: ImageNet mean/std input (its in-model normalisation), BN 1e-3 / 0.99
+    config = load_config(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "efficientnetb2_lstm_mha.yaml"))
+    assert config.model.weights == "imagenet"
+    assert model_options(config) == dict(preprocessing="torch", bn_epsilon=1e-3, bn_momentum=0.99, lstm_units=256,
+                                         attention_heads=4, attention_key_dim=64)

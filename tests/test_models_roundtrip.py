@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-import h5py
 import keras
+from weights_helpers import write_legacy_h5
 
 from cxrkeras.errors import ConfigError
 from cxrkeras.models import build_model, list_variants, model_info
@@ -90,16 +90,7 @@ def test_weights_from_keras_file_by_layer_name(tmp_path):
 def test_weights_from_legacy_h5_as_keras_applications_writes_it(tmp_path):
     """A Keras-2 style .h5 (layer_names / weight_names attributes: the format of the ImageNet files)."""
     source = tiny("vgg16-plain")
-    path = os.path.join(tmp_path, "vgg_notop.h5")
-    with h5py.File(path, "w") as f:
-        names = [l.name for l in source.layers if l.weights and l.name.startswith("block")]
-        f.attrs["layer_names"] = [n.encode() for n in names]
-        for name in names:
-            group = f.create_group(name)
-            weights = source.get_layer(name).weights
-            group.attrs["weight_names"] = [f"{name}/{w.name}:0".encode() for w in weights]
-            for w in weights:
-                group.create_dataset(f"{name}/{w.name}:0", data=np.asarray(w))
+    path = write_legacy_h5(source, os.path.join(tmp_path, "vgg_notop.h5"), prefix="block")
     model = tiny("vgg16-plain-lka-last3", weights=path)
     np.testing.assert_array_equal(model.get_layer("block4_conv2").get_weights()[0],
                                   source.get_layer("block4_conv2").get_weights()[0])

@@ -1,5 +1,6 @@
-"""Training-step throughput of the paper's LKA variants vs their no-LKA baselines, beside their FLOP ratios, and
-where the LKA's time goes (per-op cost of its depthwise convolutions on CPU).
+"""Training-step throughput of the paper's LKA variants vs their no-LKA baselines, and of the lightweight
+EfficientNet-B2 + LSTM + attention model vs ResNet-50, beside their FLOP ratios, and where the LKA's time goes
+(per-op cost of its depthwise convolutions on CPU).
 
 Usage: .venv/bin/python tools/bench_models.py [--batch 4] [--steps 6] [--size 224] [--variants a,b,...] [--ops]
        [--quick] [--jit]
@@ -19,7 +20,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PAIRS = (("densenet121", ("densenet121-lka-after", "densenet121-lka-last2", "densenet121-lka-full")),
-         ("vgg16-bn", ("vgg16-lka-after", "vgg16-lka-last3", "vgg16-lka-full")))
+         ("vgg16-bn", ("vgg16-lka-after", "vgg16-lka-last3", "vgg16-lka-full")),
+         ("resnet50", ("efficientnetb2-lstm-mha",)))
 # (map size, channels) of the LKA blocks at 224 px: DenseNet121 blocks 1-4 (after = block 4's), VGG16 blocks 1-5
 LKA_SHAPES = ((7, 1024), (14, 1024), (28, 512), (56, 256), (112, 128), (224, 64))
 BEFORE = " (Keras dw)"
@@ -114,7 +116,8 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--variants", default=None, help="comma-separated LKA variants (default: the paper's six)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variants (default: the paper's six and efficientnetb2-lstm-mha)")
     parser.add_argument("--ops", action="store_true", help="print the per-op table of the LKA first")
     parser.add_argument("--jit", action="store_true", help="jit_compile the train steps (XLA)")
     parser.add_argument("--quick", action="store_true", help="DenseNet121 variants only, 112 px, 3 steps")
@@ -130,7 +133,7 @@ def main():
         op_table(args.batch)
     print(f"training step (Adam, BCE), batch {args.batch}, median of {args.steps} interleaved steps, "
           f"{args.size}x{args.size}, float32, {'XLA' if args.jit else 'no XLA'}, CPU ({os.cpu_count()} cores, "
-          f"TF {tf.__version__}); ratios vs the no-LKA baseline above each group (time ratio = time per image / "
+          f"TF {tf.__version__}); ratios vs the baseline above each group (time ratio = time per image / "
           f"baseline's); '{BEFORE.strip()}': the LKA through the Keras layers' own call")
     print(f"{'variant':36s} {'GFLOPs':>7s} {'FLOP ratio':>10s} {'img/s':>7s} {'time ratio':>10s}", flush=True)
     for baseline, variants in PAIRS:

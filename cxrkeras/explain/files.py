@@ -66,14 +66,31 @@ def model_inputs(source, paths, patient=None, batch_size=8):
     return originals, (images, features), good, errors
 
 
+def mask_frames(mask_model, paths, originals):
+    """The U-Net's mask probabilities of `paths` in each original's frame (None without a mask model); a file the
+    U-Net cannot read is an error naming it."""
+    if mask_model is None:
+        return None
+    _, frames, good, errors = mask_model.probabilities(paths)
+    if errors:
+        at = min(errors)
+        raise DataError(f"image {paths[at]} (mask model): {errors[at]}")
+    if len(frames) != len(originals) or any(f.shape != o.shape[:2] for f, o in zip(frames, originals)):
+        raise DataError("the mask model and the classifier read these images differently; check the files")
+    return frames
+
+
 def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=None, method="gradcam",
-                  alpha=0.4, batch_size=8, log=print, patient=None):
+                  alpha=0.4, batch_size=8, log=print, patient=None, mask_model=None, fusion_lambda=0.5,
+                  fusion_sigma=0.0):
     """Write one overlay PNG per image and class to out_dir plus gradcam.json; returns the list of entries.
 
     model: a run folder, a stage folder, a .keras file or a keras.Model built by cxrkeras (its stored or rebuilt
     `Preprocessor` prepares the images). Classes: `class_names` (names or indices) for every image, else each
     image's `top_k` most probable labels. One backward pass per batch covers all classes asked for in that batch.
     patient: for a model with patient features, (age, sex, view) of each image (a list aligned with `images`).
+    mask_model: a U-Net from `cxrkeras train-segmentation` (folder or .keras): each overlay also gets a fused one,
+    F = fusion_lambda * mask + (1 - fusion_lambda) * Grad-CAM in the image's frame (explain/fusion.py).
     """
     from cxrkeras.explain.engine import get_engine
     from cxrkeras.explain.overlay import overlay_figure, to_original_frame
@@ -90,6 +107,12 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
             log(note)
     net, labels, pre = source.model, source.labels, source.preprocessor
     engine = get_engine(net, layer_name, method)
+    if mask_model is not None:
+        from cxrkeras.explain.fusion import check_fusion
+        from cxrkeras.segmentation.segment import MaskModel
+
+        check_fusion(fusion_lambda, fusion_sigma)
+        mask_model = mask_model if isinstance(mask_model, MaskModel) else MaskModel(mask_model, batch_size)
     fixed = None
     if class_names:
         fixed, _ = resolve_classes(net, list(class_names), engine.num_outputs)
@@ -113,6 +136,7 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
         with warnings.catch_warnings():  # zero maps are flagged in the entries (heatmap_max 0) instead
             warnings.simplefilter("ignore", UserWarning)
             maps, probs = engine(x, wanted, batch_size=batch_size)
+        masks = mask_frames(mask_model, paths, originals)
         for i, (path, original) in enumerate(zip(paths, originals)):
             stem = _safe(os.path.splitext(os.path.basename(path))[0])
             if stem in stems:  # same file name from another folder: keep both
@@ -128,9 +152,20 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
                                note=note)
                 full = to_original_frame(heat, *original.shape[:2], region)
                 peak = [int(v) for v in np.unravel_index(full.argmax(), full.shape)]
-                entries.append(dict(image=path, label=label, probability=round(float(probs[i, index]), 6),
-                                    rank=rank, overlay=out, peak_row_col=peak, heatmap_max=float(heat.max())))
+                entry = dict(image=path, label=label, probability=round(float(probs[i, index]), 6), rank=rank,
+                             overlay=out, peak_row_col=peak, heatmap_max=float(heat.max()))
+                if masks is not None:
+                    from cxrkeras.explain.fusion import fuse
+
+                    fused = fuse(full, masks[i], fusion_lambda, fusion_sigma)
+                    entry["fused_overlay"] = out[:-4] + "_fused.png"
+                    overlay_figure(original, fused, entry["fused_overlay"], label, float(probs[i, index]),
+                                   alpha=alpha, note=f"{note} fused with the lung mask, lambda {fusion_lambda:g}")
+                    entry["fused_peak_row_col"] = [int(v) for v in np.unravel_index(fused.argmax(), fused.shape)]
+                entries.append(entry)
     write_json(os.path.join(out_dir, "gradcam.json"), dict(
         model=source.model_path or getattr(net, "name", None), layer=engine.layer_name, method=method,
-        image_size=pre.image_size, preprocessing=pre.preprocessing, preprocessor=pre.to_config(), overlays=entries))
+        image_size=pre.image_size, preprocessing=pre.preprocessing, preprocessor=pre.to_config(), overlays=entries,
+        fusion=dict(mask_model=mask_model.path, fusion_lambda=float(fusion_lambda), sigma=float(fusion_sigma))
+        if mask_model is not None else None))
     return entries

@@ -50,6 +50,14 @@ def box_class(box_label, labels):
     return ANY_FINDING if ANY_FINDING in labels and box_label in NIH_LABELS else None
 
 
+def _fusion_stats(sel):
+    """Pointing and IoU of the lung mask alone and of the fused map (rows scored with a mask model)."""
+    if "mask_hit" not in sel[0]:
+        return {}
+    return {f"{kind}_{name}": float(np.mean([r[f"{kind}_{key}"] for r in sel]))
+            for kind in ("mask", "fused") for name, key in (("pointing", "hit"), ("iou", "iou"))}
+
+
 def _summarise(rows, labels):
     def stats(sel):
         n = len(sel)
@@ -65,6 +73,7 @@ def _summarise(rows, labels):
             random_iou=float(np.mean([r["random_iou"] for r in sel])),
             box_area_fraction=float(np.mean([r["box_fraction"] for r in sel])),
             zero_maps=int(sum(r["zero_map"] for r in sel)),
+            **_fusion_stats(sel),
         )
 
     per_label = OrderedDict()
@@ -75,24 +84,34 @@ def _summarise(rows, labels):
     return per_label, stats(rows)
 
 
-def _score_case(heatmap, image_shape, region, boxes, threshold, rng, draws):
+def _score_case(heatmap, image_shape, region, boxes, threshold, rng, draws, lung=None, fusion=(0.5, 0.0)):
     """Grad-CAM and random maps of one image and label, scored in the image's own pixel frame; `region`: the part
-    of the image the model saw (Preprocessor.region)."""
+    of the image the model saw (Preprocessor.region). lung: the U-Net's mask probabilities in that frame: the mask
+    alone and its fusion with Grad-CAM (fusion = (lambda, sigma)) are scored too."""
     from cxrkeras.explain.overlay import to_original_frame
 
     height, width = image_shape
     mask = box_mask(boxes, height, width)
-    hit, iou = score_map(to_original_frame(heatmap, height, width, region), mask, threshold)
+    full = to_original_frame(heatmap, height, width, region)
+    hit, iou = score_map(full, mask, threshold)
+    extra = OrderedDict()
+    if lung is not None:
+        from cxrkeras.explain.fusion import fuse
+
+        for kind, heat in (("mask", fuse(full, lung, 1.0, fusion[1])), ("fused", fuse(full, lung, *fusion))):
+            k_hit, k_iou = score_map(heat, mask, threshold)
+            extra.update({f"{kind}_hit": int(k_hit), f"{kind}_iou": round(k_iou, 6)})
     rand = [score_map(to_original_frame(r, height, width, region), mask, threshold)
             for r in random_maps(rng, heatmap.shape, draws)]
     return OrderedDict(hit=int(hit), iou=round(iou, 6), zero_map=int(not heatmap.max() > 0),
                        random_hit=float(np.mean([r[0] for r in rand])),
                        random_iou=round(float(np.mean([r[1] for r in rand])), 6),
-                       box_fraction=round(float(mask.mean()), 6))
+                       box_fraction=round(float(mask.mean()), 6), **extra)
 
 
 def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=10, layer_name=None,
-             method="gradcam", batch_size=8, progress=False, log=print, patient_csv=None):
+             method="gradcam", batch_size=8, progress=False, log=print, patient_csv=None, mask_model=None,
+             fusion_lambda=0.5, fusion_sigma=0.0):
     """Score Grad-CAM of `model` (a keras.Model, a .keras file or a run folder) on every boxed image found.
 
     Returns a dict: settings, per_label and overall scores (pointing game, mean IoU, fraction with IoU >= 0.5, and the
@@ -100,10 +119,12 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
     in one image are scored as their union; for an any-finding model every box counts for its 'Finding' output), and
     the boxes left out (image not found, unreadable, a label the model lacks).
     A model with patient features reads each image's age, sex and view from `patient_csv` (NIH's Data_Entry file).
+    mask_model: a U-Net (`cxrkeras train-segmentation`): the mask alone and F = fusion_lambda * mask +
+    (1 - fusion_lambda) * Grad-CAM are scored beside Grad-CAM (mask_/fused_ pointing and IoU).
     """
     from cxrkeras.data.image_index import ImageIndex
     from cxrkeras.explain import engine as engine_lib
-    from cxrkeras.explain.files import model_inputs
+    from cxrkeras.explain.files import mask_frames, model_inputs
     from cxrkeras.runs import load_source
 
     if not 0.0 < float(threshold) <= 1.0:
@@ -116,6 +137,13 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
             log(note)
     net, labels, pre = source.model, source.labels, source.preprocessor
     engine = engine_lib.get_engine(net, layer_name, method)
+    fusion = (0.5, 0.0)
+    if mask_model is not None:
+        from cxrkeras.explain.fusion import check_fusion
+        from cxrkeras.segmentation.segment import MaskModel
+
+        fusion = check_fusion(fusion_lambda, fusion_sigma)
+        mask_model = mask_model if isinstance(mask_model, MaskModel) else MaskModel(mask_model, batch_size)
     patients = None
     if source.patient is not None or patient_csv is not None:
         from cxrkeras.data.patient import read_patient_csv
@@ -159,6 +187,7 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
         names = [batch[i] for i in good]
         if not names:
             continue
+        lungs = mask_frames(mask_model, [files[n] for n in names], arrays) if mask_model is not None else None
         wanted = sorted({labels.index(lbl) for n in names for lbl in by_image[n]})
         with warnings.catch_warnings():  # zero maps are counted in the result (zero_maps) instead
             warnings.simplefilter("ignore", UserWarning)
@@ -168,7 +197,9 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
                 col = labels.index(label)
                 row = _score_case(maps[i, wanted.index(col)], arr.shape[:2], pre.region(*arr.shape[:2]),
                                   label_boxes, threshold,
-                                  np.random.default_rng([int(seed), zlib.crc32(name.encode()), col]), random_draws)
+                                  np.random.default_rng([int(seed), zlib.crc32(name.encode()), col]), random_draws,
+                                  lung=None if lungs is None else lungs[i],
+                                  fusion=fusion)
                 rows.append(OrderedDict(image=name, label=label, boxes=len(label_boxes), height=arr.shape[0],
                                         width=arr.shape[1], probability=round(float(probs[i, col]), 6), **row,
                                         path=files[name]))
@@ -178,7 +209,10 @@ def localize(model, boxes_csv, images_dir, threshold=0.5, seed=0, random_draws=1
                              threshold=float(threshold), seed=int(seed), random_draws=int(random_draws),
                              image_size=pre.image_size, preprocessing=pre.preprocessing,
                              preprocessor=pre.to_config(), boxes_csv=os.path.abspath(boxes_csv),
-                             images_dir=os.path.abspath(images_dir)),
+                             images_dir=os.path.abspath(images_dir),
+                             mask_model=mask_model.path if mask_model is not None else None,
+                             fusion_lambda=float(fusion_lambda) if mask_model is not None else None,
+                             fusion_sigma=float(fusion_sigma) if mask_model is not None else None),
         boxes_in_file=len(boxes), boxed_images_in_file=len({b["image"] for b in boxes}),
         images_scored=len({r["image"] for r in rows}), overall=overall, per_label=per_label,
         not_found=sorted(set(not_found)), unreadable=unreadable, unknown_label=unknown_label, bad_rows=bad_rows,
@@ -198,6 +232,8 @@ def format_table(result):
         lines.append(line(label, s))
     if result["overall"]:
         lines += ["-" * len(head), line("overall", result["overall"])]
+        if "mask_pointing" in result["overall"]:
+            lines += _fusion_lines(result)
         zero = result["overall"]["zero_maps"]
         if zero:
             lines.append(f"{zero} of {result['overall']['cases']} Grad-CAM maps are all zero (no positive evidence "
@@ -213,6 +249,17 @@ def format_table(result):
                  f"unreadable; boxes with a label the model lacks: {len(result['unknown_label'])}; bad rows: "
                  f"{len(result['bad_rows'])}")
     return "\n".join(lines)
+
+
+def _fusion_lines(result):
+    """Grad-CAM, the lung mask and their fusion side by side (overall), beside the random baseline."""
+    o, st = result["overall"], result["settings"]
+    lines = ["", f"{'overall, by map':<28}{'pointing':>10}{'IoU':>8}"]
+    for name, p, i in (("Grad-CAM", o["pointing"], o["iou"]), ("lung mask", o["mask_pointing"], o["mask_iou"]),
+                       (f"fused (lambda {st['fusion_lambda']:g})", o["fused_pointing"], o["fused_iou"]),
+                       ("random", o["random_pointing"], o["random_iou"])):
+        lines.append(f"{name:<28}{p:>10.3f}{i:>8.3f}")
+    return lines
 
 
 def write_result(result, out_dir):

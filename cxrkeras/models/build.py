@@ -4,7 +4,7 @@ import keras
 
 from cxrkeras.errors import ConfigError, CxrError
 from cxrkeras.labels import NIH_LABELS
-from cxrkeras.models import densenet, fpsm, resnet, vgg
+from cxrkeras.models import densenet, efficientnet, fpsm, resnet, vgg
 from cxrkeras.models.attention import FEATURE_LAYER as ATTENTION_FEATURE_LAYER
 from cxrkeras.models.attention import apply_attention_head, check_attention
 from cxrkeras.models.head import HeadMetadata, apply_head
@@ -12,8 +12,10 @@ from cxrkeras.models.lka import FORMS
 from cxrkeras.models.registry import get_variant
 
 OVERRIDES = ("lka_blocks", "lka_form", "dropout", "width_multiplier", "blocks", "name", "preprocessing", "bn_epsilon",
-             "bn_momentum", "final_relu", "attention", "head", "head_stages", "head_merge")
-MODULES = {"densenet121": densenet, "vgg16": vgg, "resnet50": resnet}
+             "bn_momentum", "final_relu", "attention", "head", "head_stages", "head_merge", "lstm_units",
+             "attention_heads", "attention_key_dim")
+MODULES = {"densenet121": densenet, "vgg16": vgg, "resnet50": resnet, "efficientnetb2": efficientnet}
+SEQUENCE_OPTIONS = dict(lstm_units=(256, 4096), attention_heads=(4, 64), attention_key_dim=(64, 1024))  # default, max
 IMAGE_INPUT, PATIENT_INPUT = "image", "patient"  # the model's input names
 ORIGIN_OPTIONS = ("preprocessing", "bn_epsilon", "bn_momentum")  # None: the default for the initial weights
 
@@ -57,6 +59,24 @@ def build_options(variant, weights=None, **overrides):
     return {**origin_defaults(spec, weights), **given}
 
 
+def _sequence_options(spec, options, overrides):
+    """{lstm_units, attention_heads, attention_key_dim} of a sequence-head variant, checked; None for the others."""
+    given = sorted(k for k in SEQUENCE_OPTIONS if overrides.get(k) is not None)
+    if not spec.sequence_head:
+        if given:
+            raise ConfigError(f"{', '.join(given)}: {spec.name} has no LSTM / attention head (use "
+                              "efficientnetb2-lstm-mha)")
+        return None
+    out = {}
+    for key, (default, maximum) in SEQUENCE_OPTIONS.items():
+        value = options.get(key)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+            raise ConfigError(f"{key} must be an integer in [1, {maximum}], got {value!r}")
+        out[key] = value
+    return out
+
+
 def _batch_norm(spec, options, overrides):
     if spec.backbone == "vgg16" and not spec.batch_norm:
         given = sorted(k for k in ("bn_epsilon", "bn_momentum") if k in overrides)
@@ -88,7 +108,9 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
     outputs of transitions 1-3; default the variant's), head ("linear" | "fpsm": the Feature Pyramid Sum head, one
     GAP -> Dense(n) logits per pyramid level, prediction sigmoid(sum of the logits); levels 1-4 are DenseNet's dense
     blocks 1-4, VGG16's blocks 2-5, ResNet-50's stages conv2-conv5, each after its LKA), head_stages (the levels,
-    "4+3+2" by default or e.g. "4+3+2+1"), head_merge ("sum" | "concat": one Dense over the concatenated levels).
+    "4+3+2" by default or e.g. "4+3+2+1"), head_merge ("sum" | "concat": one Dense over the concatenated levels),
+    lstm_units / attention_heads / attention_key_dim (efficientnetb2-lstm-mha: the LSTM's width and the
+    self-attention's heads and key size; 256, 4, 64).
     patient_features: None, True (the study's age normalisation) or a `cxrkeras.data.patient.PatientEncoder` (or its
     config): the model takes a second input "patient" (the encoded age, sex and view, 5 values) through a
     Dense(3) + ReLU branch concatenated before the classifier; the encoder is stored with the model (model_info).
@@ -133,6 +155,9 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
                           "use a densenet121 variant")
     preprocessing = check_mode(options["preprocessing"])
     bn = _batch_norm(spec, options, overrides)
+    sequence = _sequence_options(spec, options, overrides)
+    if spec.backbone == "efficientnetb2" and lka_blocks not in ("none", [], ()):
+        raise ConfigError(f"LKA blocks are not placed in {spec.name}: use lka_blocks='none'")
     from cxrkeras.data.patient import PatientEncoder
 
     encoder = PatientEncoder.of(patient_features)
@@ -144,6 +169,9 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
                           "their own classifier over the attended vectors: use one or the other")
     if head == "fpsm" and encoder:
         raise ConfigError("head fpsm does not take patient features (model.patient_features): use the linear head")
+    if head == "fpsm" and spec.backbone == "efficientnetb2":
+        raise ConfigError(f"head fpsm is defined on DenseNet121, VGG16 and ResNet-50's stages, not on {spec.name} "
+                          "(its head reads the last feature map as a sequence): use the linear head")
     if head != "fpsm" and any(k in overrides for k in ("head_stages", "head_merge")):
         raise ConfigError("head_stages and head_merge apply to head: fpsm only")
 
@@ -161,6 +189,8 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
             g = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
             x = apply_attention_head(transitions, g, attention)
             feature_layer = ATTENTION_FEATURE_LAYER
+    elif spec.backbone == "efficientnetb2":
+        x, feature_layer = efficientnet.apply_efficientnet_features(inputs, width_multiplier=width, bn=bn)
     elif spec.backbone == "resnet50":
         x, feature_layer = resnet.apply_resnet50_features(inputs, lka_blocks, lka_form, width_multiplier=width,
                                                           bn=bn)
@@ -176,6 +206,10 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
         build_args["attention"] = attention
     if head == "fpsm":
         build_args.update(head=head, head_stages=fpsm.format_levels(levels), head_merge=merge)
+    if sequence:
+        build_args.update(sequence)
+        x = efficientnet.apply_sequence_attention(x, sequence["lstm_units"], sequence["attention_heads"],
+                                                  sequence["attention_key_dim"])
     metadata = dict(labels=labels, variant=spec.name, preprocessing=preprocessing,
                     feature_layer=feature_layer, build_args=build_args,
                     preprocessor=_preprocessor_config(preprocessor, preprocessing, shape),

@@ -16,8 +16,9 @@ def _hwc(shape):
 def layer_multiply_adds(layer, include_bn=False, convention="macs"):
     """Operations of one layer for one input image.
 
-    "macs": convolutions, depthwise convolutions, dense layers, the attention gates' weighted sums (Dot) and the
-    LKA gating product count one per multiply-add; biases, activations, pooling and concatenation count nothing; batch norm counts nothing unless
+    "macs": convolutions, depthwise convolutions, dense layers, LSTM gates, multi-head attention (projections and
+    both attention products), the attention gates' weighted sums (Dot) and the LKA gating product count one per
+    multiply-add; biases, activations, pooling and concatenation count nothing; batch norm counts nothing unless
     `include_bn` (it folds into the preceding convolution at inference), then one per element.
     "fvcore": what fvcore's FlopCountAnalysis reports for the paper's PyTorch modules in eval mode, the paper's
     GFLOPs: convolutions, linear layers and matrix products (the gates' Dot) as multiply-adds, batch norm 2 per
@@ -29,6 +30,11 @@ def layer_multiply_adds(layer, include_bn=False, convention="macs"):
     fvcore = convention == "fvcore"
     if isinstance(layer, LargeKernelAttention):
         return layer.multiply_adds(layer.input.shape[1:], elementwise=not fvcore)
+    if isinstance(layer, keras.layers.LSTM):  # four gates' input and recurrent products at every step
+        steps, features = (int(v) for v in layer.input.shape[1:])
+        return steps * 4 * layer.units * (features + layer.units)
+    if isinstance(layer, keras.layers.MultiHeadAttention):  # q/k/v/output projections and the two attention products
+        return _attention_multiply_adds(layer)
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         kh, kw = layer.kernel_size
         return _hwc(layer.output.shape) * kh * kw
@@ -46,6 +52,16 @@ def layer_multiply_adds(layer, include_bn=False, convention="macs"):
     if fvcore and isinstance(layer, keras.layers.GlobalAveragePooling2D):
         return _hwc(layer.input.shape)
     return 0
+
+
+def _attention_multiply_adds(layer):
+    query, value = layer.input if isinstance(layer.input, (list, tuple)) else (layer.input, layer.input)
+    tq, dq = (int(v) for v in query.shape[1:])
+    tv, dv = (int(v) for v in value.shape[1:])
+    heads, key, val = layer.num_heads, layer.key_dim, layer.value_dim or layer.key_dim
+    out = int(layer.output.shape[-1])
+    projections = tq * dq * heads * key + tv * dv * heads * (key + val) + tq * heads * val * out
+    return projections + heads * tq * tv * (key + val)
 
 
 def count_multiply_adds(model, include_bn=False, convention="macs"):

@@ -10,7 +10,7 @@ PAPER_DROPOUT = 0.5  # nn.Dropout(0.5) before the classifier in all six of the p
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    backbone: str  # "densenet121" | "vgg16" | "resnet50"
+    backbone: str  # "densenet121" | "vgg16" | "resnet50" | "efficientnetb2"
     lka_blocks: object = "none"
     batch_norm: bool = False  # VGG16 only
     description: str = ""
@@ -20,6 +20,8 @@ class Variant:
     dropout: float = 0.2  # head dropout rate by default (the paper's code: 0.5)
     attention: str = "none"  # DenseNet: "learn to pay attention" gates on the transitions' outputs, "a" | "b"
     study_params: int | None = None  # the attention study's trainable parameters at 15 classes (its Table 2)
+    sequence_head: bool = False  # the feature map's H*W tokens -> LSTM -> multi-head self-attention before the head
+    compare_to: str | None = None  # `cxrkeras models` prints the parameter ratio to this variant
 
     @property
     def preprocessing(self):
@@ -63,6 +65,9 @@ def _variants():
         Variant("vgg16-plain", "vgg16", "none", description="VGG16 as keras.applications (ImageNet weights)"),
         Variant("resnet50", "resnet50", "none", description="ResNet-50 as keras.applications (the attention "
                 "study's baseline)"),
+        # the lightweight pneumothorax classifier: EfficientNet-B2 -> LSTM over the spatial tokens -> self-attention
+        Variant("efficientnetb2-lstm-mha", "efficientnetb2", "none", sequence_head=True, compare_to="resnet50",
+                description="EfficientNet-B2, LSTM over the H*W tokens, multi-head self-attention"),
     ]
     for placement, where in (("after", "after the feature extractor"), ("last3", "after conv blocks 3-5"),
                              ("full", "after conv blocks 1-5")):

@@ -31,6 +31,9 @@ IMAGENET_FILES = {
     ("resnet50", "keras"): ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
                             _BASE + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
                             "4d473c1dd8becc155b73f8504c6f6626"),
+    ("efficientnetb2", "keras"): ("efficientnetb2_notop.h5",
+                                  "https://storage.googleapis.com/keras-applications/efficientnetb2_notop.h5",
+                                  "111f8e2ac8aa800a7a99e3239f7bfb39"),
     ("densenet121", "torchvision"): (
         "timm_densenet121.tv_in1k.safetensors", _HF + "densenet121.tv_in1k/resolve/main/model.safetensors",
         "c894c6d9caa317a8ca1942986dee7a16a86c77734a4d691d2abe05389cfef358"),
@@ -45,7 +48,9 @@ TORCHVISION_PTH = {"densenet121": "https://download.pytorch.org/models/densenet1
 NAMED = ("imagenet", "torchvision")
 _TORCHVISION_NAME = re.compile(r"^[A-Za-z0-9_]+-([0-9a-f]{8,64})\.pth$")
 KERAS_BN = dict(bn_epsilon=1.001e-5, bn_momentum=0.99)  # keras.applications' DenseNet121 and ResNet50
-KERAS_ONLY = ("vgg16", "resnet50")  # families whose only ImageNet weights are keras.applications' (caffe input)
+KERAS_ONLY = ("vgg16", "resnet50", "efficientnetb2")  # only keras.applications publishes their ImageNet weights
+CAFFE = ("vgg16", "resnet50")  # of those, the ones whose files expect caffe input (EfficientNet's: ImageNet mean/std)
+EFFICIENTNET_BN = dict(bn_epsilon=1e-3, bn_momentum=0.99)  # keras.applications' EfficientNet (Keras' defaults)
 TORCH_BN = dict(bn_epsilon=1e-5, bn_momentum=0.9)  # PyTorch's BatchNorm2d defaults (momentum 0.1)
 
 
@@ -94,8 +99,10 @@ def origin_defaults(variant, weights):
     from cxrkeras.models.torch_checkpoint import is_pytorch_file
 
     origin = weights_origin(variant, weights)
-    out = dict(preprocessing="caffe" if _family(variant) in KERAS_ONLY and origin == "keras" else "torch")
-    if variant.backbone in ("densenet121", "resnet50") or variant.batch_norm:
+    out = dict(preprocessing="caffe" if _family(variant) in CAFFE and origin == "keras" else "torch")
+    if variant.backbone == "efficientnetb2":
+        out.update(EFFICIENTNET_BN if origin == "keras" else TORCH_BN)
+    elif variant.backbone in ("densenet121", "resnet50") or variant.batch_norm:
         out.update(KERAS_BN if variant.backbone in ("densenet121", "resnet50") and origin == "keras" else TORCH_BN)
     path = _local_path(weights)
     if path and zipfile.is_zipfile(path) and not is_pytorch_file(path):

@@ -15,8 +15,9 @@ from cxrkeras.models.parts import HEAD_LAYERS  # noqa: F401 (its old home)
 GROUP_NAMES = ("early backbone", "late backbone", "added layers (LKA, gates, patient branch) + head")
 # the first layer of the late-backbone group: DenseNet's transition 2 (torchvision features[7], Keras "pool3_*"),
 # VGG's block 4 (features[22:] holds block 3's last ReLU, which has no weights, then blocks 4 and 5), ResNet's
-# layer3 (`_resnet_split`: children [:6] = conv1 .. layer2; Keras "conv4_block*")
-LATE_GROUP_START = {"densenet121": "pool3_", "vgg16": "block4_", "resnet50": "conv4_"}
+# layer3 (`_resnet_split`: children [:6] = conv1 .. layer2; Keras "conv4_block*"); EfficientNet-B2's first stride-16
+# stage (block4a, as ResNet's layer3 is its first stride-16 stage)
+LATE_GROUP_START = {"densenet121": "pool3_", "vgg16": "block4_", "resnet50": "conv4_", "efficientnetb2": "block4"}
 
 
 def make_schedule(optim, total_steps, lr=None, pct_start=None, div=None, first_step=0):
