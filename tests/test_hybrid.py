@@ -92,5 +92,14 @@ def test_hybrid_on_a_texture_task_beats_chance(texture_run, tmp_path):
     assert set(result["sets"]) == {"texture", "hybrid", "cnn"}
     assert "HOG+LBP+CNN" in res.output and "CNN alone" in res.output and "Hamming loss" in res.output
     assert os.path.isfile(tmp_path / "hybrid.md")
+    # paired with the CNN alone as `cxrkeras compare` pairs two runs: each side's AUC is its set's
+    paired = json.load(open(tmp_path / "comparisons" / "texture-vs-cnn" / "compare.json"))
+    entry, cnn = paired["per_label"]["Stripes"], result["sets"]["cnn"]["auc"]["per_label"]["Stripes"]
+    assert entry["auc_a"] == pytest.approx(texture["auc"], abs=1e-12)
+    assert entry["auc_b"] == pytest.approx(cnn["auc"], abs=1e-12)
+    assert entry["delta"] == pytest.approx(texture["auc"] - cnn["auc"], abs=1e-12) and entry["delong_p"] is not None
+    assert result["comparisons"]["hybrid"]["mean"]["auc_a"] == pytest.approx(
+        result["sets"]["hybrid"]["auc"]["mean"]["auc"], abs=1e-9)
+    assert "HOG+LBP vs CNN alone: mean ΔAUC" in res.output
     res = CliRunner().invoke(cli, ["hybrid", "--run", texture_run, "--out", str(tmp_path), "--hog-cell", "64"])
     assert res.exit_code != 0 and "fewer than cells_per_block" in res.output and "Traceback" not in res.output

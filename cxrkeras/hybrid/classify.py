@@ -75,9 +75,10 @@ def features(split, which):
     return split["texture"] if which == "texture" else np.concatenate([split["texture"], split["embedding"]], axis=1)
 
 
-def evaluate_sets(splits, labels, kind="logistic", n_boot=1000, seed=0):
+def evaluate_sets(splits, labels, kind="logistic", n_boot=1000, seed=0, test_probs=None):
     """{set: {auc (auc_with_ci), at_thresholds (binary_metrics at val-chosen Youden thresholds), classifiers}} for
-    texture, hybrid and cnn (the model's own outputs) on the test split."""
+    texture, hybrid and cnn (the model's own outputs) on the test split; `test_probs`: a dict that receives each
+    set's test probabilities."""
     from cxrkeras.evaluation.metrics import auc_with_ci, binary_metrics, choose_thresholds, threshold_vector
 
     train, val, test = splits["train"], splits["val"], splits["test"]
@@ -90,6 +91,8 @@ def evaluate_sets(splits, labels, kind="logistic", n_boot=1000, seed=0):
                                    labels, kind, seed)
             p_val, p_test = predict(fitted, features(val, which)), predict(fitted, features(test, which))
             chosen = [{k: v for k, v in f.items() if k != "estimator"} for f in fitted]
+        if test_probs is not None:
+            test_probs[which] = p_test
         thresholds = choose_thresholds(val["labels"], p_val, labels, methods=("youden",))
         out[which] = dict(auc=auc_with_ci(test["labels"], p_test, test["patient_ids"], labels, n_boot=n_boot,
                                           seed=seed),
@@ -134,3 +137,24 @@ def write_result(result, out_dir):
     text_path = os.path.join(out_dir, "hybrid.md")
     atomic_write(text_path, "```\n" + format_table(result) + "\n```\n")
     return json_path, text_path
+
+
+def compare_with_cnn(splits, test_probs, labels, out_dir, n_boot=1000, seed=0, log=print):
+    """`cxrkeras compare` of each feature set (A) against the CNN alone (B) on the test split: paired patient
+    bootstrap ΔAUC and DeLong per label (Holm); compare.md/json/png in <out_dir>/comparisons/<set>-vs-cnn/.
+    Returns {set: {mean: ..., significant labels}}."""
+    from cxrkeras.evaluation.compare import delta_text, paired_comparison, write_comparison
+
+    test, names = splits["test"], {"texture": "HOG+LBP", "hybrid": "HOG+LBP+CNN"}
+    summary = {}
+    for which in FEATURE_SETS:
+        result = paired_comparison(test["labels"], test_probs[which], test_probs["cnn"], test["patient_ids"], labels,
+                                   n_boot=n_boot, seed=seed)
+        result.update(split="test", a={"name": names[which]}, b={"name": "CNN alone"})
+        write_comparison(result, os.path.join(out_dir, "comparisons", f"{which}-vs-cnn"), figure=True,
+                         title=f"{names[which]} (A) vs the CNN alone (B): test split", log=lambda *_: None)
+        summary[which] = {"mean": result["mean"], "out_dir": result["out_dir"]}
+        log(f"{names[which]} vs CNN alone: mean ΔAUC {delta_text(result['mean'])} "
+            f"(paired patient bootstrap; per label with DeLong + Holm in {result['out_dir']})")
+    return summary
+

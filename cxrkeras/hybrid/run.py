@@ -14,7 +14,7 @@ def hybrid(run, records_dir=None, out_dir=None, classifier="logistic", params=No
     """Returns the result dict (settings, labels, sets: {texture, hybrid, cnn}: auc, at_thresholds, classifiers);
     writes hybrid.json and hybrid.md to out_dir (default <run>/hybrid)."""
     from cxrkeras.constants import EQUALIZE, SPLITS
-    from cxrkeras.hybrid.classify import CLASSIFIERS, evaluate_sets, format_table, write_result
+    from cxrkeras.hybrid.classify import CLASSIFIERS, compare_with_cnn, evaluate_sets, format_table, write_result
     from cxrkeras.hybrid.extract import extract_split
     from cxrkeras.hybrid.texture import TextureParams
     from cxrkeras.runs import load_source
@@ -33,7 +33,8 @@ def hybrid(run, records_dir=None, out_dir=None, classifier="logistic", params=No
     log(f"model {source.model_path or source.model.name}; records {records_dir}; texture from the "
         f"{equalize or source.equalize or 'un'}-equalised image at {params.size} px")
     splits = {s: extract_split(source, records_dir, s, params, equalize, batch_size, log) for s in SPLITS}
-    sets = evaluate_sets(splits, list(source.labels), classifier, n_boot=n_boot, seed=seed)
+    test_probs = {}
+    sets = evaluate_sets(splits, list(source.labels), classifier, n_boot=n_boot, seed=seed, test_probs=test_probs)
     result = OrderedDict(
         settings=OrderedDict(model=source.model_path, records=os.path.abspath(records_dir), classifier=classifier,
                              texture=params.__dict__, equalize=equalize, n_boot=int(n_boot), seed=int(seed),
@@ -41,7 +42,9 @@ def hybrid(run, records_dir=None, out_dir=None, classifier="logistic", params=No
                              cnn_dim=int(splits["test"]["embedding"].shape[1])),
         labels=list(source.labels), n_test=len(splits["test"]["image_ids"]), sets=sets)
     out_dir = out_dir or os.path.join(source.run_dir or os.path.dirname(source.model_path or "."), "hybrid")
-    json_path, text_path = write_result(result, out_dir)
     log(format_table(result))
+    result["comparisons"] = compare_with_cnn(splits, test_probs, list(source.labels), out_dir, n_boot=n_boot,
+                                             seed=seed, log=log)
+    json_path, text_path = write_result(result, out_dir)
     log(f"written: {json_path}, {text_path}")
     return result
