@@ -501,21 +501,19 @@ def compare_cmd(run_a, run_b, split, out_dir, n_boot, seed, min_patients, no_fig
 @click.option("--split", default="test", show_default=True, help="Split to evaluate (all of it).")
 @click.option("--val-split", default="val", show_default=True, help="Split the weights and thresholds use.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=0),
-              help="Bootstrap resamples (by patient) for the AUC confidence intervals.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+@_bootstrap_options
 @click.option("--threshold-method", default="youden", show_default=True, type=_choice(THRESHOLD_METHODS))
 @click.option("--no-figures", is_flag=True, help="Skip the PNG figures.")
 @click.option("--verify-records", default="sha256", show_default=True, type=_choice(VERIFY_MODES))
 def ensemble_cmd(members, out_dir, weights, records, split, val_split, batch_size, n_boot, seed, threshold_method,
-                 no_figures, verify_records):
+                 no_figures, verify_records, min_patients):
     """Average the probabilities of MEMBERS (run folders or .keras files sharing labels, input size and
     preprocessing) into one model and evaluate it as `evaluate` does, beside each member's mean AUC."""
     from cxrkeras.evaluation.ensemble import ensemble
 
     ensemble(members, out_dir, records, split=split, val_split=val_split, weights=weights, batch_size=batch_size,
              n_boot=n_boot, seed=seed, threshold_method=threshold_method, figures_on=not no_figures, log=click.echo,
-             verify_records=verify_records)
+             verify_records=verify_records, min_patients=min_patients)
 
 
 @cli.command("export")

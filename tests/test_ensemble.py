@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from evalexport_helpers import tiny_model
 
-from cxrkeras.errors import ConfigError
+from cxrkeras.errors import ConfigError, CxrError
 
 
 def _preprocessor(records, size=32):
@@ -150,8 +150,11 @@ def test_weights_val_auc_and_given(members, tmp_path):
     ens = _csv_probs(os.path.join(tmp_path, "w", "evaluation", "test", "predictions_test.csv"))
     assert np.abs(ens - (0.75 * p_a + 0.25 * p_b)).max() <= 1e-6
     assert [m["weight"] for m in res["members"]] == [0.75, 0.25]
+    with pytest.raises(CxrError, match="at least 5 patients"):  # the tiny val split: no estimable label
+        ensemble(members["paths"], str(tmp_path / "v"), members["records"], n_boot=0, figures_on=False,
+                 log=lambda *_: None)
     res = ensemble(members["paths"], str(tmp_path / "v"), members["records"], n_boot=0, figures_on=False,
-                   log=lambda *_: None)  # val-auc: weights proportional to each member's mean validation AUC
+                   log=lambda *_: None, min_patients=1)  # val-auc: proportional to each member's mean val AUC
     from cxrkeras.evaluation.evaluate import predict_split
     from cxrkeras.runs import load_source
 

@@ -28,7 +28,8 @@ def parse_weights(text, n):
     return "given", normalise_weights(values, n)
 
 
-def _mean_auc(source, records_dir, split, batch_size, verify, n_boot=0, seed=0, keep=None):
+def _mean_auc(source, records_dir, split, batch_size, verify, n_boot=0, seed=0, keep=None,
+              min_patients=metrics.MIN_PATIENTS):
     """{auc, ci_low, ci_high} of the mean AUC of one model on a whole split (evaluate's prediction and metrics);
     `keep`: a dict that receives the probabilities by image id."""
     from cxrkeras.evaluation.evaluate import predict_split
@@ -36,10 +37,12 @@ def _mean_auc(source, records_dir, split, batch_size, verify, n_boot=0, seed=0, 
     probs, y, ids, patients = predict_split(source, records_dir, split, batch_size, verify=verify)
     if keep is not None:
         keep.update(zip(ids, probs))
-    return metrics.auc_with_ci(y, probs, patients, source.labels, n_boot=n_boot, seed=seed)["mean"]
+    return metrics.auc_with_ci(y, probs, patients, source.labels, n_boot=n_boot, seed=seed,
+                               min_patients=min_patients)["mean"]
 
 
-def compare_with_best_member(rows, member_probs, out_dir, split, val_split, n_boot, seed, figures_on, log):
+def compare_with_best_member(rows, member_probs, out_dir, split, val_split, n_boot, seed, figures_on, log,
+                             min_patients=metrics.MIN_PATIENTS):
     """`cxrkeras compare` of the ensemble (A) against its member with the best validation mean AUC (B; chosen on
     validation, as a user would choose one model) on `split`: paired patient bootstrap and DeLong per label."""
     from cxrkeras.evaluation.compare import load_predictions, paired_comparison, write_comparison
@@ -56,7 +59,7 @@ def compare_with_best_member(rows, member_probs, out_dir, split, val_split, n_bo
         raise CxrError(f"the ensemble's {split} predictions and member {rows[best]['member']!r}'s differ in their "
                        f"images (e.g. {exc.args[0]!r}); re-run `cxrkeras ensemble`") from None
     result = paired_comparison(ens["y"], ens["probs"], p_best, ens["patients"], ens["labels"], n_boot=n_boot,
-                               seed=seed)
+                               seed=seed, min_patients=min_patients)
     name = os.path.basename(os.path.normpath(rows[best]["member"]))
     result.update(split=split, a={"name": "ensemble", "predictions": ens["path"]},
                   b={"name": name, "member": rows[best]["member"], "chosen_by": f"{val_split} mean AUC"},
@@ -67,7 +70,8 @@ def compare_with_best_member(rows, member_probs, out_dir, split, val_split, n_bo
 
 
 def ensemble(members, out_dir, records_dir=None, split="test", val_split="val", weights="val-auc", batch_size=32,
-             n_boot=1000, seed=0, threshold_method="youden", figures_on=True, verify_records="sha256", log=print):
+             n_boot=1000, seed=0, threshold_method="youden", figures_on=True, verify_records="sha256", log=print,
+             min_patients=metrics.MIN_PATIENTS):
     """Build, save and evaluate the ensemble of `members` (run folders, stage folders or .keras files).
 
     weights: "val-auc" (each member's weight proportional to its mean AUC on `val_split`), "equal", or one number
@@ -98,17 +102,18 @@ def ensemble(members, out_dir, records_dir=None, split="test", val_split="val", 
     rows, member_probs = [], []
     for member, source in zip(members, sources):
         log(f"member {member}: {source.variant}, {source.model_path}")
-        val = _mean_auc(source, records_dir, val_split, batch_size, verify_records)
+        val = _mean_auc(source, records_dir, val_split, batch_size, verify_records, min_patients=min_patients)
         member_probs.append({})
         test = _mean_auc(source, records_dir, split, batch_size, verify_records, n_boot=n_boot, seed=seed,
-                         keep=member_probs[-1])
+                         keep=member_probs[-1], min_patients=min_patients)
         rows.append({"member": member, "model": source.model_path, "model_sha256": source.model_sha256,
                      "variant": source.variant, f"{val_split}_mean_auc": val["auc"], f"{split}_mean_auc": test})
     if method == "val-auc":
         aucs = [r[f"{val_split}_mean_auc"] for r in rows]
         if any(a is None for a in aucs):
-            raise CxrError(f"--weights val-auc: a member has no validation AUC on split {val_split!r} (no label with "
-                           f"positive and negative images); use --weights equal or numbers")
+            raise CxrError(f"--weights val-auc: a member has no validation mean AUC on split {val_split!r} (no label "
+                           f"whose positives and negatives each come from at least {min_patients} patients, "
+                           f"--min-patients); use --weights equal or numbers, or a lower --min-patients")
         given = aucs
     elif method == "equal":
         given = [1.0] * len(members)
@@ -129,7 +134,7 @@ def ensemble(members, out_dir, records_dir=None, split="test", val_split="val", 
     result = evaluate(path, records_dir, split=split, val_split=val_split,
                       out_dir=os.path.join(out_dir, EVALUATION_DIR, split), batch_size=batch_size, n_boot=n_boot,
                       seed=seed, threshold_method=threshold_method, figures_on=figures_on, log=log,
-                      verify_records=verify_records)
+                      verify_records=verify_records, min_patients=min_patients)
     write_json(os.path.join(out_dir, ENSEMBLE_INFO), {
         "created": utc_now(), "records": os.path.abspath(records_dir), "split": split, "val_split": val_split,
         "weighting": method, "weights": given, "members": rows, "ensemble": {
@@ -137,7 +142,7 @@ def ensemble(members, out_dir, records_dir=None, split="test", val_split="val", 
     log(members_table(rows, result["auc"]["mean"], split, val_split))
     result["members"] = rows
     result["best_member_comparison"] = compare_with_best_member(rows, member_probs, out_dir, split, val_split,
-                                                                n_boot, seed, figures_on, log)
+                                                                n_boot, seed, figures_on, log, min_patients)
     return result
 
 
