@@ -11,7 +11,7 @@ from cxrkeras.errors import ConfigError
 from cxrkeras.models import build_model, list_variants, model_info, trainable_params
 
 THIN = {"densenet121": dict(blocks=[1, 1, 1, 1], width_multiplier=0.25), "vgg16": dict(width_multiplier=0.125),
-        "resnet50": dict(width_multiplier=0.125)}
+        "resnet50": dict(width_multiplier=0.125), "efficientnetb2": dict(width_multiplier=0.25)}
 
 
 def _thin(variant, **kw):
@@ -40,7 +40,8 @@ def _level_source(model, level):
     return model.get_layer(ends[-1]).output
 
 
-@pytest.mark.parametrize("variant", [v for v in list_variants() if "-att-" not in v])
+# the gated DenseNets and the EfficientNet sequence model have heads of their own (refused below)
+@pytest.mark.parametrize("variant", [v for v in list_variants() if "-att-" not in v and "lstm" not in v])
 def test_fpsm_prediction_is_sigmoid_of_summed_level_logits(variant):
     model = _thin(variant, head="fpsm", head_stages="4+3+2+1")
     head = model.get_layer("predictions")
@@ -73,6 +74,8 @@ def test_fpsm_levels_options_and_refusals():
             _thin("vgg16-bn", head="fpsm", head_stages=bad)
     with pytest.raises(ConfigError, match="attention gates"):
         _thin("densenet121-att-a", head="fpsm")
+    with pytest.raises(ConfigError, match="reads the last feature map as a sequence"):
+        _thin("efficientnetb2-lstm-mha", head="fpsm")
     with pytest.raises(ConfigError, match="patient features"):
         _thin("densenet121", head="fpsm", patient_features=True)
     with pytest.raises(ConfigError, match="unknown head"):
