@@ -1,8 +1,10 @@
-"""build_dataset's element order against a plain per-record tf.data formulation of the same steps (issue 19b batched
-the pipeline's record checks: the stream it feeds the shuffle must stay the one a record-at-a-time reader gives)."""
+"""build_dataset's element order against a plain per-record tf.data formulation of the same steps, and which bad
+record is named first (issue 19b checks the records in batches: the stream it feeds the shuffle, and the error,
+must stay those of a record-at-a-time reader)."""
 
 import json
 import os
+import shutil
 
 import pytest
 import tensorflow as tf
@@ -50,3 +52,52 @@ def test_eval_stream_keeps_the_records_order(any_records):
     ds = build_dataset(records, "test", batch_size=5, image_size=32, return_ids=True, drop_remainder=False)
     got = [i for b in ds for i in b[2]["image_id"].numpy()]
     assert got == [b[0] for b in _reference_ids(records, "test", 2, None, 1, 0, 1)]
+
+
+def _rewrite(records, name, change):
+    """Rewrite shard `name` with `change(examples)` applied and relist it in the manifest (size, sha256)."""
+    from cxrkeras.hashing import sha256_file
+
+    path = os.path.join(records, name)
+    examples = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    change(examples)
+    with tf.io.TFRecordWriter(path) as w:
+        for ex in examples:
+            w.write(ex.SerializeToString())
+    with open(os.path.join(records, "manifest.json")) as f:
+        manifest = json.load(f)
+    for info in manifest["splits"].values():
+        for shard in info["shards"]:
+            if shard["file"] == name:
+                shard.update(bytes=os.path.getsize(path), sha256=sha256_file(path))
+    with open(os.path.join(records, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+
+
+@pytest.mark.parametrize("first", ["fields", "image"])
+def test_the_first_bad_record_in_element_order_is_named(any_records, tmp_path, first):
+    """A record with an unknown age and a later (or earlier) record whose image bytes are broken, in one shard:
+    the records are checked in batches, yet the error names the one a record-at-a-time check meets first."""
+    from cxrkeras.data.patient import PatientEncoder
+    from cxrkeras.data.pipeline import build_dataset, data_errors
+    from cxrkeras.errors import DataError
+
+    encoding, records = any_records
+    shutil.copytree(records, tmp_path / "r")
+    with open(tmp_path / "r" / "manifest.json") as f:
+        shard = max(json.load(f)["splits"]["test"]["shards"], key=lambda s: s["records"])
+    fields, image = (2, 5) if first == "fields" else (5, 2)
+
+    def change(examples):
+        examples[fields].features.feature[features.AGE].int64_list.value[0] = -1
+        value = examples[image].features.feature[features.IMAGE_ENCODED].bytes_list.value
+        value[0] = value[0][:-7] if encoding == "raw" else b"\x89PNG broken"
+
+    _rewrite(str(tmp_path / "r"), shard["file"], change)
+    ds = build_dataset(str(tmp_path / "r"), "test", batch_size=4, image_size=32, patient=PatientEncoder())
+    want = (rf"shard {shard['file']}: record {fields} \(.*\): age \(meta/age\) is unknown" if first == "fields" else
+            rf"shard {shard['file']}: record {image} \(0-based\) is corrupt .* cannot be decoded")
+    with pytest.raises(DataError, match=want):
+        with data_errors():
+            for _ in ds:
+                pass
