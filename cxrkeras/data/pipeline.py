@@ -3,7 +3,10 @@
 Order of operations:
   shard files (shuffled in training) -> parallel interleave of the shards' records, each with (shard, record
   number) -> ONE parallel map: parse (features.feature_spec), stage flag, decode the pixels as uint8 in the
-  records' channels (PNG, or raw records: `tf.io.decode_raw`, no decoding work), [equalise], bring to one size -> record-integrity check -> drop the rows the stage filters out
+  records' channels (PNG, or raw records: `tf.io.decode_raw`, no decoding work), [equalise], bring to one size
+  -> record-integrity (+ patient-field) check on batches of 64 elements, dropping the rows the stage filters out,
+  back to one element per image (the order and the first error named are those of a record-at-a-time check;
+  batched because each per-element tf.data op costs about as much CPU as decoding a raw record)
   -> [cache] -> [shuffle] -> [repeat] -> batch (the GLOBAL batch)
   -> training: vectorised augmentation of the whole batch (random crop + zoom, rotation, flip: one bilinear warp
      per image, XLA-compiled, seeds from a seeded stream) -> 3 channels + ImageNet normalisation (one matmul)
@@ -19,7 +22,7 @@ folder, is refused by name (`manifest.verify_shards`).
 Corrupt input: a CRC/data-loss error in a shard or an undecodable image does not surface as a bare TF error.
 Each shard is read with `ignore_errors` after `enumerate`, so a bad record leaves a gap in its shard's record
 numbers (a CRC error ends the shard; an undecodable image drops that one element); a sentinel carrying the
-manifest's record count closes each shard, and an in-graph check fails on the first gap with
+manifest's record count closes each shard, and an in-graph check fails on the first gap (in element order) with
 "cxrkeras DataError: shard <file>: record <n> ..." (an InvalidArgumentError whose message names the shard and
 the record number). `data_error_from(exc)` turns such an error into a `DataError`; `with data_errors():` does it
 for a block.
