@@ -7,7 +7,7 @@ Order of operations:
   -> record-integrity (+ patient-field) check on batches of 64 elements, dropping the rows the stage filters out,
   back to one element per image (the order and the first error named are those of a record-at-a-time check;
   batched because each per-element tf.data op costs about as much CPU as decoding a raw record)
-  -> [cache] -> [shuffle] -> [repeat] -> batch (the GLOBAL batch)
+  -> [cache] -> [online DADAM: training split, `dadam`] -> [shuffle] -> [repeat] -> batch (the GLOBAL batch)
   -> training: vectorised augmentation of the whole batch (random crop + zoom, rotation, flip: one bilinear warp
      per image, XLA-compiled, seeds from a seeded stream) -> 3 channels + ImageNet normalisation (one matmul)
   -> evaluation: the `Preprocessor`'s eval transform on the batch (central square, antialiased resize,
@@ -122,6 +122,21 @@ def _unpack(place):
     return tf.bitwise.right_shift(place, _SHARD_SHIFT), tf.where(end, low - _END_BIT - 1, low), end
 
 
+def decode_image(ex, channels, encoding, preprocessor, work_size):
+    """The uint8 [H, W, C] image of a parsed record as the element stream holds it: decoded in the records'
+    encoding, [equalised], brought to `work_size` (also online DADAM's donors, cxrkeras.data.dadam_online)."""
+    image = features.decode_pixels(ex, channels, encoding)
+    image = preprocessor.equalize_stored(image)
+    if work_size is not None:
+        # records are one size by construction; a record of another size is resized, never fails the batch
+        image = tf.cond(
+            tf.reduce_all(tf.equal(tf.shape(image)[:2], work_size)),
+            lambda: image,
+            lambda: tf.cast(tf.round(tf.image.resize(image, work_size, antialias=True)), tf.uint8))
+        image = tf.ensure_shape(image, [work_size[0], work_size[1], channels])
+    return image
+
+
 def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None, no_finding_class=False,
              encoding="png"):
     """(place, serialized) -> (shard, index, is_end, image uint8 HxWxC, labels, image id, patient id,
@@ -130,19 +145,11 @@ def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None,
     width = patient.width if patient is not None else 0
     # a placeholder image of the work size, so that decoded elements batch for the integrity check
     placeholder = (tf.zeros([*(work_size or (1, 1)), channels], tf.uint8),
-                   tf.zeros([num_labels + int(no_finding_class)], tf.int64), tf.constant(""), tf.constant(""), tf.constant(False), tf.zeros([width]), tf.constant(""))
+                   tf.zeros([num_labels + int(no_finding_class)], tf.int64), tf.constant(""), tf.constant(""),
+                   tf.constant(False), tf.zeros([width]), tf.constant(""))
 
     def decode(ex):
-        image = features.decode_pixels(ex, channels, encoding)
-        image = preprocessor.equalize_stored(image)
-        if work_size is not None:
-            # records are one size by construction; a record of another size is resized, never fails the batch
-            image = tf.cond(
-                tf.reduce_all(tf.equal(tf.shape(image)[:2], work_size)),
-                lambda: image,
-                lambda: tf.cast(tf.round(tf.image.resize(image, work_size, antialias=True)), tf.uint8))
-            image = tf.ensure_shape(image, [work_size[0], work_size[1], channels])
-        return image
+        return decode_image(ex, channels, encoding, preprocessor, work_size)
 
     def parse_decode(serialized):
         ex = tf.io.parse_single_example(serialized, spec)
@@ -276,7 +283,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
                   deterministic=None, drop_remainder=None, repeat=False, strategy=None, equalize=None,
                   return_ids=False, max_rotation=10.0, crop_scale=(0.8, 1.0), flip=True, fill_mode="reflect",
                   jit=True, verify="sha256", preprocessor=None, patient=None, no_finding_class=False,
-                  augment=True, shards=None):
+                  augment=True, shards=None, dadam=None):
     """A tf.data.Dataset of (images float32 [B,S,S,3], labels float32 [B,L]) (+ {"image_id","patient_id"} string
     [B] with return_ids) from the shards of `split` of a records folder; with `patient`, the inputs are
     (images, patient features float32 [B,5]).
@@ -305,6 +312,8 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
       cannot take fails, naming the shard, record, image and field (DataError under `data_errors()`).
     no_finding_class: add the label 'No Finding' (none of the records' labels positive) as the last label.
     shards: read only these shard files of the split (e.g. its DADAM shards, for preview-batch).
+    dadam: a `cxrkeras.data.dadam_online.OnlineDadam` (training only): box patches of the training split's tail
+      classes put on the training images after the cache, drawn afresh each pass (its `counts` say what it made).
     """
     if preprocessor is not None:
         image_size, preprocessing, equalize = preprocessor.image_size, preprocessor.preprocessing, preprocessor.equalize
@@ -339,7 +348,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
     ds = ds.flat_map(lambda *rows: tf.data.Dataset.from_tensor_slices(rows))
     info = manifest["splits"][split]
     if "no_finding" in info and sum(counts) == int(info["images"]) and min(counts) >= 0:
-        # a known length lets Keras show progress and size epochs (filter/scan make it unknown otherwise);
+        # a known length lets Keras show progress and size epochs (the check makes it unknown otherwise);
         # the manifest's no_finding counts exactly the all-zero label rows stage 1 drops
         ds = ds.apply(tf.data.experimental.assert_cardinality(manifest_lib.stage_images(info, stage)))
     if isinstance(cache, str):
@@ -349,6 +358,9 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         ds = ds.cache(cache_path(cache, sha, split, stage, work_size, channels, preprocessor.equalize))
     elif cache:
         ds = ds.cache()
+    if dadam is not None:  # after the cache: each pass draws its own patches; training images only
+        ds = dadam.apply(ds, split=split, training=training, stage=stage, seed=seed, work_size=work_size,
+                         preprocessor=preprocessor, no_finding_class=no_finding_class)
     if training and shuffle_buffer and shuffle_buffer > 1:
         ds = ds.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
     if repeat:
