@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from cxrkeras.data import features
 from cxrkeras.data.pipeline import build_dataset
+from records_helpers import rewrite_shard
 
 
 def _reference_ids(records, split, stage, seed, batch_size, shuffle_buffer, epochs):
@@ -54,26 +55,6 @@ def test_eval_stream_keeps_the_records_order(any_records):
     assert got == [b[0] for b in _reference_ids(records, "test", 2, None, 1, 0, 1)]
 
 
-def _rewrite(records, name, change):
-    """Rewrite shard `name` with `change(examples)` applied and relist it in the manifest (size, sha256)."""
-    from cxrkeras.hashing import sha256_file
-
-    path = os.path.join(records, name)
-    examples = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
-    change(examples)
-    with tf.io.TFRecordWriter(path) as w:
-        for ex in examples:
-            w.write(ex.SerializeToString())
-    with open(os.path.join(records, "manifest.json")) as f:
-        manifest = json.load(f)
-    for info in manifest["splits"].values():
-        for shard in info["shards"]:
-            if shard["file"] == name:
-                shard.update(bytes=os.path.getsize(path), sha256=sha256_file(path))
-    with open(os.path.join(records, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
-
-
 @pytest.mark.parametrize("first", ["fields", "image"])
 def test_the_first_bad_record_in_element_order_is_named(any_records, tmp_path, first):
     """A record with an unknown age and a later (or earlier) record whose image bytes are broken, in one shard:
@@ -93,7 +74,7 @@ def test_the_first_bad_record_in_element_order_is_named(any_records, tmp_path, f
         value = examples[image].features.feature[features.IMAGE_ENCODED].bytes_list.value
         value[0] = value[0][:-7] if encoding == "raw" else b"\x89PNG broken"
 
-    _rewrite(str(tmp_path / "r"), shard["file"], change)
+    rewrite_shard(str(tmp_path / "r"), shard["file"], change)
     ds = build_dataset(str(tmp_path / "r"), "test", batch_size=4, image_size=32, patient=PatientEncoder())
     want = (rf"shard {shard['file']}: record {fields} \(.*\): age \(meta/age\) is unknown" if first == "fields" else
             rf"shard {shard['file']}: record {image} \(0-based\) is corrupt .* cannot be decoded")
