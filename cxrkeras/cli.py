@@ -623,6 +623,9 @@ def serve_cmd(model, host, port, name, keras_model, max_upload_mb, max_images, m
               help="Generic CSV: '|'-separated label names (empty or 'No Finding' = none).")
 @click.option("--patient-column", default="patient_id", show_default=True, help="Generic CSV: patient id column.")
 @click.option("--id-salt", default="", help="Secret mixed into hashed DICOM PatientIDs (not stored anywhere).")
+@click.option("--dataset-name", metavar="NAME",
+              help="Source dataset of every row when the CSV has no 'Dataset' column (one name per row, for "
+                   "records pooled from several datasets) [default: NIH ChestX-ray14].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--overwrite", is_flag=True,
               help="Replace records in --out that were built from another CSV or with other options.")
@@ -648,7 +651,7 @@ def serve_cmd(model, host, port, name, keras_model, max_upload_mb, max_images, m
 def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split_fractions, seed, image_size,
                       channels, shard_size, workers, dry_run, strict, fmt, labels, path_column, labels_column,
                       patient_column, id_salt, no_progress, overwrite, subset, augment, boxes, augment_n,
-                      tail_labels, dadam_alpha, dadam_normal, dadam_correlation, encoding):
+                      tail_labels, dadam_alpha, dadam_normal, dadam_correlation, encoding, dataset_name):
     """Labels CSV + images -> patient-wise stratified train/val/test TFRecord shards and manifest.json."""
     split_lists = [p for item in split_list for p in item.split(",") if p] + list(more_split_lists)
     if more_split_lists and not split_list:
@@ -677,7 +680,7 @@ def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split
             image_size=image_size, channels=int(channels), shard_size=shard_size, workers=workers, dry_run=dry_run,
             strict=strict, format=fmt, labels=labels, path_column=path_column, labels_column=labels_column,
             patient_column=patient_column, id_salt=id_salt, progress=not no_progress, overwrite=overwrite,
-            subset=subset, augment=options, encoding=encoding, log=click.echo)
+            subset=subset, augment=options, encoding=encoding, dataset_name=dataset_name, log=click.echo)
     except Interrupted as exc:  # stopped by SIGTERM: one line, and the exit status a shell gives (143)
         error = click.ClickException(str(exc))
         error.exit_code = 128 + exc.signum

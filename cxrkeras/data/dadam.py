@@ -89,7 +89,7 @@ def _records(paths, num_labels, keep=None, encoding="png"):
                       "patient_id": ex[ft.PATIENT_ID].numpy().decode("utf-8"),
                       "labels": ex[ft.LABELS].numpy().astype(np.int64), "age": int(ex[ft.AGE].numpy()),
                       "sex": ex[ft.SEX].numpy().decode("utf-8"), "view": ex[ft.VIEW].numpy().decode("utf-8"),
-                      "split": ex[ft.SPLIT].numpy().decode("utf-8")}
+                      "split": ex[ft.SPLIT].numpy().decode("utf-8"), "dataset": int(ex[ft.DATASET].numpy())}
             if keep is not None and index in keep:
                 fields["image"] = ft.decode_pixels(ex, None, encoding).numpy()  # the records' own encoding
             yield index, fields
@@ -283,7 +283,7 @@ def augment_records(out, manifest, options, shard_size, progress=False, log=prin
                         ex = ft.make_example(encode_pixels(img[..., 0] if c == 1 else img, encoding), h, w, c,
                                              item["labels"].tolist(), item["id"], receiver["patient_id"],
                                              age=receiver["age"], sex=receiver["sex"], view=receiver["view"],
-                                             split=TRAIN, encoding=encoding)
+                                             split=TRAIN, encoding=encoding, dataset=receiver["dataset"])
                         writer.write(ex.SerializeToString())
                         for (label, box), bound in zip(item["patches"], bounds):
                             donor = train[box["donor"]]

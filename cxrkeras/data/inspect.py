@@ -24,6 +24,8 @@ def _pct(n, d):
 
 
 def format_manifest(manifest):
+    from cxrkeras.data.datasets import manifest_names
+
     """Splits × labels table (positives and prevalence), plus images, patients, No Finding, shards, overlap."""
     splits = [s for s in SPLITS if s in manifest["splits"]] + \
         [s for s in manifest["splits"] if s not in SPLITS]
@@ -47,6 +49,11 @@ def format_manifest(manifest):
     for label in manifest["labels"]:
         row(label, lambda c: f"{data[c]['positives'].get(label, 0)} "
                              f"{_pct(data[c]['positives'].get(label, 0), data[c]['images'])}")
+    names = manifest_names(manifest)
+    if len(names) > 1:  # records pooled from several source datasets: images of each
+        for name in names:
+            row(f"dataset {name}"[:width], lambda c: f"{(data[c].get('datasets') or {}).get(name, 0)} "
+                f"{_pct((data[c].get('datasets') or {}).get(name, 0), data[c]['images'])}")
     if not manifest.get("dry_run"):
         row("shards", lambda c: "" if c == "all" else f"{len(data[c].get('shards', []))}")
         listed = [shard for s in splits for shard in infos[s].get("shards", [])]
