@@ -104,11 +104,18 @@ def cli():
               help="fpsm: the Feature Pyramid Sum head (per-level GAP -> Dense logits, summed).")
 @click.option("--head-stages", default="4+3+2", show_default=True, help="FPSM pyramid levels, e.g. 4+3+2+1.")
 @click.option("--head-merge", type=click.Choice(["sum", "concat"]), default="sum", show_default=True)
-def models_cmd(variants, image_size, num_classes, head, head_stages, head_merge):
+@click.option("--head-dataset-embedding", "n_datasets", type=click.IntRange(0, 64), default=0, show_default=True,
+              metavar="N", help="FPSM: a dataset-id input of N source datasets, Embedding(N, N) appended to each "
+                                "level's features (0: none).")
+def models_cmd(variants, image_size, num_classes, head, head_stages, head_merge, n_datasets):
     """List model variants (or only VARIANTS): trainable parameters, GMACs and the paper's GFLOPs (fvcore's count)."""
     from cxrkeras.models.summary import format_table, variant_rows
 
     options = dict(head=head, head_stages=head_stages, head_merge=head_merge) if head == "fpsm" else {}
+    if n_datasets:
+        if head != "fpsm":
+            raise click.UsageError("--head-dataset-embedding goes with --head fpsm")
+        options["head_dataset_embedding"] = n_datasets
     skipped = {}
     click.echo(format_table(variant_rows(variants or None, image_size, num_classes, skipped, **options), image_size))
     for name, reason in skipped.items():

@@ -18,6 +18,7 @@ COLUMN = "Dataset"  # the optional per-row source column of the labels CSV
 DEFAULT_NAME = "NIH ChestX-ray14"  # rows of a CSV without the column, and folders built before the field
 MAX_DATASETS = 64
 MAX_NAME_LENGTH = 64
+_RESERVED = "[]'\"\\"
 
 
 def name_problem(name):
@@ -28,6 +29,8 @@ def name_problem(name):
         return f"has {len(name.strip())} characters (at most {MAX_NAME_LENGTH})"
     if not name.strip().isprintable():
         return "holds a control or unprintable character"
+    if any(c in name for c in _RESERVED):
+        return f"holds one of {' '.join(_RESERVED)} (kept out so that error messages quote names unambiguously)"
     return None
 
 
@@ -101,7 +104,7 @@ def index_map(model_names, records_names):
 
 
 def known(names):
-    return ", ".join(repr(n) for n in names)
+    return ", ".join(names)
 
 
 def resolve(model_names, name, where="--dataset"):

@@ -46,6 +46,13 @@ class StageContext:
     chief: bool = True
     patient: object = None  # cxrkeras.data.patient.PatientEncoder of a model with patient features
 
+    @property
+    def datasets(self):
+        """The source dataset names of a model with the FPSM dataset embedding (None: no dataset input)."""
+        from cxrkeras.data.datasets import embedding_names
+
+        return embedding_names(self.build_options.get("head_dataset_embedding"))
+
 
 @dataclasses.dataclass
 class Phase:
@@ -281,7 +288,8 @@ class StageRun:
             from cxrkeras.training.trainer import make_datasets
 
             train_ds, val_ds = make_datasets(config, ctx.stage, self.strategy, data_seed, verify="size",
-                                             preprocessor=ctx.preprocessor, patient=ctx.patient)  # hashed by train()
+                                             preprocessor=ctx.preprocessor, patient=ctx.patient,
+                                             datasets=ctx.datasets)  # hashed by train()
             model = self.build_model()
             if ctx.init_path and not self.resume:
                 from cxrkeras.training.trainer import weights_fingerprint
@@ -377,7 +385,8 @@ class StageRun:
         with precision_policy(mixed):
             keras.utils.set_random_seed(self.config.train.seed)
             train_ds, _ = make_datasets(self.config, self.ctx.stage, self.strategy, verify="size",
-                                        preprocessor=self.ctx.preprocessor, patient=self.ctx.patient)
+                                        preprocessor=self.ctx.preprocessor, patient=self.ctx.patient,
+                                        datasets=self.ctx.datasets)
             model = self.build_model()
             before = weights_fingerprint(model)
             result = self.sweep(model, self.build_loss(), train_ds, steps, start_lr, end_lr)
