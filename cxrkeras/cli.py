@@ -319,9 +319,11 @@ def reproduce_cmd(grid_name, records, out_dir, only, dry_run, workers, sets, con
 @click.option("--method", default="gradcam", show_default=True, type=_choice(HEATMAP_METHODS))
 @click.option("--alpha", default=0.4, show_default=True, type=click.FloatRange(0, 1), help="Heatmap opacity.")
 @_patient_options
+@click.option("--dataset", metavar="NAME", help="Models with the FPSM dataset embedding: the source dataset of the "
+                                                "images [default: the model's first].")
 @_fusion_options
 def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alpha, age, sex, view, patient_csv,
-                mask_model, fusion_lambda, fusion_sigma):
+                dataset, mask_model, fusion_lambda, fusion_sigma):
     """Grad-CAM overlays of PNG/JPEG/DICOM IMAGES at their original size, with label and probability."""
     from cxrkeras.explain.files import explain_files
 
@@ -333,7 +335,8 @@ def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alph
         values = values_for(list(images), patient, patient_csv)
     entries = explain_files(model_path, list(images), out, top_k=top_k, class_names=list(class_names) or None,
                             layer_name=layer, method=method, alpha=alpha, log=click.echo, patient=values,
-                            mask_model=mask_model, fusion_lambda=fusion_lambda, fusion_sigma=fusion_sigma)
+                            mask_model=mask_model, fusion_lambda=fusion_lambda, fusion_sigma=fusion_sigma,
+                            dataset=dataset)
     for e in entries:
         zero = "  (all-zero heatmap: no positive evidence at this layer)" if e["heatmap_max"] <= 0 else ""
         fused = f"  fused -> {e['fused_overlay']}" if "fused_overlay" in e else ""
@@ -549,7 +552,9 @@ def export_cmd(run_dir, model_path, out_base, records, val_split, threshold_meth
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 @_patient_options
-def predict_cmd(model, files, as_json, batch_size, age, sex, view, patient_csv):
+@click.option("--dataset", metavar="NAME", help="Models with the FPSM dataset embedding: the source dataset of the "
+                                                "files [default: the model's first].")
+def predict_cmd(model, files, as_json, batch_size, age, sex, view, patient_csv, dataset):
     """Per-label probabilities and findings for PNG/JPEG/DICOM FILES (folders: searched recursively). Every file
     that can be read is predicted; exit status 1 if any could not be. A model with patient features needs
     --age/--sex/--view (the same for every file) or --patient-csv."""
@@ -558,7 +563,7 @@ def predict_cmd(model, files, as_json, batch_size, age, sex, view, patient_csv):
     from cxrkeras.export.predict import format_table, predict
 
     result = predict(model, list(files), batch_size=batch_size, log=lambda m: click.echo(m, err=True),
-                     patient=_patient(age, sex, view), patient_csv=patient_csv)
+                     patient=_patient(age, sex, view), patient_csv=patient_csv, dataset=dataset)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     failed = sum(1 for r in result["results"] if r["error"])
     if failed:

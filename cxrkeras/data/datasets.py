@@ -131,3 +131,47 @@ def embedding_names(value, where="head_dataset_embedding"):
         return [f"dataset_{i}" for i in range(value)]
     return check_names(list(value), where)
 
+
+
+class DatasetInput:
+    """The graph side of a model's "dataset" input: source names (string [N], as a request or --dataset gives them)
+    -> the model's int32 index [N, 1]. Names are matched trimmed and exactly; one the model does not know is an
+    error naming the field and the model's datasets (never the value sent)."""
+
+    FIELDS = ("dataset",)
+
+    def __init__(self, names):
+        self.names = check_names(list(names), "the model's datasets")
+
+    def indices(self, names):
+        """[N] int32: each name's index, -1 where it is none of the model's."""
+        import tensorflow as tf
+
+        text = tf.strings.strip(tf.reshape(tf.convert_to_tensor(names, tf.string), [-1]))
+        hits = tf.equal(text[:, None], tf.constant(self.names)[None, :])
+        return tf.where(tf.reduce_any(hits, axis=1), tf.argmax(tf.cast(hits, tf.int32), axis=1, output_type=tf.int32),
+                        -1)
+
+    def encode_checked(self, names, count=None):
+        """[N, 1] int32 after an in-graph check: InvalidArgumentError "dataset[i]: ..." for the first unknown name,
+        or when there is not one name per image (`count`)."""
+        import tensorflow as tf
+
+        names = tf.reshape(tf.convert_to_tensor(names, tf.string), [-1])
+        index = self.indices(names)
+        checks = []
+        if count is not None:
+            checks.append(tf.debugging.Assert(tf.equal(tf.size(names), count),
+                                              ["dataset must hold one name per image"]))
+        bad = index < 0
+        first = tf.argmax(tf.cast(tf.concat([bad, [True]], 0), tf.int32), output_type=tf.int32)
+        checks.append(tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [tf.strings.join([
+            "dataset[", tf.strings.as_string(first), "]: not one of the model's datasets (", known(self.names),
+            ")"])]))
+        with tf.control_dependencies(checks):
+            return tf.identity(index)[:, None]
+
+
+def dataset_input(source):
+    """The DatasetInput of a model source (`cxrkeras.runs.load_source`), None for a model without the input."""
+    return DatasetInput(source.datasets) if getattr(source, "datasets", None) else None
