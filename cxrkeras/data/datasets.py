@@ -166,8 +166,8 @@ class DatasetInput:
         bad = index < 0
         first = tf.argmax(tf.cast(tf.concat([bad, [True]], 0), tf.int32), output_type=tf.int32)
         checks.append(tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [tf.strings.join([
-            "dataset[", tf.strings.as_string(first), "]: not one of the datasets the model was trained on (", known(self.names),
-            ")"])]))
+            "dataset[", tf.strings.as_string(first), "]: not one of the datasets the model was trained on (",
+            known(self.names), ")"])]))
         with tf.control_dependencies(checks):
             return tf.identity(index)[:, None]
 

@@ -164,8 +164,9 @@ def _dataset_index(stored, model_names, records_names, problem):
     index = tf.gather(table, tf.where(in_range, stored, n))
     name = tf.where(in_range, tf.gather(tf.constant(records_names + [""]), tf.where(in_range, stored, n)),
                     "an index manifest.json does not name")
-    what = tf.strings.join(["dataset: meta/dataset index ", tf.strings.as_string(stored), " (", name, ") is none of the "
-                            "datasets the model was trained on (", known(model_names), "); give it records of those"])
+    what = tf.strings.join(["dataset: meta/dataset index ", tf.strings.as_string(stored), " (", name,
+                            ") is none of the datasets the model was trained on (", known(model_names),
+                            "); give it records of those"])
     return index, tf.where(tf.logical_and(tf.equal(problem, ""), index < 0), what, problem)
 
 

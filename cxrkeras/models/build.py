@@ -12,8 +12,8 @@ from cxrkeras.models.lka import FORMS
 from cxrkeras.models.registry import get_variant
 
 OVERRIDES = ("lka_blocks", "lka_form", "dropout", "width_multiplier", "blocks", "name", "preprocessing", "bn_epsilon",
-             "bn_momentum", "final_relu", "attention", "head", "head_stages", "head_merge", "head_dataset_embedding", "lstm_units",
-             "attention_heads", "attention_key_dim")
+             "bn_momentum", "final_relu", "attention", "head", "head_stages", "head_merge", "head_dataset_embedding",
+             "lstm_units", "attention_heads", "attention_key_dim")
 MODULES = {"densenet121": densenet, "vgg16": vgg, "resnet50": resnet, "efficientnetb2": efficientnet}
 SEQUENCE_OPTIONS = dict(lstm_units=(256, 4096), attention_heads=(4, 64), attention_key_dim=(64, 1024))  # default, max
 IMAGE_INPUT, PATIENT_INPUT = "image", "patient"  # the model's input names
