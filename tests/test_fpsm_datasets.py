@@ -319,3 +319,51 @@ def test_run_trains_evaluates_and_exports_with_the_dataset_input(two_datasets, t
         np.testing.assert_allclose(list(default.values()), served[NAMES[0]], atol=1e-5)
         with pytest.raises(ConfigError, match=r"--dataset: not one of the model's datasets \(Other, NIH\)"):
             predict(target, [image], dataset="Nope", log=lambda *_: None)
+
+
+def test_inspect_records_counts_the_datasets(two_datasets):
+    from cxrkeras.data.inspect import inspect_records
+
+    records, _ = two_datasets
+    assert inspect_records(records).problems == []
+    manifest_path = os.path.join(records, "manifest.json")
+    original = open(manifest_path).read()
+    manifest = json.loads(original)
+    manifest["splits"]["val"]["datasets"]["NIH"] += 1
+    try:
+        with open(manifest_path, "w") as f:
+            json.dump(manifest, f)
+        problems = inspect_records(records).problems
+    finally:
+        with open(manifest_path, "w") as f:
+            f.write(original)
+    assert any("split val: records give images per dataset" in p for p in problems)
+
+
+def test_dadam_images_keep_their_receivers_dataset(two_datasets, tmp_path):
+    """DADAM shards of pooled records: each synthetic image is of its receiver's source dataset, counted in the
+    manifest (inspect-records re-counts them from the records)."""
+    from cxrkeras.data.dadam import DadamOptions
+    from cxrkeras.data.inspect import inspect_records
+    from cxrkeras.data.records import build_records
+
+    records, csv_path = two_datasets
+    with open(os.path.join(records, "index.csv"), newline="") as f:
+        train = [r["image_id"] for r in csv.DictReader(f) if r["split"] == "train"]
+    boxes = str(tmp_path / "boxes.csv")
+    with open(boxes, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]"])
+        w.writerows([[image, ("Mass", "Nodule")[k % 2], 300, 300, 200, 200] for k, image in enumerate(train[:6])])
+    out = str(tmp_path / "r")
+    report = build_records(csv_path, os.path.join(SAMPLE_64, "images"), out, image_size=64, shard_size=40,
+                           workers=1, progress=False, log=lambda *_: None,
+                           augment=DadamOptions(boxes, n=16, tail_labels=("Mass", "Nodule"), seed=1))
+    train_info = report.manifest["splits"]["train"]
+    assert sum(train_info["datasets"].values()) == train_info["images"]
+    assert inspect_records(out).problems == []
+    with open(os.path.join(out, "dadam.csv"), newline="") as f:
+        receivers = {r["image_id"]: r["receiver_image"] for r in csv.DictReader(f)}
+    stored = _stored(out, "train")
+    assert len(receivers) == 16 and all(stored[i] == stored[r] for i, r in receivers.items())
+    assert {tuple(stored[r]) for r in receivers.values()} == {(), (1,)}  # receivers of both sources

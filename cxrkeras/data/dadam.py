@@ -314,7 +314,14 @@ def augment_records(out, manifest, options, shard_size, progress=False, log=prin
     info["shards"] = base + written
     info["images"] = int(info["images"]) + len(plan)
     info["positives"] = {label: int(positives.get(label, 0)) + synth_pos[label] for label in labels}
+    from cxrkeras.data.datasets import manifest_names
+
+    names = manifest_names(manifest)  # a synthetic image is of its receiver's source dataset
+    synth_ds = np.bincount([train[item["receiver"]]["dataset"] for item in plan], minlength=len(names))
     whole = manifest["whole"]
+    for part in (info, whole):
+        if "datasets" in part:
+            part["datasets"] = {n: int(part["datasets"].get(n, 0)) + int(k) for n, k in zip(names, synth_ds)}
     whole["images"] = int(whole["images"]) + len(plan)
     whole["positives"] = {label: int(whole["positives"].get(label, 0)) + synth_pos[label] for label in labels}
     manifest["augment"] = {
