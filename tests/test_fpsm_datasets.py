@@ -367,3 +367,14 @@ def test_dadam_images_keep_their_receivers_dataset(two_datasets, tmp_path):
     stored = _stored(out, "train")
     assert len(receivers) == 16 and all(stored[i] == stored[r] for i, r in receivers.items())
     assert {tuple(stored[r]) for r in receivers.values()} == {(), (1,)}  # receivers of both sources
+
+
+def test_ensembles_refuse_dataset_input_members():
+    from types import SimpleNamespace
+
+    from cxrkeras.models.ensemble import check_members
+
+    plain = SimpleNamespace(patient=None, datasets=None)
+    member = SimpleNamespace(patient=None, datasets=["NIH", "Other"])
+    with pytest.raises(ConfigError, match="runs/b: takes a dataset input"):
+        check_members([plain, member], ["runs/a", "runs/b"])
