@@ -378,3 +378,21 @@ def test_ensembles_refuse_dataset_input_members():
     member = SimpleNamespace(patient=None, datasets=["NIH", "Other"])
     with pytest.raises(ConfigError, match="runs/b: takes a dataset input"):
         check_members([plain, member], ["runs/a", "runs/b"])
+
+
+def test_disk_cache_keeps_image_only_and_dataset_streams_apart(two_datasets, tmp_path):
+    """One cache folder for a plain model and a dataset-input model: each stream has its own cache file."""
+    from cxrkeras.data.pipeline import build_dataset
+
+    records, _ = two_datasets
+    cache = str(tmp_path / "cache")
+    common = dict(batch_size=64, image_size=32, cache=cache, return_ids=True)
+    plain = [b for b in build_dataset(records, "val", **common)]
+    for names in (["Other", "NIH"], ["NIH", "Other"]):
+        for _ in range(2):  # the second pass reads the cache
+            (x, idx), _, ids = next(iter(build_dataset(records, "val", datasets=names, **common)))
+            truth = {i: v[0] if v else 0 for i, v in _stored(records, "val").items()}
+            want = [truth[i.decode()] if names == NAMES else 1 - truth[i.decode()] for i in ids["image_id"].numpy()]
+            assert [int(v) for v in idx.numpy()[:, 0]] == want
+            np.testing.assert_array_equal(x.numpy(), plain[0][0].numpy())
+    assert len({f.split(".")[0] for f in os.listdir(cache)}) == 3

@@ -246,11 +246,17 @@ def data_errors():
         raise err from None
 
 
-def cache_path(cache, manifest_sha, split, stage, work_size, channels, equalize):
+def cache_path(cache, manifest_sha, split, stage, work_size, channels, equalize, inputs=None):
     """The file prefix of a disk cache inside the folder `cache`: one per records folder, split, stage, stored size,
-    channels and equalisation, so that no two different streams of decoded images ever share a cache file."""
+    channels and equalisation (and `inputs`: what the extra model inputs are encoded with), so that no two
+    different streams of decoded images ever share a cache file."""
     key = (f"{manifest_sha[:16]}-{split}-stage{stage}-{'x'.join(str(v) for v in work_size or ('native',))}-"
            f"c{channels}-{equalize or 'plain'}")
+    if inputs:  # the cached stream holds the encoded patient features / dataset indices
+        import hashlib
+        import json
+
+        key += "-i" + hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
     os.makedirs(cache, exist_ok=True)
     return os.path.join(cache, key)
 
@@ -344,7 +350,9 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         from cxrkeras.hashing import sha256_file
 
         sha = sha256_file(os.path.join(records_dir, manifest_lib.MANIFEST_NAME))
-        ds = ds.cache(cache_path(cache, sha, split, stage, work_size, channels, preprocessor.equalize))
+        inputs = {"patient": patient.to_config() if patient is not None else None, "datasets": datasets}
+        ds = ds.cache(cache_path(cache, sha, split, stage, work_size, channels, preprocessor.equalize,
+                                 inputs if patient is not None or datasets is not None else None))
     elif cache:
         ds = ds.cache()
     if training and shuffle_buffer and shuffle_buffer > 1:
