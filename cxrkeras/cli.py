@@ -141,14 +141,28 @@ def models_cmd(variants, image_size, num_classes, head, head_stages, head_merge,
 @click.option("--eval-view", is_flag=True, help="Show the deterministic eval transform instead of augmentation.")
 @click.option("--dadam", is_flag=True, help="Show the records' DADAM images (training split, eval view) with the "
               "boxes of their patches.")
+@click.option("--online-dadam", "online_boxes", type=click.Path(dir_okay=False),
+              help="Show online DADAM (data.dadam) with this box file: training split, eval view, each patch's box "
+                   "drawn.")
+@click.option("--dadam-probability", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="--online-dadam: data.dadam.probability (1: every eligible image gets a patch).")
+@click.option("--tail-labels", help="--online-dadam: 'A,B' data.dadam.tail_labels [default: the rarest labels].")
 def preview_batch_cmd(records, split, stage, out, n, model_path, image_size, seed, preprocessing, equalize,
-                      eval_view, dadam):
+                      eval_view, dadam, online_boxes, dadam_probability, tail_labels):
     """Write a PNG grid of one augmented training batch of RECORDS with each image's labels."""
     from cxrkeras.data.preview import preview_batch
 
+    online = None
+    if online_boxes:
+        from cxrkeras.config import DadamConfig
+
+        online = DadamConfig(boxes=online_boxes, probability=dadam_probability, tail_labels=[
+            t.strip() for t in tail_labels.split(",") if t.strip()] if tail_labels else None)
+    elif tail_labels:
+        raise click.UsageError("--tail-labels goes with --online-dadam")
     path = preview_batch(records, out, split=split, stage=int(stage), n=n, image_size=image_size, seed=seed,
                          preprocessing=preprocessing, training=not eval_view, equalize=equalize, model=model_path,
-                         dadam=dadam)
+                         dadam=dadam, online_dadam=online)
     click.echo(f"wrote {path}")
 
 

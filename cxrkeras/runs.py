@@ -80,6 +80,7 @@ class RunInfo:
     resumed_from: Optional[int] = None
     nan_at: Optional[dict] = None
     collapsed_at: Optional[dict] = None
+    dadam: Optional[dict] = None  # online DADAM (data.dadam): options, box file sha256, donors, images made per pass
     extra: dict = dataclasses.field(default_factory=dict)
 
     @classmethod

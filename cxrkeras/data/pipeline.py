@@ -4,7 +4,7 @@ Order of operations:
   shard files (shuffled in training) -> parallel interleave of the shards' records, each with (shard, record
   number) -> ONE parallel map: parse (features.feature_spec), stage flag, decode the pixels as uint8 in the
   records' channels (PNG, or raw records: `tf.io.decode_raw`, no decoding work), [equalise], bring to one size -> record-integrity check -> drop the rows the stage filters out
-  -> [cache] -> [shuffle] -> [repeat] -> batch (the GLOBAL batch)
+  -> [cache] -> [online DADAM: training split, `dadam`] -> [shuffle] -> [repeat] -> batch (the GLOBAL batch)
   -> training: vectorised augmentation of the whole batch (random crop + zoom, rotation, flip: one bilinear warp
      per image, XLA-compiled, seeds from a seeded stream) -> 3 channels + ImageNet normalisation (one matmul)
   -> evaluation: the `Preprocessor`'s eval transform on the batch (central square, antialiased resize,
@@ -107,6 +107,21 @@ def _read_records(paths, counts, shuffle, seed, deterministic):
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
+def decode_image(ex, channels, encoding, preprocessor, work_size):
+    """The uint8 [H, W, C] image of a parsed record as the element stream holds it: decoded in the records'
+    encoding, [equalised], brought to `work_size` (also online DADAM's donors, cxrkeras.data.dadam_online)."""
+    image = features.decode_pixels(ex, channels, encoding)
+    image = preprocessor.equalize_stored(image)
+    if work_size is not None:
+        # records are one size by construction; a record of another size is resized, never fails the batch
+        image = tf.cond(
+            tf.reduce_all(tf.equal(tf.shape(image)[:2], work_size)),
+            lambda: image,
+            lambda: tf.cast(tf.round(tf.image.resize(image, work_size, antialias=True)), tf.uint8))
+        image = tf.ensure_shape(image, [work_size[0], work_size[1], channels])
+    return image
+
+
 def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None, no_finding_class=False,
              encoding="png", datasets=None):
     """(shard, index, serialized, is_end) -> (shard, index, is_end, image uint8 HxWxC, labels, image id, patient id,
@@ -119,16 +134,7 @@ def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None,
                    tf.constant(""), tf.constant(""), tf.constant(False), tf.zeros([width]), tf.constant(""))
 
     def decode(ex):
-        image = features.decode_pixels(ex, channels, encoding)
-        image = preprocessor.equalize_stored(image)
-        if work_size is not None:
-            # records are one size by construction; a record of another size is resized, never fails the batch
-            image = tf.cond(
-                tf.reduce_all(tf.equal(tf.shape(image)[:2], work_size)),
-                lambda: image,
-                lambda: tf.cast(tf.round(tf.image.resize(image, work_size, antialias=True)), tf.uint8))
-            image = tf.ensure_shape(image, [work_size[0], work_size[1], channels])
-        return image
+        return decode_image(ex, channels, encoding, preprocessor, work_size)
 
     def parse_decode(serialized):
         ex = tf.io.parse_single_example(serialized, spec)
@@ -266,7 +272,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
                   deterministic=None, drop_remainder=None, repeat=False, strategy=None, equalize=None,
                   return_ids=False, max_rotation=10.0, crop_scale=(0.8, 1.0), flip=True, fill_mode="reflect",
                   jit=True, verify="sha256", preprocessor=None, patient=None, no_finding_class=False,
-                  augment=True, shards=None, datasets=None):
+                  augment=True, shards=None, datasets=None, dadam=None):
     """A tf.data.Dataset of (images float32 [B,S,S,3], labels float32 [B,L]) (+ {"image_id","patient_id"} string
     [B] with return_ids) from the shards of `split` of a records folder; with `patient`, the inputs are
     (images, patient features float32 [B,5]).
@@ -299,6 +305,8 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
       the inputs are then (images, dataset index int32 [B,1]), each record's meta/dataset mapped by name from the
       records' manifest to the model's index; a record of a dataset the model does not know fails, naming the
       shard, record, image and the model's datasets. (Models take patient features or datasets, not both.)
+    dadam: a `cxrkeras.data.dadam_online.OnlineDadam` (training only): box patches of the training split's tail
+      classes put on the training images after the cache, drawn afresh each pass (its `counts` say what it made).
     """
     if preprocessor is not None:
         image_size, preprocessing, equalize = preprocessor.image_size, preprocessor.preprocessing, preprocessor.equalize
@@ -355,6 +363,9 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
                                  inputs if patient is not None or datasets is not None else None))
     elif cache:
         ds = ds.cache()
+    if dadam is not None:  # after the cache: each pass draws its own patches; training images only
+        ds = dadam.apply(ds, split=split, training=training, stage=stage, seed=seed, work_size=work_size,
+                         preprocessor=preprocessor, no_finding_class=no_finding_class)
     if training and shuffle_buffer and shuffle_buffer > 1:
         ds = ds.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
     if repeat:

@@ -132,12 +132,13 @@ def stage_preprocessor(config, manifest=None):
 
 
 def make_datasets(config, stage, strategy=None, seed=None, verify=None, preprocessor=None, patient=None,
-                  datasets=None):
+                  datasets=None, dadam=None):
     """(training dataset: shuffled, augmented, repeated, global batches; validation dataset: the whole split,
     deterministic eval transform, last partial batch kept). Stage 1 reads no 'No Finding' image.
     `verify`: how shards are checked against the manifest (default data.verify_records). `patient`: the model's
     PatientEncoder (inputs are then (images, patient features)); `datasets`: the source dataset names of a model
-    with the FPSM dataset embedding (inputs are then (images, dataset index))."""
+    with the FPSM dataset embedding (inputs are then (images, dataset index)). `dadam`: the OnlineDadam of
+    data.dadam (cxrkeras.data.dadam_online.from_config), training dataset only."""
     from cxrkeras.data.pipeline import build_dataset
 
     preprocessor = preprocessor or stage_preprocessor(config)
@@ -149,7 +150,7 @@ def make_datasets(config, stage, strategy=None, seed=None, verify=None, preproce
     train_ds = build_dataset(config.data.records, config.data.train_split, batch_size=config.data.batch_size,
                              training=True, shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache,
                              seed=config.train.seed if seed is None else seed, repeat=True, strategy=strategy,
-                             **augmentation, **common)
+                             dadam=dadam, **augmentation, **common)
     val_ds = build_dataset(config.data.records, config.data.val_split, batch_size=config.data.batch_size,
                            training=False, drop_remainder=False, **common)
     return train_ds, val_ds
