@@ -96,7 +96,9 @@ class ModelConfig:
     overrides: dict = doc(None, "extra build_model options: lka_blocks, lka_form, width_multiplier, blocks, "
                           "bn_epsilon, bn_momentum (Keras momentum = 1 - PyTorch's), final_relu, attention "
                           "(DenseNet: none | a | b), head (linear | fpsm: Feature Pyramid Sum), head_stages (fpsm "
-                          "levels, default 4+3+2), head_merge (fpsm: sum | concat), lstm_units, attention_heads, "
+                          "levels, default 4+3+2), head_merge (fpsm: sum | concat), head_dataset_embedding (fpsm: "
+                          "true: a dataset-id input, Embedding(N, N) of the records' N source datasets appended to "
+                          "each level's features), lstm_units, attention_heads, "
                           "attention_key_dim (efficientnetb2-lstm-mha)", dict)
     patient_features: bool = doc(False, "true: a second input (age normalised with the training split's mean/sd, "
                                  "sex and view one-hot) -> Dense(3)+ReLU, concatenated before the classifier")

@@ -89,7 +89,7 @@ def _records(paths, num_labels, keep=None, encoding="png", decode=None):
                       "patient_id": ex[ft.PATIENT_ID].numpy().decode("utf-8"),
                       "labels": ex[ft.LABELS].numpy().astype(np.int64), "age": int(ex[ft.AGE].numpy()),
                       "sex": ex[ft.SEX].numpy().decode("utf-8"), "view": ex[ft.VIEW].numpy().decode("utf-8"),
-                      "split": ex[ft.SPLIT].numpy().decode("utf-8")}
+                      "split": ex[ft.SPLIT].numpy().decode("utf-8"), "dataset": int(ex[ft.DATASET].numpy())}
             if keep is not None and index in keep:
                 image = decode(ex) if decode else ft.decode_pixels(ex, None, encoding)  # the records' encoding
                 fields["image"] = image.numpy()
@@ -357,7 +357,7 @@ def augment_records(out, manifest, options, shard_size, progress=False, log=prin
                         ex = ft.make_example(encode_pixels(img[..., 0] if c == 1 else img, encoding), h, w, c,
                                              item["labels"].tolist(), item["id"], receiver["patient_id"],
                                              age=receiver["age"], sex=receiver["sex"], view=receiver["view"],
-                                             split=TRAIN, encoding=encoding)
+                                             split=TRAIN, encoding=encoding, dataset=receiver["dataset"])
                         writer.write(ex.SerializeToString())
                         for (label, box), bound in zip(item["patches"], bounds):
                             donor = train[box["donor"]]
@@ -388,7 +388,14 @@ def augment_records(out, manifest, options, shard_size, progress=False, log=prin
     info["shards"] = [sh for sh in info["shards"] if not SHARD_RE.match(sh["file"])] + written
     info["images"] = int(info["images"]) + len(plan)
     info["positives"] = {label: int(positives.get(label, 0)) + synth_pos[label] for label in labels}
+    from cxrkeras.data.datasets import manifest_names
+
+    names = manifest_names(manifest)  # a synthetic image is of its receiver's source dataset
+    synth_ds = np.bincount([train[item["receiver"]]["dataset"] for item in plan], minlength=len(names))
     whole = manifest["whole"]
+    for part in (info, whole):
+        if "datasets" in part:
+            part["datasets"] = {n: int(part["datasets"].get(n, 0)) + int(k) for n, k in zip(names, synth_ds)}
     whole["images"] = int(whole["images"]) + len(plan)
     whole["positives"] = {label: int(whole["positives"].get(label, 0)) + synth_pos[label] for label in labels}
     manifest["augment"] = {

@@ -4,9 +4,10 @@ Order of operations:
   shard files (shuffled in training) -> parallel interleave of the shards' records, each with (shard, record
   number) -> ONE parallel map: parse (features.feature_spec), stage flag, decode the pixels as uint8 in the
   records' channels (PNG, or raw records: `tf.io.decode_raw`, no decoding work), [equalise], bring to one size
-  -> record-integrity (+ patient-field) check on batches of 64 elements, dropping the rows the stage filters out,
-  back to one element per image (the order and the first error named are those of a record-at-a-time check;
-  batched because each per-element tf.data op costs about as much CPU as decoding a raw record)
+  -> record-integrity (+ patient-field, source-dataset) check on batches of 64 elements, dropping the rows the
+  stage filters out, back to one element per image (the order and the first error named are those of a
+  record-at-a-time check; batched because each per-element tf.data op costs about as much CPU as decoding a raw
+  record)
   -> [cache] -> [online DADAM: training split, `dadam`] -> [shuffle] -> [repeat] -> batch (the GLOBAL batch)
   -> training: vectorised augmentation of the whole batch (random crop + zoom, rotation, flip: one bilinear warp
      per image, XLA-compiled, seeds from a seeded stream) -> 3 channels + ImageNet normalisation (one matmul)
@@ -138,11 +139,13 @@ def decode_image(ex, channels, encoding, preprocessor, work_size):
 
 
 def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None, no_finding_class=False,
-             encoding="png"):
+             encoding="png", datasets=None):
     """(place, serialized) -> (shard, index, is_end, image uint8 HxWxC, labels, image id, patient id,
-    keep, patient features [F] (F = 0 without an encoder), what is wrong with them ("" when nothing))."""
+    keep, values [F], what is wrong with them ("" when nothing)). values: the model's extra inputs as float32, the
+    patient features (5, with an encoder) then, with `datasets` ((model's names, records' names)), the model's
+    index of the record's source dataset (exact in float32; -1 for one the model does not know)."""
     spec = features.feature_spec(num_labels)
-    width = patient.width if patient is not None else 0
+    width = (patient.width if patient is not None else 0) + (1 if datasets is not None else 0)
     # a placeholder image of the work size, so that decoded elements batch for the integrity check
     placeholder = (tf.zeros([*(work_size or (1, 1)), channels], tf.uint8),
                    tf.zeros([num_labels + int(no_finding_class)], tf.int64), tf.constant(""), tf.constant(""),
@@ -160,10 +163,13 @@ def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None,
         # rows the stage drops are not decoded (cheap placeholder); they still pass the integrity check.
         image = tf.cond(keep, lambda: decode(ex), lambda: placeholder[0])
         if patient is None:
-            values, problem = placeholder[5], placeholder[6]
+            values, problem = tf.zeros([0]), placeholder[6]
         else:
             fields = [ex[features.AGE][None], ex[features.SEX][None], ex[features.VIEW][None]]
             values, problem = patient.encode(*fields)[0], patient.problems(*fields)[0]
+        if datasets is not None:
+            index, problem = _dataset_index(ex[features.DATASET], *datasets, problem)
+            values = tf.concat([values, tf.cast(index, tf.float32)[None]], 0)
         return image, labels, ex[features.IMAGE_ID], ex[features.PATIENT_ID], keep, values, problem
 
     def fn(place, serialized):
@@ -171,6 +177,22 @@ def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None,
         return (shard, index, end) + tuple(tf.cond(end, lambda: placeholder, lambda: parse_decode(serialized)))
 
     return fn
+
+
+def _dataset_index(stored, model_names, records_names, problem):
+    """(the model's index of a record's stored dataset index, -1 if unknown; `problem` or what is wrong)."""
+    from cxrkeras.data.datasets import index_map, known
+
+    table = tf.constant(index_map(model_names, records_names) + [-1], tf.int64)
+    n = len(records_names)
+    in_range = tf.logical_and(stored >= 0, stored < n)
+    index = tf.gather(table, tf.where(in_range, stored, n))
+    name = tf.where(in_range, tf.gather(tf.constant(records_names + [""]), tf.where(in_range, stored, n)),
+                    "an index manifest.json does not name")
+    what = tf.strings.join(["dataset: meta/dataset index ", tf.strings.as_string(stored), " (", name,
+                            ") is none of the datasets the model was trained on (", known(model_names),
+                            "); give it records of those"])
+    return index, tf.where(tf.logical_and(tf.equal(problem, ""), index < 0), what, problem)
 
 
 CHECK_BATCH = 64  # elements checked together (one scan step instead of one per record)
@@ -197,8 +219,13 @@ def _integrity_message(names, counts, shard, want, end):
     return tf.strings.join([message, "; re-build the records with `cxrkeras build-records`"])
 
 
-def _patient_message(names, shard, index, image_id, problem):
-    """What is wrong with a record's patient fields (`problem`: the encoder's "<field>: ..." text)."""
+def _patient_message(names, shard, index, image_id, problem, keys_wanted=True):
+    """What is wrong with a record's patient fields (`problem`: the encoder's "<field>: ..." text) or source
+    dataset (keys_wanted False: a model without patient features, where only the dataset can be wrong)."""
+    if not keys_wanted:
+        return tf.strings.join([_ERROR_MARK, "shard ", tf.gather(names, shard), ": record ",
+                                tf.strings.as_string(index), " (", image_id, "): ",
+                                tf.strings.regex_replace(problem, "^dataset: ", "")])
     keys = {"age": features.AGE, "sex": features.SEX, "view": features.VIEW}
     field = tf.strings.regex_replace(problem, ":.*", "")
     key = tf.gather(tf.constant(list(keys.values())),
@@ -210,10 +237,11 @@ def _patient_message(names, shard, index, image_id, problem):
         "'Patient Age', 'Patient Gender', 'View Position'), or ", patient_lib.MISSING_HINT])
 
 
-def _checked(names, counts, check_patient, image_shape):
+def _checked(names, counts, check_patient, image_shape, keys_wanted=True):
     """scan fn over batches of decoded elements: per-shard record numbers must run 0, 1, 2, ... up to the
     manifest's count (the sentinel); with `check_patient`, a kept record whose patient fields the encoder cannot
-    take fails too. The first failure in element order is raised, as a check one element at a time would (a
+    take (or whose source dataset the model does not know; keys_wanted False: a model without patient features)
+    fails too. The first failure in element order is raised, as a check one element at a time would (a
     corrupt record is never blamed on its fields). Returns the batch's kept rows (image, labels, image_id,
     patient_id, values), the images of `image_shape`."""
     shards = len(names)
@@ -235,7 +263,7 @@ def _checked(names, counts, check_patient, image_shape):
             message = tf.cond(
                 bad <= wrong,
                 lambda: _integrity_message(names, counts, shard[at], want[at], end[at]),
-                lambda: _patient_message(names, shard[at], index[at], image_id[at], problem[at]))
+                lambda: _patient_message(names, shard[at], index[at], image_id[at], problem[at], keys_wanted))
             return tf.debugging.Assert(False, [message])
 
         failed = tf.less(tf.minimum(bad, wrong), tf.size(ok, tf.int64))
@@ -269,11 +297,17 @@ def data_errors():
         raise err from None
 
 
-def cache_path(cache, manifest_sha, split, stage, work_size, channels, equalize):
+def cache_path(cache, manifest_sha, split, stage, work_size, channels, equalize, inputs=None):
     """The file prefix of a disk cache inside the folder `cache`: one per records folder, split, stage, stored size,
-    channels and equalisation, so that no two different streams of decoded images ever share a cache file."""
+    channels and equalisation (and `inputs`: what the extra model inputs are encoded with), so that no two
+    different streams of decoded images ever share a cache file."""
     key = (f"{manifest_sha[:16]}-{split}-stage{stage}-{'x'.join(str(v) for v in work_size or ('native',))}-"
            f"c{channels}-{equalize or 'plain'}")
+    if inputs:  # the cached stream holds the encoded patient features / dataset indices
+        import hashlib
+        import json
+
+        key += "-i" + hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
     os.makedirs(cache, exist_ok=True)
     return os.path.join(cache, key)
 
@@ -283,7 +317,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
                   deterministic=None, drop_remainder=None, repeat=False, strategy=None, equalize=None,
                   return_ids=False, max_rotation=10.0, crop_scale=(0.8, 1.0), flip=True, fill_mode="reflect",
                   jit=True, verify="sha256", preprocessor=None, patient=None, no_finding_class=False,
-                  augment=True, shards=None, dadam=None):
+                  augment=True, shards=None, datasets=None, dadam=None):
     """A tf.data.Dataset of (images float32 [B,S,S,3], labels float32 [B,L]) (+ {"image_id","patient_id"} string
     [B] with return_ids) from the shards of `split` of a records folder; with `patient`, the inputs are
     (images, patient features float32 [B,5]).
@@ -312,6 +346,10 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
       cannot take fails, naming the shard, record, image and field (DataError under `data_errors()`).
     no_finding_class: add the label 'No Finding' (none of the records' labels positive) as the last label.
     shards: read only these shard files of the split (e.g. its DADAM shards, for preview-batch).
+    datasets: the source dataset names of a model with the FPSM dataset embedding (`load_source(...).datasets`):
+      the inputs are then (images, dataset index int32 [B,1]), each record's meta/dataset mapped by name from the
+      records' manifest to the model's index; a record of a dataset the model does not know fails, naming the
+      shard, record, image and the model's datasets. (Models take patient features or datasets, not both.)
     dadam: a `cxrkeras.data.dadam_online.OnlineDadam` (training only): box patches of the training split's tail
       classes put on the training images after the cache, drawn afresh each pass (its `counts` say what it made).
     """
@@ -333,8 +371,12 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
 
     ds = _read_records(paths, counts, training, seed, deterministic)
     # one parallel map decodes for all shards; deterministic so each shard's records stay in order for the check
+    if datasets is not None:
+        from cxrkeras.data.datasets import manifest_names
+
+        datasets = (list(datasets), manifest_names(manifest))
     decoder = _decoder(num_labels, channels, stage, preprocessor, work_size, patient, no_finding_class,
-                       manifest_lib.records_encoding(manifest))
+                       manifest_lib.records_encoding(manifest), datasets)
     ds = ds.map(decoder,
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True).ignore_errors()  # a bad image: its element is dropped, the check names it
@@ -343,7 +385,9 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
     # checked in batches (images of unknown size cannot batch: then one by one); the stream is one element per
     # image again after the check
     ds = ds.batch(CHECK_BATCH if work_size else 1)
-    ds = ds.scan(tf.zeros([len(paths)], tf.int64), _checked(names, counts, patient is not None, image_shape))
+    ds = ds.scan(tf.zeros([len(paths)], tf.int64),
+                 _checked(names, counts, patient is not None or datasets is not None, image_shape,
+                          patient is not None))
     # (not `unbatch`: TF 2.21's unbatch crashes on the zero-width patient features of a model without them)
     ds = ds.flat_map(lambda *rows: tf.data.Dataset.from_tensor_slices(rows))
     info = manifest["splits"][split]
@@ -355,7 +399,9 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         from cxrkeras.hashing import sha256_file
 
         sha = sha256_file(os.path.join(records_dir, manifest_lib.MANIFEST_NAME))
-        ds = ds.cache(cache_path(cache, sha, split, stage, work_size, channels, preprocessor.equalize))
+        inputs = {"patient": patient.to_config() if patient is not None else None, "datasets": datasets}
+        ds = ds.cache(cache_path(cache, sha, split, stage, work_size, channels, preprocessor.equalize,
+                                 inputs if patient is not None or datasets is not None else None))
     elif cache:
         ds = ds.cache()
     if dadam is not None:  # after the cache: each pass draws its own patches; training images only
@@ -367,7 +413,10 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         ds = ds.repeat()
 
     def finish(images, labels, image_id, patient_id, values):
-        out = ((images, values) if patient is not None else images, tf.cast(labels, tf.float32))
+        if datasets is not None:  # the dataset index travels as the last value (see _decoder)
+            values = tf.cast(values[:, -1:], tf.int32)
+        out = ((images, values) if patient is not None or datasets is not None else images,
+               tf.cast(labels, tf.float32))
         return out + ({"image_id": image_id, "patient_id": patient_id},) if return_ids else out
 
     if training and augment:

@@ -54,6 +54,10 @@ class Backend:
         from cxrkeras.export.predict import load_predictor
 
         self.predictor = load_predictor(model, log)
+        if getattr(self.predictor, "datasets", None):  # the page and REST API have no dataset field yet
+            raise CxrError(f"{model} takes the source dataset of each image (FPSM dataset embedding): `cxrkeras "
+                           "serve` does not send one; serve its SavedModel with TF Serving (the signatures take "
+                           "`dataset` beside `image_bytes`) or use `cxrkeras predict --dataset NAME`")
         self.takes_patient = bool(self.predictor.takes_patient)  # the model also takes age, sex and view
         self.labels = list(self.predictor.labels)
         self.thresholds = np.asarray(self.predictor.thresholds, dtype=np.float64)

@@ -46,6 +46,13 @@ class StageContext:
     chief: bool = True
     patient: object = None  # cxrkeras.data.patient.PatientEncoder of a model with patient features
 
+    @property
+    def datasets(self):
+        """The source dataset names of a model with the FPSM dataset embedding (None: no dataset input)."""
+        from cxrkeras.data.datasets import embedding_names
+
+        return embedding_names(self.build_options.get("head_dataset_embedding"))
+
 
 @dataclasses.dataclass
 class Phase:
@@ -290,7 +297,7 @@ class StageRun:
             self.dadam_before = info.dadam if self.resume else None
             train_ds, val_ds = make_datasets(config, ctx.stage, self.strategy, data_seed, verify="size",
                                              preprocessor=ctx.preprocessor, patient=ctx.patient,
-                                             dadam=self.dadam)  # hashed by train()
+                                             datasets=ctx.datasets, dadam=self.dadam)  # hashed by train()
             self.record_dadam(info)
             self.write_info(info)
             model = self.build_model()
@@ -391,7 +398,7 @@ class StageRun:
 
             train_ds, _ = make_datasets(self.config, self.ctx.stage, self.strategy, verify="size",
                                         preprocessor=self.ctx.preprocessor, patient=self.ctx.patient,
-                                        dadam=from_config(self.config, self.log))
+                                        datasets=self.ctx.datasets, dadam=from_config(self.config, self.log))
             model = self.build_model()
             before = weights_fingerprint(model)
             result = self.sweep(model, self.build_loss(), train_ds, steps, start_lr, end_lr)
