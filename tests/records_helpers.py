@@ -109,6 +109,32 @@ def replace_shard(tiny_records, tmp_path, split="test"):
     return records, first["file"]
 
 
+def rewrite_shard(records, name, change):
+    """Rewrite shard `name` of a records folder with `change(examples)` applied (a list of tf.train.Example), and
+    list it in the manifest as it now is (size, sha256): what a faulty build would have written, so that only the
+    in-graph record check can catch what is wrong inside it."""
+    import json
+
+    import tensorflow as tf
+
+    from cxrkeras.hashing import sha256_file
+
+    shard = os.path.join(records, name)
+    examples = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(shard)]
+    change(examples)
+    with tf.io.TFRecordWriter(shard) as w:
+        for ex in examples:
+            w.write(ex.SerializeToString())
+    with open(os.path.join(records, "manifest.json")) as f:
+        manifest = json.load(f)
+    for info in manifest["splits"].values():
+        for s in info["shards"]:
+            if s["file"] == name:
+                s.update(bytes=os.path.getsize(shard), sha256=sha256_file(shard))
+    with open(os.path.join(records, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+
+
 def slow_encode_task(task):
     """build-records' encoder, 50 ms slower per image (a sleep): a build that lasts long enough to be killed.
     Module-level, so spawn workers find it by name."""

@@ -155,3 +155,46 @@ def test_model_input_from_gray_equals_rgb_path(rng):
         np.testing.assert_allclose(P.to_model_input(gray, mode).numpy(), P.normalize(rgb, mode).numpy(), atol=1e-5)
     with pytest.raises(ConfigError, match="RGB"):
         P.normalize(gray, "torch")
+
+
+def _warp_numpy(images, transforms, size, mode):
+    """Brute-force bilinear resampling: the image padded by NumPy (reflect about the edge = np.pad "symmetric",
+    nearest = "edge", constant = zeros), then each output pixel interpolated from its 4 padded neighbours."""
+    pad = {"reflect": "symmetric", "nearest": "edge", "constant": "constant"}[mode]
+    b, h, w, c = images.shape
+    p = max(h, w)
+    out = np.zeros((b, size, size, c))
+    for k in range(b):
+        padded = np.pad(images[k].astype(np.float64), ((p, p), (p, p), (0, 0)), mode=pad)
+        a0, a1, a2, b0, b1, b2 = transforms[k, :6].astype(np.float64)
+        for yo in range(size):
+            for xo in range(size):
+                x, y = a0 * xo + a1 * yo + a2 + p, b0 * xo + b1 * yo + b2 + p
+                if mode != "constant":  # beyond the padding: the edge of the padded image
+                    x, y = min(max(x, 0), padded.shape[1] - 1), min(max(y, 0), padded.shape[0] - 1)
+                x0, y0 = int(np.floor(x)), int(np.floor(y))
+                fx, fy = x - x0, y - y0
+
+                def at(yy, xx):
+                    inside = 0 <= yy < padded.shape[0] and 0 <= xx < padded.shape[1]
+                    return padded[yy, xx] if inside else 0.0
+
+                out[k, yo, xo] = ((at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx) * (1 - fy)
+                                  + (at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx) * fy)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["reflect", "nearest", "constant"])
+def test_warp_matches_brute_force_bilinear(rng, mode):
+    """The pipeline's warp (XLA and plain TF) against NumPy on transforms that overshoot the edges: the paper's
+    augmentation and wide rotations of small crops (reflect: every point augment_transforms can make lies within one
+    mirror image of the edge)."""
+    images = rng.integers(0, 256, (6, 20, 17, 1)).astype(np.uint8)
+    t = np.concatenate([
+        P.augment_transforms(3, 20, 17, 12, tf.constant([1, 2], tf.int64)).numpy(),
+        P.augment_transforms(3, 20, 17, 12, tf.constant([3, 4], tf.int64), max_rotation=180.0,
+                             crop_scale=(0.3, 1.0)).numpy()])
+    want = _warp_numpy(images, t, 12, mode)
+    for jit in (True, False):
+        got = tf.function(lambda x, tt: P.warp_bilinear(x, tt, 12, mode), jit_compile=jit)(images, t).numpy()
+        np.testing.assert_allclose(got, want, atol=0.02)

@@ -16,7 +16,7 @@ from cxrkeras.data import records as rec
 from cxrkeras.data.inspect import inspect_records
 from cxrkeras.data.pipeline import build_dataset, data_error_from
 from cxrkeras.errors import DataError
-from records_helpers import decode, read_records, small_nih
+from records_helpers import decode, read_records, rewrite_shard, small_nih
 
 S = 32
 
@@ -77,25 +77,6 @@ def test_cache_and_equalize_on_both(any_records, tmp_path):
     np.testing.assert_allclose(first, plain, atol=1e-5)
 
 
-def _rewrite(records, name, change):
-    """Rewrite shard `name` with `change(examples)` applied, and list it in the manifest as it now is."""
-    from cxrkeras.hashing import sha256_file
-
-    shard = os.path.join(records, name)
-    examples = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(shard)]
-    change(examples)
-    with tf.io.TFRecordWriter(shard) as w:
-        for ex in examples:
-            w.write(ex.SerializeToString())
-    m = _manifest(records)
-    for info in m["splits"].values():
-        for s in info["shards"]:
-            if s["file"] == name:
-                s.update(bytes=os.path.getsize(shard), sha256=sha256_file(shard))
-    with open(os.path.join(records, "manifest.json"), "w") as f:
-        json.dump(m, f)
-
-
 def test_bad_image_bytes_are_named_in_both_encodings(any_records, tmp_path):
     encoding, tiny = any_records
     records = str(tmp_path / "r")
@@ -107,7 +88,7 @@ def test_bad_image_bytes_are_named_in_both_encodings(any_records, tmp_path):
         value = examples[bad].features.feature[features.IMAGE_ENCODED].bytes_list.value
         value[0] = value[0][:-64]
 
-    _rewrite(records, shard["file"], truncate)
+    rewrite_shard(records, shard["file"], truncate)
     with pytest.raises(tf.errors.OpError) as info:
         for _ in build_dataset(records, "test", batch_size=4, training=True, image_size=S, seed=0):
             pass
@@ -126,7 +107,7 @@ def test_inspect_names_a_raw_record_of_the_wrong_size(tiny_raw_records, tmp_path
         f[features.IMAGE_ENCODED].bytes_list.value[0] = bytes(32 * 32)
         f[features.IMAGE_HEIGHT].int64_list.value[0] = f[features.IMAGE_WIDTH].int64_list.value[0] = 32
 
-    _rewrite(records, name, shrink)
+    rewrite_shard(records, name, shrink)
     problems = inspect_records(records).problems
     assert any(f"{name}: first image is [32, 32, 1], manifest says [64, 64, 1]" in p for p in problems), problems
 

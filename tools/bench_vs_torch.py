@@ -2,7 +2,7 @@
 `torch.utils.data.DataLoader` with PIL, the training step vs the paper's PyTorch modules, and build-records at scale.
 
 Usage: .venv/bin/python tools/bench_vs_torch.py [--quick] [--sections pipeline,build,step] [--variants a,b]
-       [--images ../shared/data/nih-512px] [--seconds 8] [--steps 3] [--jit all|none|<variants>]
+       [--images ../shared/data/nih-512px] [--seconds 8] [--copies 10] [--steps 3] [--jit all|none|<variants>]
 Needs torch (the dev extra: torch==2.13.0, CPU). The PyTorch networks are the paper's modules written in plain
 PyTorch for the equivalence tests (tests/torch_reference.py; no torchvision).
 
@@ -12,8 +12,12 @@ of the side + zoom to 224, rotation within +-10 degrees, horizontal flip, gray -
   - `DataLoader(num_workers=<cores>, pin_memory=False)` with PIL + torch ops over (a) 1024 px PNG files, the NIH
     originals' size: here the 512 px NIH files upscaled 2x (bicubic), as only 512 px files are bundled, and
     (b) the same images as PNG files pre-resized to the records' 256 px;
+  every loader sees each image --copies times per epoch (default 10: 4,210 images, records listed 10 times, the
+  DataLoaders' file lists repeated; NIH's training split has ~78,000), plus raw records at 421 per epoch, where the
+  shuffle buffer refilling at each epoch start shows; images/s and CPU us per image (process + workers);
   - where the time of the raw-record pipeline goes: the read + parse + decode_raw alone, the augmentation warp
-    and the normalisation alone (per image, on the same machine).
+    and the normalisation alone (wall and CPU us per image, on the same machine), against build_dataset's CPU
+    time per image: the difference is the pipeline's own work (record checks, shuffle, batching, tf.data).
 build-records at scale: images/s of building 256 px records from the 1024 px PNG files with 1 and 2 workers, PNG
 and raw, shard bytes, and the projected wall time for NIH's 112,120 images on 2 and 16 cores (measured per-image
 cost x count; the whole build timed, start-up included).
@@ -22,7 +26,9 @@ without `jit_compile` (XLA) and in PyTorch, interleaved rounds (one step of each
 """
 
 import argparse
+import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -101,14 +107,34 @@ def encode_cost(paths, encoding, seconds):
 
 # --- input pipelines ------------------------------------------------------------------------------------------
 
+def cpu_seconds():
+    """User + system CPU seconds of this process (all threads) and of its live child processes (DataLoader
+    workers), from /proc (Linux); getrusage alone would miss children that have not exited."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():  # fields[1]: ppid; [11], [12]: utime, stime in clock ticks
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def measure(batches, seconds):
-    """(images/s, images) over at least `seconds` after two warm-up batches."""
+    """(images/s, images, CPU us per image) over at least `seconds` after two warm-up batches; CPU: this process
+    and its children, user + system (load-independent where wall time is not)."""
     next(batches)
     next(batches)
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), cpu_seconds()
     while time.perf_counter() - t0 < seconds:
         n += int(next(batches)[0].shape[0])
-    return n / (time.perf_counter() - t0), n
+    return n / (time.perf_counter() - t0), n, (cpu_seconds() - c0) / n * 1e6
 
 
 class PILDataset:
@@ -159,8 +185,35 @@ def ours(records):
                               repeat=True))
 
 
+def copied(records, out, copies):
+    """A records folder whose train split lists every shard of `records` `copies` times (hard links, else copies;
+    the manifest's counts multiplied): an epoch `copies` times longer, as NIH's 78,000 training images make it,
+    so that the shuffle buffer (2,048) refilling at each epoch start does not dominate a 421-image epoch."""
+    os.makedirs(out)
+    with open(os.path.join(records, "manifest.json")) as f:
+        manifest = json.load(f)
+    info = manifest["splits"]["train"]
+    shards = []
+    for c in range(copies):
+        for shard in info["shards"]:
+            name = f"copy{c}-{shard['file']}"
+            try:
+                os.link(os.path.join(records, shard["file"]), os.path.join(out, name))
+            except OSError:
+                shutil.copy(os.path.join(records, shard["file"]), os.path.join(out, name))
+            shards.append(dict(shard, file=name))
+    info["shards"] = shards
+    for key in ("images", "patients", "no_finding"):
+        info[key] = info[key] * copies
+    info["positives"] = {k: v * copies for k, v in info["positives"].items()}
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return out
+
+
 def where_time_goes(records, seconds):
-    """Per-image cost (us) of the raw pipeline's parts, each run alone on all cores (under this machine's load)."""
+    """{part: (wall us, CPU us) per image} of the raw pipeline's parts, each run alone (under this machine's load):
+    the read + parse + decode_raw as a plain parallel tf.data map, the warp, the normalisation."""
     import tensorflow as tf
 
     from cxrkeras.data import augment, features
@@ -174,8 +227,8 @@ def where_time_goes(records, seconds):
                                                                  num_parallel_calls=tf.data.AUTOTUNE).repeat()
             .map(lambda r: features.decode_pixels(tf.io.parse_single_example(r, spec), 1, "raw"),
                  num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH).prefetch(tf.data.AUTOTUNE))
-    rate, _ = measure(iter(read.map(lambda x: (x,))), seconds)
-    out = {"read + parse + decode_raw (parallel map, all cores)": 1e6 / rate}
+    rate, _, cpu = measure(iter(read.map(lambda x: (x,))), seconds)
+    out = {"read + parse + decode_raw (plain parallel tf.data map)": (1e6 / rate, cpu)}
     images = tf.cast(next(iter(read)), tf.float32)
     t = augment.augment_transforms(BATCH, STORED, STORED, SIZE, tf.constant([1, 2], tf.int64))
     warp = tf.function(lambda x, t: augment.warp_in_range(x, t, SIZE, "reflect"), jit_compile=True)
@@ -184,40 +237,50 @@ def where_time_goes(records, seconds):
     for name, fn in (("augmentation warp (XLA, batches of 32)", lambda: warp(images, t)),
                      ("3 channels + normalisation (XLA)", lambda: norm(warped))):
         fn()
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), cpu_seconds()
         while time.perf_counter() - t0 < seconds / 2:
             fn()  # eager calls return when the result is computed
             n += BATCH
-        out[name] = (time.perf_counter() - t0) / n * 1e6
+        out[name] = ((time.perf_counter() - t0) / n * 1e6, (cpu_seconds() - c0) / n * 1e6)
     return out
 
 
 def pipeline_section(args, tmp, csv_path, big, small, names, records):
     cores = os.cpu_count() or 1
+    k = max(1, args.copies)
+    longer = {enc: copied(path, os.path.join(tmp, f"records-{enc}-x{k}"), k) for enc, path in records.items()}
     print(f"\n## Input pipeline: training mode, batch {BATCH}, {SIZE}x{SIZE}, {len(names)} NIH images "
-          f"(512 px files; 1024 px = upscaled 2x), {cores} cores; load average before: {load()}")
+          f"(512 px files; 1024 px = upscaled 2x) x {k} per epoch, {cores} cores; load average before: {load()}")
     rows = [
-        ("cxrkeras build_dataset, PNG records (256 px)", lambda: ours(records["png"])),
-        ("cxrkeras build_dataset, raw records (256 px)", lambda: ours(records["raw"])),
+        ("cxrkeras build_dataset, PNG records (256 px)", lambda: ours(longer["png"])),
+        ("cxrkeras build_dataset, raw records (256 px)", lambda: ours(longer["raw"])),
+        (f"  the same, {len(names)} images per epoch (x1)", lambda: ours(records["raw"])),
         (f"DataLoader(num_workers={cores}) + PIL, 1024 px PNG files (a)",
-         lambda: torch_loader([os.path.join(big, n) for n in names], cores)),
+         lambda: torch_loader([os.path.join(big, n) for n in names] * k, cores)),
         (f"DataLoader(num_workers={cores}) + PIL, 256 px PNG files (b)",
-         lambda: torch_loader([os.path.join(small, n) for n in names], cores)),
+         lambda: torch_loader([os.path.join(small, n) for n in names] * k, cores)),
     ]
     results = {name: measure(make(), args.seconds) for name, make in rows}
-    rate_a, rate_b = results[rows[2][0]][0], results[rows[3][0]][0]
-    print(f"{'loader':<58} {'images/s':>9} {'images':>7} {'vs (a)':>7} {'vs (b)':>7}")
-    for name, (rate, n) in results.items():
-        print(f"{name:<58} {rate:>9.1f} {n:>7d} {rate / rate_a:>6.1f}x {rate / rate_b:>6.1f}x")
-    print(f"load average after: {load()}")
-    parts = where_time_goes(records["raw"], args.seconds)
-    print("\nwhere the raw-record pipeline's time goes (us per image):")
-    for name, us in parts.items():
-        print(f"  {name:<56} {us:8.0f}")
-    total = sum(parts.values())
-    warp_norm = total - parts["read + parse + decode_raw (parallel map, all cores)"]
-    print(f"  sum: {total:.0f} us per image -> at most {1e6 / total:,.0f} images/s on these {cores} cores under this "
-          f"load; warp + normalisation alone (the warp-bound limit): {1e6 / warp_norm:,.0f} images/s")
+    rate_a, rate_b = results[rows[3][0]][0], results[rows[4][0]][0]
+    print(f"{'loader':<58} {'images/s':>9} {'images':>7} {'vs (a)':>7} {'vs (b)':>7} {'CPU us/image':>12}")
+    for name, (rate, n, cpu) in results.items():
+        print(f"{name:<58} {rate:>9.1f} {n:>7d} {rate / rate_a:>6.1f}x {rate / rate_b:>6.1f}x {cpu:>12.0f}")
+    print(f"CPU us/image: user + system seconds of the process and its DataLoader workers per image (the load-"
+          f"independent cost; {cores} cores give at most {cores} x 1e6 / that images/s); load average after: {load()}")
+    parts = where_time_goes(longer["raw"], args.seconds)
+    print("\nwhere the raw-record pipeline's time goes (per image; each part alone):")
+    print(f"  {'part':<56} {'wall us':>8} {'CPU us':>8}")
+    for name, (wall, cpu) in parts.items():
+        print(f"  {name:<56} {wall:8.0f} {cpu:8.0f}")
+    whole = results[rows[1][0]][2]
+    cpu_parts = sum(cpu for _, cpu in parts.values())
+    print(f"  {'sum of the parts':<56} {sum(w for w, _ in parts.values()):8.0f} {cpu_parts:8.0f}")
+    print(f"  {'build_dataset, raw records (the row above)':<56} {'':>8} {whole:8.0f}")
+    print(f"  {'  its own work beyond the parts (checks, shuffle, batching, tf.data)':<56} {'':>8} "
+          f"{whole - cpu_parts:8.0f}")
+    print(f"  ceiling on {cores} cores: {cores * 1e6 / cpu_parts:,.0f} images/s from the parts' CPU time, "
+          f"{cores * 1e6 / whole:,.0f} from build_dataset's; the warp + normalisation alone allow "
+          f"{cores * 1e6 / (cpu_parts - parts[next(iter(parts))][1]):,.0f}")
 
 
 def build_section(args, tmp, csv_path, big, names):
@@ -312,6 +375,9 @@ def main(argv=None):
     parser.add_argument("--sections", default="build,pipeline,step", help="any of build, pipeline, step")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per loader")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images (0: all)")
+    parser.add_argument("--copies", type=int, default=10,
+                        help="input pipeline: each image N times per epoch, in every loader (default 10: 4,210 "
+                             "images, so that epoch starts, where the shuffle buffer refills, do not dominate)")
     parser.add_argument("--variants", default=None, help=f"training-step variants (default: {','.join(VARIANTS)})")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per network")
     parser.add_argument("--step-size", type=int, default=SIZE, help="training-step image size")

@@ -3,7 +3,11 @@
 Order of operations:
   shard files (shuffled in training) -> parallel interleave of the shards' records, each with (shard, record
   number) -> ONE parallel map: parse (features.feature_spec), stage flag, decode the pixels as uint8 in the
-  records' channels (PNG, or raw records: `tf.io.decode_raw`, no decoding work), [equalise], bring to one size -> record-integrity check -> drop the rows the stage filters out
+  records' channels (PNG, or raw records: `tf.io.decode_raw`, no decoding work), [equalise], bring to one size
+  -> record-integrity (+ patient-field, source-dataset) check on batches of 64 elements, dropping the rows the
+  stage filters out, back to one element per image (the order and the first error named are those of a
+  record-at-a-time check; batched because each per-element tf.data op costs about as much CPU as decoding a raw
+  record)
   -> [cache] -> [online DADAM: training split, `dadam`] -> [shuffle] -> [repeat] -> batch (the GLOBAL batch)
   -> training: vectorised augmentation of the whole batch (random crop + zoom, rotation, flip: one bilinear warp
      per image, XLA-compiled, seeds from a seeded stream) -> 3 channels + ImageNet normalisation (one matmul)
@@ -19,7 +23,7 @@ folder, is refused by name (`manifest.verify_shards`).
 Corrupt input: a CRC/data-loss error in a shard or an undecodable image does not surface as a bare TF error.
 Each shard is read with `ignore_errors` after `enumerate`, so a bad record leaves a gap in its shard's record
 numbers (a CRC error ends the shard; an undecodable image drops that one element); a sentinel carrying the
-manifest's record count closes each shard, and an in-graph check fails on the first gap with
+manifest's record count closes each shard, and an in-graph check fails on the first gap (in element order) with
 "cxrkeras DataError: shard <file>: record <n> ..." (an InvalidArgumentError whose message names the shard and
 the record number). `data_error_from(exc)` turns such an error into a `DataError`; `with data_errors():` does it
 for a block.
@@ -90,21 +94,33 @@ def _work_size(manifest, image_size, training):
     return int(stored[0]), int(stored[1])
 
 
+_SHARD_SHIFT, _END_BIT = 40, 1 << 39  # a record's place packed in one int64: shard << 40 | [end bit] | number
+
+
 def _read_records(paths, counts, shuffle, seed, deterministic):
-    """(shard number, record number, serialized, is_end) of every record of `paths`; each shard read with
-    `ignore_errors` (a CRC error ends that shard) and closed by a sentinel carrying the manifest's record count."""
+    """(place, serialized) of every record of `paths`, place = shard number << 40 | record number (`_unpack`);
+    each shard read with `ignore_errors` (a CRC error ends that shard) and closed by a sentinel (the end bit set,
+    carrying the manifest's record count). One int64 from `enumerate(start=...)` instead of a map adding the
+    shard: a map per record costs about as much as reading the record."""
     files = tf.data.Dataset.from_tensor_slices((tf.constant(paths), tf.constant(counts, tf.int64),
                                                 tf.range(len(paths), dtype=tf.int64)))
     if shuffle:
         files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
 
     def one_shard(path, count, shard):
-        records = tf.data.TFRecordDataset(path).enumerate().ignore_errors()
-        records = records.map(lambda i, r: (shard, i, r, tf.constant(False)))
-        return records.concatenate(tf.data.Dataset.from_tensors((shard, count, tf.constant(b""), tf.constant(True))))
+        start = tf.bitwise.left_shift(shard, _SHARD_SHIFT)
+        records = tf.data.TFRecordDataset(path).enumerate(start=start).ignore_errors()
+        return records.concatenate(tf.data.Dataset.from_tensors((start + _END_BIT + count + 1, tf.constant(b""))))
 
     return files.interleave(one_shard, cycle_length=min(len(paths), 8), block_length=1,
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+
+def _unpack(place):
+    """(shard, record number, is_end) of a place of `_read_records` (a sentinel's number: the manifest's count)."""
+    low = tf.bitwise.bitwise_and(place, 2 * _END_BIT - 1)
+    end = low >= _END_BIT
+    return tf.bitwise.right_shift(place, _SHARD_SHIFT), tf.where(end, low - _END_BIT - 1, low), end
 
 
 def decode_image(ex, channels, encoding, preprocessor, work_size):
@@ -124,14 +140,16 @@ def decode_image(ex, channels, encoding, preprocessor, work_size):
 
 def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None, no_finding_class=False,
              encoding="png", datasets=None):
-    """(shard, index, serialized, is_end) -> (shard, index, is_end, image uint8 HxWxC, labels, image id, patient id,
+    """(place, serialized) -> (shard, index, is_end, image uint8 HxWxC, labels, image id, patient id,
     keep, values [F], what is wrong with them ("" when nothing)). values: the model's extra inputs as float32, the
     patient features (5, with an encoder) then, with `datasets` ((model's names, records' names)), the model's
     index of the record's source dataset (exact in float32; -1 for one the model does not know)."""
     spec = features.feature_spec(num_labels)
     width = (patient.width if patient is not None else 0) + (1 if datasets is not None else 0)
-    placeholder = (tf.zeros([1, 1, channels], tf.uint8), tf.zeros([num_labels + int(no_finding_class)], tf.int64),
-                   tf.constant(""), tf.constant(""), tf.constant(False), tf.zeros([width]), tf.constant(""))
+    # a placeholder image of the work size, so that decoded elements batch for the integrity check
+    placeholder = (tf.zeros([*(work_size or (1, 1)), channels], tf.uint8),
+                   tf.zeros([num_labels + int(no_finding_class)], tf.int64), tf.constant(""), tf.constant(""),
+                   tf.constant(False), tf.zeros([width]), tf.constant(""))
 
     def decode(ex):
         return decode_image(ex, channels, encoding, preprocessor, work_size)
@@ -154,7 +172,8 @@ def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None,
             values = tf.concat([values, tf.cast(index, tf.float32)[None]], 0)
         return image, labels, ex[features.IMAGE_ID], ex[features.PATIENT_ID], keep, values, problem
 
-    def fn(shard, index, serialized, end):
+    def fn(place, serialized):
+        shard, index, end = _unpack(place)
         return (shard, index, end) + tuple(tf.cond(end, lambda: placeholder, lambda: parse_decode(serialized)))
 
     return fn
@@ -176,56 +195,82 @@ def _dataset_index(stored, model_names, records_names, problem):
     return index, tf.where(tf.logical_and(tf.equal(problem, ""), index < 0), what, problem)
 
 
-def _integrity_check(names, counts):
-    """scan fn: per-shard record numbers must run 0, 1, 2, ... up to the manifest's count (the sentinel)."""
-    names = tf.constant(names)
-
-    def check(expected, element):
-        shard, index, end = element[0], element[1], element[2]
-        want = expected[shard]
-        count = tf.gather(tf.constant(counts, tf.int64), shard)
-        ok = tf.logical_or(tf.equal(index, want), tf.logical_and(end, tf.less(count, 0)))
-        at = tf.strings.as_string(want)
-        name = tf.gather(names, shard)
-        message = tf.where(
-            end,
-            tf.strings.join([_ERROR_MARK, "shard ", name, ": only ", at, " of the ", tf.strings.as_string(count),
-                             " records listed in manifest.json could be read; record ", at, " (0-based) is "
-                             "truncated or has a CRC/data-loss error"]),
-            tf.strings.join([_ERROR_MARK, "shard ", name, ": record ", at, " (0-based) is corrupt "
-                             "(CRC/data-loss) or its image cannot be decoded"]))
-        message = tf.strings.join([message, "; re-build the records with `cxrkeras build-records`"])
-        with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
-            state = tf.tensor_scatter_nd_update(expected, [[shard]], [index + 1])
-        return state, element
-
-    return check
+CHECK_BATCH = 64  # elements checked together (one scan step instead of one per record)
 
 
-def _patient_check(names, keys_wanted=True):
-    """map fn: a record whose patient fields the encoder cannot take (or whose source dataset the model does not
-    know) fails, naming the shard, record, image and field (after the integrity check, so a corrupt record is
-    never blamed on its fields). keys_wanted False: a model without patient features."""
-    names = tf.constant(names)
+def _first(flags):
+    """Position of the first True of a vector (its length when none)."""
+    n = tf.shape(flags, out_type=tf.int64)[0]
+    return tf.reduce_min(tf.where(flags, tf.range(n, dtype=tf.int64), n))
+
+
+def _integrity_message(names, counts, shard, want, end):
+    """What is wrong when a shard's record `want` is not the next element of that shard (`end`: the sentinel)."""
+    at = tf.strings.as_string(want)
+    name = tf.gather(names, shard)
+    count = tf.gather(counts, shard)
+    message = tf.cond(
+        end,
+        lambda: tf.strings.join([_ERROR_MARK, "shard ", name, ": only ", at, " of the ", tf.strings.as_string(count),
+                                 " records listed in manifest.json could be read; record ", at, " (0-based) is "
+                                 "truncated or has a CRC/data-loss error"]),
+        lambda: tf.strings.join([_ERROR_MARK, "shard ", name, ": record ", at, " (0-based) is corrupt "
+                                 "(CRC/data-loss) or its image cannot be decoded"]))
+    return tf.strings.join([message, "; re-build the records with `cxrkeras build-records`"])
+
+
+def _patient_message(names, shard, index, image_id, problem, keys_wanted=True):
+    """What is wrong with a record's patient fields (`problem`: the encoder's "<field>: ..." text) or source
+    dataset (keys_wanted False: a model without patient features, where only the dataset can be wrong)."""
+    if not keys_wanted:
+        return tf.strings.join([_ERROR_MARK, "shard ", tf.gather(names, shard), ": record ",
+                                tf.strings.as_string(index), " (", image_id, "): ",
+                                tf.strings.regex_replace(problem, "^dataset: ", "")])
     keys = {"age": features.AGE, "sex": features.SEX, "view": features.VIEW}
+    field = tf.strings.regex_replace(problem, ":.*", "")
+    key = tf.gather(tf.constant(list(keys.values())),
+                    tf.argmax(tf.cast(tf.equal(tf.constant(list(keys)), field), tf.int32)))
+    return tf.strings.join([
+        _ERROR_MARK, "shard ", tf.gather(names, shard), ": record ", tf.strings.as_string(index), " (", image_id,
+        "): ", tf.strings.regex_replace(problem, "^[a-z]+: ", tf.strings.join([field, " (", key, ") is "])),
+        "; the model takes age, sex and view: build the records from a CSV that has them (NIH's Data_Entry: "
+        "'Patient Age', 'Patient Gender', 'View Position'), or ", patient_lib.MISSING_HINT])
 
-    def check(shard, index, image, labels, image_id, patient_id, values, problem):
-        where = tf.strings.join([_ERROR_MARK, "shard ", tf.gather(names, shard), ": record ",
-                                 tf.strings.as_string(index), " (", image_id, "): "])
-        if not keys_wanted:  # the model takes no patient features: only the dataset can be wrong
-            message = tf.strings.join([where, tf.strings.regex_replace(problem, "^dataset: ", "")])
-            with tf.control_dependencies([tf.debugging.Assert(tf.equal(problem, ""), [message])]):
-                return tf.identity(image), labels, image_id, patient_id, values
-        field = tf.strings.regex_replace(problem, ":.*", "")
-        key = tf.gather(tf.constant(list(keys.values())),
-                        tf.argmax(tf.cast(tf.equal(tf.constant(list(keys)), field), tf.int32)))
-        message = tf.strings.join([
-            _ERROR_MARK, "shard ", tf.gather(names, shard), ": record ", tf.strings.as_string(index), " (", image_id,
-            "): ", tf.strings.regex_replace(problem, "^[a-z]+: ", tf.strings.join([field, " (", key, ") is "])),
-            "; the model takes age, sex and view: build the records from a CSV that has them (NIH's Data_Entry: "
-            "'Patient Age', 'Patient Gender', 'View Position'), or ", patient_lib.MISSING_HINT])
-        with tf.control_dependencies([tf.debugging.Assert(tf.equal(problem, ""), [message])]):
-            return tf.identity(image), labels, image_id, patient_id, values
+
+def _checked(names, counts, check_patient, image_shape, keys_wanted=True):
+    """scan fn over batches of decoded elements: per-shard record numbers must run 0, 1, 2, ... up to the
+    manifest's count (the sentinel); with `check_patient`, a kept record whose patient fields the encoder cannot
+    take (or whose source dataset the model does not know; keys_wanted False: a model without patient features)
+    fails too. The first failure in element order is raised, as a check one element at a time would (a
+    corrupt record is never blamed on its fields). Returns the batch's kept rows (image, labels, image_id,
+    patient_id, values), the images of `image_shape`."""
+    shards = len(names)
+    names = tf.constant(names)
+    counts = tf.constant(counts, tf.int64)
+
+    def check(expected, batch):
+        shard, index, end, image, labels, image_id, patient_id, keep, values, problem = batch
+        hot = tf.one_hot(shard, shards, dtype=tf.int64)  # [K, shards]
+        # the record each element must be: the shard's next one, plus its shard's earlier elements in this batch
+        want = tf.gather(expected, shard) + tf.reduce_sum(tf.cumsum(hot, axis=0, exclusive=True) * hot, axis=1)
+        ok = tf.logical_or(tf.equal(index, want), tf.logical_and(end, tf.less(tf.gather(counts, shard), 0)))
+        rows = tf.logical_and(tf.logical_not(end), keep)
+        bad = _first(tf.logical_not(ok))
+        wrong = _first(tf.logical_and(rows, tf.not_equal(problem, ""))) if check_patient else tf.size(ok, tf.int64)
+
+        def fail():  # messages are built only on failure: string ops on every element cost more than the check
+            at = tf.minimum(bad, wrong)
+            message = tf.cond(
+                bad <= wrong,
+                lambda: _integrity_message(names, counts, shard[at], want[at], end[at]),
+                lambda: _patient_message(names, shard[at], index[at], image_id[at], problem[at], keys_wanted))
+            return tf.debugging.Assert(False, [message])
+
+        failed = tf.less(tf.minimum(bad, wrong), tf.size(ok, tf.int64))
+        with tf.control_dependencies([tf.cond(failed, fail, tf.no_op)]):
+            state = expected + tf.reduce_sum(hot, axis=0)
+        image = tf.ensure_shape(tf.boolean_mask(image, rows), [None, *image_shape])
+        return state, (image,) + tuple(tf.boolean_mask(x, rows) for x in (labels, image_id, patient_id, values))
 
     return check
 
@@ -336,22 +381,18 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True).ignore_errors()  # a bad image: its element is dropped, the check names it
     names = [os.path.basename(p) for p in paths]
-    ds = ds.scan(tf.zeros([len(paths)], tf.int64), _integrity_check(names, counts))
-    ds = ds.filter(lambda shard, index, end, image, labels, image_id, patient_id, keep, values, problem:
-                   tf.logical_and(tf.logical_not(end), keep))
     image_shape = [work_size[0], work_size[1], channels] if work_size else [None, None, channels]
-    if patient is not None or datasets is not None:
-        check = _patient_check(names, patient is not None)
-        ds = ds.map(lambda shard, index, end, image, labels, image_id, patient_id, keep, values, problem:
-                    check(shard, index, image, labels, image_id, patient_id, values, problem))
-    else:
-        ds = ds.map(lambda shard, index, end, image, labels, image_id, patient_id, keep, values, problem:
-                    (image, labels, image_id, patient_id, values))
-    ds = ds.map(lambda image, labels, image_id, patient_id, values:
-                (tf.ensure_shape(image, image_shape), labels, image_id, patient_id, values))
+    # checked in batches (images of unknown size cannot batch: then one by one); the stream is one element per
+    # image again after the check
+    ds = ds.batch(CHECK_BATCH if work_size else 1)
+    ds = ds.scan(tf.zeros([len(paths)], tf.int64),
+                 _checked(names, counts, patient is not None or datasets is not None, image_shape,
+                          patient is not None))
+    # (not `unbatch`: TF 2.21's unbatch crashes on the zero-width patient features of a model without them)
+    ds = ds.flat_map(lambda *rows: tf.data.Dataset.from_tensor_slices(rows))
     info = manifest["splits"][split]
     if "no_finding" in info and sum(counts) == int(info["images"]) and min(counts) >= 0:
-        # a known length lets Keras show progress and size epochs (filter/scan make it unknown otherwise);
+        # a known length lets Keras show progress and size epochs (the check makes it unknown otherwise);
         # the manifest's no_finding counts exactly the all-zero label rows stage 1 drops
         ds = ds.apply(tf.data.experimental.assert_cardinality(manifest_lib.stage_images(info, stage)))
     if isinstance(cache, str):
