@@ -8,7 +8,7 @@ Usage: .venv/bin/python tools/bench_models.py [--paper] [--quick] [--batch 4] [-
 baselines (densenet121, vgg16-bn), batch 2, median of 5 interleaved steps, then the per-op table at 224 and
 112 px for every variant that misses the target (time ratio <= FLOP ratio x 1.05).
 Each backbone's models are built and warmed up together, then timed in interleaved rounds (one step of each model
-per round; the median step time is reported), so load from other processes hits all of them alike. The CPU column
+per round, each round starting one model further on; the median step time is reported), so load from other processes hits all of them alike. The CPU column
 is the process's user + system time per image (median over the steps): less sensitive to other processes' load.
 `--before plain,keras` also runs each LKA variant in earlier formulations of the LKA (same values and weights; see
 BEFORE): "plain", as before tap cropping / kernel-gradient bands / the carried bias; "keras", through the Keras
@@ -104,8 +104,10 @@ def time_group(names, batch, steps, size, jit=False, before=()):
             models[label] = model
     wall = {label: [] for label in models}
     cpu = {label: [] for label in models}
-    for _ in range(steps):
-        for label, model in models.items():
+    labels = list(models)
+    for round_ in range(steps):  # each round starts one model further on, so no model always runs first
+        for label in labels[round_ % len(labels):] + labels[:round_ % len(labels)]:
+            model = models[label]
             start, start_cpu = time.perf_counter(), time.process_time()
             model.train_on_batch(x, y)
             wall[label].append(time.perf_counter() - start)
@@ -158,7 +160,7 @@ def _grad_step(fn):
     gradient (the first argument itself: same shape), so that no loss op is timed with the op."""
     import tensorflow as tf
 
-    @tf.function
+    @tf.function(autograph=False)  # plain Python closures: nothing for AutoGraph to convert
     def step(*args):
         with tf.GradientTape() as tape:
             tape.watch(args)
@@ -205,7 +207,7 @@ def _block_steps(channels):
     weights = list(layer.trainable_weights)
 
     def run(fn):
-        @tf.function
+        @tf.function(autograph=False)
         def step(x):
             with tf.GradientTape() as tape:
                 tape.watch(x)
