@@ -104,11 +104,18 @@ def cli():
               help="fpsm: the Feature Pyramid Sum head (per-level GAP -> Dense logits, summed).")
 @click.option("--head-stages", default="4+3+2", show_default=True, help="FPSM pyramid levels, e.g. 4+3+2+1.")
 @click.option("--head-merge", type=click.Choice(["sum", "concat"]), default="sum", show_default=True)
-def models_cmd(variants, image_size, num_classes, head, head_stages, head_merge):
+@click.option("--head-dataset-embedding", "n_datasets", type=click.IntRange(0, 64), default=0, show_default=True,
+              metavar="N", help="FPSM: a dataset-id input of N source datasets, Embedding(N, N) appended to each "
+                                "level's features (0: none).")
+def models_cmd(variants, image_size, num_classes, head, head_stages, head_merge, n_datasets):
     """List model variants (or only VARIANTS): trainable parameters, GMACs and the paper's GFLOPs (fvcore's count)."""
     from cxrkeras.models.summary import format_table, variant_rows
 
     options = dict(head=head, head_stages=head_stages, head_merge=head_merge) if head == "fpsm" else {}
+    if n_datasets:
+        if head != "fpsm":
+            raise click.UsageError("--head-dataset-embedding goes with --head fpsm")
+        options["head_dataset_embedding"] = n_datasets
     skipped = {}
     click.echo(format_table(variant_rows(variants or None, image_size, num_classes, skipped, **options), image_size))
     for name, reason in skipped.items():
@@ -134,14 +141,28 @@ def models_cmd(variants, image_size, num_classes, head, head_stages, head_merge)
 @click.option("--eval-view", is_flag=True, help="Show the deterministic eval transform instead of augmentation.")
 @click.option("--dadam", is_flag=True, help="Show the records' DADAM images (training split, eval view) with the "
               "boxes of their patches.")
+@click.option("--online-dadam", "online_boxes", type=click.Path(dir_okay=False),
+              help="Show online DADAM (data.dadam) with this box file: training split, eval view, each patch's box "
+                   "drawn.")
+@click.option("--dadam-probability", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="--online-dadam: data.dadam.probability (1: every eligible image gets a patch).")
+@click.option("--tail-labels", help="--online-dadam: 'A,B' data.dadam.tail_labels [default: the rarest labels].")
 def preview_batch_cmd(records, split, stage, out, n, model_path, image_size, seed, preprocessing, equalize,
-                      eval_view, dadam):
+                      eval_view, dadam, online_boxes, dadam_probability, tail_labels):
     """Write a PNG grid of one augmented training batch of RECORDS with each image's labels."""
     from cxrkeras.data.preview import preview_batch
 
+    online = None
+    if online_boxes:
+        from cxrkeras.config import DadamConfig
+
+        online = DadamConfig(boxes=online_boxes, probability=dadam_probability, tail_labels=[
+            t.strip() for t in tail_labels.split(",") if t.strip()] if tail_labels else None)
+    elif tail_labels:
+        raise click.UsageError("--tail-labels goes with --online-dadam")
     path = preview_batch(records, out, split=split, stage=int(stage), n=n, image_size=image_size, seed=seed,
                          preprocessing=preprocessing, training=not eval_view, equalize=equalize, model=model_path,
-                         dadam=dadam)
+                         dadam=dadam, online_dadam=online)
     click.echo(f"wrote {path}")
 
 
@@ -312,9 +333,11 @@ def reproduce_cmd(grid_name, records, out_dir, only, dry_run, workers, sets, con
 @click.option("--method", default="gradcam", show_default=True, type=_choice(HEATMAP_METHODS))
 @click.option("--alpha", default=0.4, show_default=True, type=click.FloatRange(0, 1), help="Heatmap opacity.")
 @_patient_options
+@click.option("--dataset", metavar="NAME", help="Models with the FPSM dataset embedding: the source dataset of the "
+                                                "images [default: the model's first].")
 @_fusion_options
 def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alpha, age, sex, view, patient_csv,
-                mask_model, fusion_lambda, fusion_sigma):
+                dataset, mask_model, fusion_lambda, fusion_sigma):
     """Grad-CAM overlays of PNG/JPEG/DICOM IMAGES at their original size, with label and probability."""
     from cxrkeras.explain.files import explain_files
 
@@ -326,7 +349,8 @@ def gradcam_cmd(images, model_path, out, top_k, class_names, layer, method, alph
         values = values_for(list(images), patient, patient_csv)
     entries = explain_files(model_path, list(images), out, top_k=top_k, class_names=list(class_names) or None,
                             layer_name=layer, method=method, alpha=alpha, log=click.echo, patient=values,
-                            mask_model=mask_model, fusion_lambda=fusion_lambda, fusion_sigma=fusion_sigma)
+                            mask_model=mask_model, fusion_lambda=fusion_lambda, fusion_sigma=fusion_sigma,
+                            dataset=dataset)
     for e in entries:
         zero = "  (all-zero heatmap: no positive evidence at this layer)" if e["heatmap_max"] <= 0 else ""
         fused = f"  fused -> {e['fused_overlay']}" if "fused_overlay" in e else ""
@@ -542,7 +566,9 @@ def export_cmd(run_dir, model_path, out_base, records, val_split, threshold_meth
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 @_patient_options
-def predict_cmd(model, files, as_json, batch_size, age, sex, view, patient_csv):
+@click.option("--dataset", metavar="NAME", help="Models with the FPSM dataset embedding: the source dataset of the "
+                                                "files [default: the model's first].")
+def predict_cmd(model, files, as_json, batch_size, age, sex, view, patient_csv, dataset):
     """Per-label probabilities and findings for PNG/JPEG/DICOM FILES (folders: searched recursively). Every file
     that can be read is predicted; exit status 1 if any could not be. A model with patient features needs
     --age/--sex/--view (the same for every file) or --patient-csv."""
@@ -551,7 +577,7 @@ def predict_cmd(model, files, as_json, batch_size, age, sex, view, patient_csv):
     from cxrkeras.export.predict import format_table, predict
 
     result = predict(model, list(files), batch_size=batch_size, log=lambda m: click.echo(m, err=True),
-                     patient=_patient(age, sex, view), patient_csv=patient_csv)
+                     patient=_patient(age, sex, view), patient_csv=patient_csv, dataset=dataset)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     failed = sum(1 for r in result["results"] if r["error"])
     if failed:
@@ -623,6 +649,9 @@ def serve_cmd(model, host, port, name, keras_model, max_upload_mb, max_images, m
               help="Generic CSV: '|'-separated label names (empty or 'No Finding' = none).")
 @click.option("--patient-column", default="patient_id", show_default=True, help="Generic CSV: patient id column.")
 @click.option("--id-salt", default="", help="Secret mixed into hashed DICOM PatientIDs (not stored anywhere).")
+@click.option("--dataset-name", metavar="NAME",
+              help="Source dataset of every row when the CSV has no 'Dataset' column (one name per row, for "
+                   "records pooled from several datasets) [default: NIH ChestX-ray14].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--overwrite", is_flag=True,
               help="Replace records in --out that were built from another CSV or with other options.")
@@ -648,7 +677,7 @@ def serve_cmd(model, host, port, name, keras_model, max_upload_mb, max_images, m
 def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split_fractions, seed, image_size,
                       channels, shard_size, workers, dry_run, strict, fmt, labels, path_column, labels_column,
                       patient_column, id_salt, no_progress, overwrite, subset, augment, boxes, augment_n,
-                      tail_labels, dadam_alpha, dadam_normal, dadam_correlation, encoding):
+                      tail_labels, dadam_alpha, dadam_normal, dadam_correlation, encoding, dataset_name):
     """Labels CSV + images -> patient-wise stratified train/val/test TFRecord shards and manifest.json."""
     split_lists = [p for item in split_list for p in item.split(",") if p] + list(more_split_lists)
     if more_split_lists and not split_list:
@@ -677,7 +706,7 @@ def build_records_cmd(csv_path, images, out, split_list, more_split_lists, split
             image_size=image_size, channels=int(channels), shard_size=shard_size, workers=workers, dry_run=dry_run,
             strict=strict, format=fmt, labels=labels, path_column=path_column, labels_column=labels_column,
             patient_column=patient_column, id_salt=id_salt, progress=not no_progress, overwrite=overwrite,
-            subset=subset, augment=options, encoding=encoding, log=click.echo)
+            subset=subset, augment=options, encoding=encoding, dataset_name=dataset_name, log=click.echo)
     except Interrupted as exc:  # stopped by SIGTERM: one line, and the exit status a shell gives (143)
         error = click.ClickException(str(exc))
         error.exit_code = 128 + exc.signum

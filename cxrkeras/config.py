@@ -34,6 +34,24 @@ def doc(default, text="", factory=None):
 
 
 @dataclass
+class DadamConfig:
+    """Online DADAM (cxrkeras.data.dadam_online): box patches of the training split's tail-class images put on its
+    training images as they stream, each pass drawn afresh (the offline form: `build-records --augment dadam`)."""
+
+    boxes: Optional[str] = doc(None, "NIH's BBox_List_2017.csv (or a file in its layout): online DADAM on, training "
+                               "split only | null: off")
+    probability: float = doc(0.3, "chance that an eligible training image gets a patch in a pass (a No Finding "
+                             "image: pasted, stage 2 only; an image with a tail class: blended)")
+    tail_labels: Optional[list] = doc(None, "labels whose box patches are used | null: the labels with at most the "
+                                      "median number of training positives (as --tail-labels)")
+    alpha: float = doc(0.6, "opacity of a patch blended onto an image with a tail class (as --dadam-alpha)")
+    correlation: Optional[float] = doc(0.1, "pasted onto No Finding: also paste the most correlated label's patch "
+                                       "(Pearson r >= this) at its training co-occurrence rate | null: never (as "
+                                       "--dadam-correlation)")
+    max_bank_mb: float = doc(256.0, "bound on the donor patches held in memory (MB); a bank above it is refused")
+
+
+@dataclass
 class DataConfig:
     """Where the records are and how batches are made (`batch_size` is the GLOBAL batch, over all replicas)."""
 
@@ -58,6 +76,7 @@ class DataConfig:
     fill_mode: str = doc("reflect", "augmentation: pixels from outside the image: reflect | nearest | constant")
     no_finding_class: bool = doc(False, "true: a last output 'No Finding' (none of the records' labels positive), "
                                  "evaluated like any label, left out of the published comparison")
+    dadam: DadamConfig = doc(None, "online DADAM box-patch augmentation of the training split", DadamConfig)
     patient_missing: str = doc("error", "models with patient features: an unknown age/sex/view in a record is an "
                                "error naming it | encode: age -> the training mean, sex/view -> all-zero one-hot")
 
@@ -77,7 +96,9 @@ class ModelConfig:
     overrides: dict = doc(None, "extra build_model options: lka_blocks, lka_form, width_multiplier, blocks, "
                           "bn_epsilon, bn_momentum (Keras momentum = 1 - PyTorch's), final_relu, attention "
                           "(DenseNet: none | a | b), head (linear | fpsm: Feature Pyramid Sum), head_stages (fpsm "
-                          "levels, default 4+3+2), head_merge (fpsm: sum | concat), lstm_units, attention_heads, "
+                          "levels, default 4+3+2), head_merge (fpsm: sum | concat), head_dataset_embedding (fpsm: "
+                          "true: a dataset-id input, Embedding(N, N) of the records' N source datasets appended to "
+                          "each level's features), lstm_units, attention_heads, "
                           "attention_key_dim (efficientnetb2-lstm-mha)", dict)
     patient_features: bool = doc(False, "true: a second input (age normalised with the training split's mean/sd, "
                                  "sex and view one-hot) -> Dense(3)+ReLU, concatenated before the classifier")
@@ -348,6 +369,7 @@ def validate(config):
         if getattr(getattr(config, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0")
     _validate_recipe(config, choice)
+    _validate_dadam(config.data.dadam)
     if not 0 <= config.loss.label_smoothing < 1:
         raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
     if config.model.dropout is not None and not 0 <= config.model.dropout < 1:
@@ -364,6 +386,27 @@ def _numbers(key, value, count=None):
             not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise ConfigError(f"{key} must be a list of {count or 'some'} numbers, got {value!r}")
     return [float(v) for v in value]
+
+
+MAX_DADAM_BANK_MB = 65536.0
+
+
+def _validate_dadam(d):
+    """data.dadam: ranges, and the box file present, before any TensorFlow work."""
+    if d.boxes is None:
+        return
+    if not os.path.isfile(d.boxes):
+        raise ConfigError(f"data.dadam.boxes {d.boxes!r} is not a file: give NIH's BBox_List_2017.csv (or null: off)")
+    if not 0.0 < d.probability <= 1.0:
+        raise ConfigError(f"data.dadam.probability must be in (0, 1], got {d.probability}")
+    if not 0.0 < d.alpha <= 1.0:
+        raise ConfigError(f"data.dadam.alpha: the patch opacity must be in (0, 1], got {d.alpha}")
+    if d.correlation is not None and not -1.0 <= d.correlation <= 1.0:
+        raise ConfigError(f"data.dadam.correlation: a Pearson r in [-1, 1] or null, got {d.correlation}")
+    if not 0.0 < d.max_bank_mb <= MAX_DADAM_BANK_MB:
+        raise ConfigError(f"data.dadam.max_bank_mb must be in (0, {MAX_DADAM_BANK_MB:g}], got {d.max_bank_mb}")
+    if d.tail_labels is not None and (not d.tail_labels or not all(isinstance(t, str) for t in d.tail_labels)):
+        raise ConfigError(f"data.dadam.tail_labels: a list of label names or null, got {d.tail_labels!r}")
 
 
 def _validate_recipe(config, choice):
@@ -471,7 +514,14 @@ def defaults_yaml(config=None):
         out += _commented(f"{section.name}:", section.metadata.get("doc", ""))
         values = getattr(config, section.name)
         for f in dataclasses.fields(values):
-            out += _commented(f"  {f.name}: {_value_text(getattr(values, f.name))}", f.metadata.get("doc", ""))
+            value = getattr(values, f.name)
+            if dataclasses.is_dataclass(value):  # a subsection (data.dadam)
+                out += _commented(f"  {f.name}:", f.metadata.get("doc", ""))
+                for g in dataclasses.fields(value):
+                    out += _commented(f"    {g.name}: {_value_text(getattr(value, g.name))}",
+                                      g.metadata.get("doc", ""))
+                continue
+            out += _commented(f"  {f.name}: {_value_text(value)}", f.metadata.get("doc", ""))
     return "\n".join(out) + "\n"
 
 

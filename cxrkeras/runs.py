@@ -80,6 +80,7 @@ class RunInfo:
     resumed_from: Optional[int] = None
     nan_at: Optional[dict] = None
     collapsed_at: Optional[dict] = None
+    dadam: Optional[dict] = None  # online DADAM (data.dadam): options, box file sha256, donors, images made per pass
     extra: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -251,6 +252,7 @@ class ModelSource:
     note: str = None  # one line for the user, e.g. that a run's stage 1 model stands in for a missing stage 2
     preprocessor_note: str = None  # what had to be assumed about the preprocessing (models that do not store it)
     patient: object = None  # cxrkeras.data.patient.PatientEncoder of a model that takes age, sex and view
+    datasets: list = None  # source dataset names of a model with the FPSM dataset embedding (its "dataset" input)
 
     @property
     def image_size(self):
@@ -331,7 +333,7 @@ def load_source(model_or_run):
     return ModelSource(model=model, labels=list(info["labels"]), preprocessor=preprocessor,
                        variant=info.get("variant"), model_path=os.path.abspath(model_path) if model_path else None,
                        model_sha256=sha, run_dir=run_dir, stage_dir=stage_dir, config=config, run_info=run_info,
-                       note=note, preprocessor_note=assumed, patient=patient)
+                       note=note, preprocessor_note=assumed, patient=patient, datasets=info.get("datasets"))
 
 
 resolve = load_source  # the name evaluation.source used

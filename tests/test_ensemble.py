@@ -197,3 +197,33 @@ def test_gradcam_refuses_an_ensemble_and_model_info_reads_it(built):
     assert keras_file_info(os.path.join(built["out"], "ensemble.keras"))["variant"] == "ensemble"  # not a member's
     with pytest.raises(ConfigError, match="is an ensemble"):
         get_engine(source.model)
+
+
+@pytest.mark.timeout(420)
+def test_serve_an_ensemble_run_and_its_export_equal_the_mean_of_its_members(members, built, tmp_path):
+    """`cxrkeras serve` of the ensemble folder (in process) and of its exported SavedModel (its own server process)
+    answers the mean of the members' probabilities on the same uploads (<= 1e-6), and says why it has no heatmaps."""
+    from serve_helpers import instances, read_sample, running_server
+
+    from cxrkeras.export.predict import load_predictor
+    from cxrkeras.export.savedmodel import export
+    from cxrkeras.serve.backend import Backend
+
+    blobs = [read_sample(name) for name in ("00000100_000.png", "00001369_000.png")]
+    member_probs = [np.asarray(load_predictor(p, lambda *_: None)(blobs)[0], dtype=np.float64)
+                    for p in members["paths"]]
+    mean = (member_probs[0] + member_probs[1]) / 2
+    assert np.abs(member_probs[0] - member_probs[1]).max() > 0.05
+    backend = Backend(built["out"], log=lambda *_: None)
+    backend.warm_up()  # a prediction, and no Grad-CAM of an ensemble
+    assert backend.heatmap_source is None and "ensemble" in backend.heatmap_reason
+    probs, _ = backend.predict(blobs)
+    assert np.abs(probs - mean).max() <= 1e-6
+    result = export(built["out"], str(tmp_path / "exports" / "ens"), log=lambda *_: None)
+    with running_server(str(tmp_path / "exports" / "ens"), tmp_path) as server:
+        status, doc = server.json("GET", "/v1/models/ens/metadata")
+        assert status == 200, doc
+        status, doc = server.json("POST", "/v1/models/ens:predict", instances(blobs))
+        assert status == 200, doc
+        served = np.array([row["probabilities"] for row in doc["predictions"]], dtype=np.float64)
+    assert np.abs(served - mean).max() <= 1e-6

@@ -48,6 +48,10 @@ CASES = {
               preprocessing="torch", feature_layer="block5_conv3_relu",
               build_args={"head": "fpsm", "head_stages": "4+2", "head_merge": "sum"}),
          _FEATURES, (2, 3), 4, None),
+        # the dataset embedding's 2 columns appended to both levels (8 + 2 + 2 shared = 12 features)
+        (dict(units=3, stage_widths=[8, 2], levels=[4, 2], shared_width=2, labels=["a", "b", "c"],
+              build_args={"head": "fpsm", "head_stages": "4+2", "head_dataset_embedding": ["A", "B"]}),
+         _FEATURES, (2, 3), 4, None),
     ],
     # fixed weights, nothing to train: the training step's "a weight moved" check does not apply
     "cxrkeras>EnsembleAverage": [

@@ -73,9 +73,9 @@ def shard_name(i, n):
 # --- reading the training split's records ---
 
 
-def _records(paths, num_labels, keep=None, encoding="png"):
+def _records(paths, num_labels, keep=None, encoding="png", decode=None):
     """Yield (index, fields) of every record of `paths` in order; the decoded image (uint8 [H, W, C]) only for the
-    indices in `keep` (None: no image)."""
+    indices in `keep` (None: no image); `decode(parsed example)` makes it (default: the stored pixels)."""
     import tensorflow as tf
 
     from cxrkeras.data import features as ft
@@ -89,9 +89,10 @@ def _records(paths, num_labels, keep=None, encoding="png"):
                       "patient_id": ex[ft.PATIENT_ID].numpy().decode("utf-8"),
                       "labels": ex[ft.LABELS].numpy().astype(np.int64), "age": int(ex[ft.AGE].numpy()),
                       "sex": ex[ft.SEX].numpy().decode("utf-8"), "view": ex[ft.VIEW].numpy().decode("utf-8"),
-                      "split": ex[ft.SPLIT].numpy().decode("utf-8")}
+                      "split": ex[ft.SPLIT].numpy().decode("utf-8"), "dataset": int(ex[ft.DATASET].numpy())}
             if keep is not None and index in keep:
-                fields["image"] = ft.decode_pixels(ex, None, encoding).numpy()  # the records' own encoding
+                image = decode(ex) if decode else ft.decode_pixels(ex, None, encoding)  # the records' encoding
+                fields["image"] = image.numpy()
             yield index, fields
             index += 1
 
@@ -134,10 +135,46 @@ def co_occurrence(y):
     return np.divide(y.T @ y, counts[:, None], out=np.zeros((y.shape[1], y.shape[1])), where=counts[:, None] > 0)
 
 
+def draw_patch(rng, tail, donors_of):
+    """(label, box): a tail label drawn uniformly, then one of its training boxes."""
+    label = tail[int(rng.integers(len(tail)))]
+    return label, donors_of[label][int(rng.integers(len(donors_of[label])))]
+
+
+def partner_label(label, donors_of, correlation, labels, threshold):
+    """The label most correlated with `label` (Pearson r >= threshold) among those with training boxes, or None
+    (always None when `correlation` is None)."""
+    if correlation is None:
+        return None
+    j = labels.index(label)
+    partners = [(correlation[j, labels.index(m)], m) for m in sorted(donors_of) if m != label]
+    partners = [(r, m) for r, m in partners if r >= threshold]
+    return max(partners)[1] if partners else None
+
+
+def draw_partner(rng, label, donors_of, correlation, given, labels, threshold):
+    """[(partner, box)] or []: pasted onto a normal image, a patch of `label` brings a patch of its partner
+    (`partner_label`) with probability P(partner | label) of the training labels, so that co-occurrence is kept."""
+    partner = partner_label(label, donors_of, correlation, labels, threshold)
+    if partner is None:
+        return []
+    if rng.random() < given[labels.index(label), labels.index(partner)]:
+        return [(partner, donors_of[partner][int(rng.integers(len(donors_of[partner])))])]
+    return []
+
+
+def with_patch_labels(y, patches, labels):
+    """A copy of multi-hot `y` with the patches' labels set."""
+    y = np.array(y, copy=True)
+    for name, _ in patches:
+        y[labels.index(name)] = 1
+    return y
+
+
 def _plan(train, donors_of, tail, correlation, options, labels):
-    """[{id, mode, receiver, patches: [(label, box)], labels}] for options.n images, seeded. Pasted onto a normal
-    image, a patch of label j brings the patch of its most correlated label m (Pearson r >= options.correlation,
-    with training boxes) with probability P(m | j) of the training labels, so that co-occurrence is kept."""
+    """[{id, mode, receiver, patches: [(label, box)], labels}] for options.n images, seeded: a tail patch
+    (`draw_patch`), the mode, a receiver of that mode and, pasted onto a normal image, its partner
+    (`draw_partner`)."""
     rng = np.random.default_rng(options.seed)
     given = co_occurrence(np.stack([r["labels"] for r in train]))
     normal = [i for i, r in enumerate(train) if not r["labels"].any()]
@@ -148,8 +185,7 @@ def _plan(train, donors_of, tail, correlation, options, labels):
                         "there are none")
     plan = []
     for k in range(options.n):
-        label = tail[int(rng.integers(len(tail)))]
-        box = donors_of[label][int(rng.integers(len(donors_of[label])))]
+        label, box = draw_patch(rng, tail, donors_of)
         mode = "normal" if rng.random() < options.normal_fraction else "blend"
         if mode == "normal" and not normal:
             mode = "blend"
@@ -162,60 +198,77 @@ def _plan(train, donors_of, tail, correlation, options, labels):
                 break
             receiver = pool[int(rng.integers(len(pool)))]
         patches = [(label, box)]
-        if mode == "normal" and correlation is not None:
-            j = labels.index(label)
-            partners = [(correlation[j, labels.index(m)], m) for m in sorted(donors_of) if m != label]
-            partners = [(r, m) for r, m in partners if r >= options.correlation]
-            if partners:
-                _, partner = max(partners)
-                if rng.random() < given[j, labels.index(partner)]:
-                    patches.append((partner, donors_of[partner][int(rng.integers(len(donors_of[partner])))]))
-        y = train[receiver]["labels"].copy()
-        for name, _ in patches:
-            y[labels.index(name)] = 1
+        if mode == "normal":
+            patches += draw_partner(rng, label, donors_of, correlation, given, labels, options.correlation)
         plan.append({"id": f"{ID_PREFIX}{k:07d}", "mode": mode, "receiver": receiver, "patches": patches,
-                     "labels": y})
+                     "labels": with_patch_labels(train[receiver]["labels"], patches, labels)})
     return plan
 
 
+def box_bounds(box, height, width):
+    """(x0, y0, x1, y1): the pixel bounds of an (x, y, w, h) box of NIH's 1024 px frame scaled to the image size
+    (`box_mask`'s pixels: a rectangle)."""
+    mask = box_mask([box], height, width)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def crop(image, bounds):
+    x0, y0, x1, y1 = bounds
+    return image[y0:y1, x0:x1]
+
+
 def compose(receiver, patches, mode, alpha):
-    """The synthetic image: each (donor image, box) patch pasted (mode normal) or blended with opacity `alpha`
-    (mode blend) onto `receiver` inside the box scaled to the image size; also the boxes' pixel bounds."""
+    """The synthetic image: each (patch pixels, bounds) pasted (mode normal) or blended with opacity `alpha`
+    (mode blend) onto `receiver` inside its bounds (`box_bounds`)."""
     out = receiver.astype(np.float64)
-    bounds = []
-    h, w = receiver.shape[:2]
-    for donor, box in patches:
-        mask = box_mask([box], h, w)
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        bounds.append((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+    for patch, (x0, y0, x1, y1) in patches:
         if mode == "normal":
-            out[mask] = donor[mask]
+            out[y0:y1, x0:x1] = patch
         else:
-            out[mask] = alpha * donor[mask] + (1.0 - alpha) * out[mask]
-    return np.clip(np.round(out), 0, 255).astype(np.uint8), bounds
+            out[y0:y1, x0:x1] = alpha * patch + (1.0 - alpha) * out[y0:y1, x0:x1]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 # --- the whole step ---
 
 
-def augment_records(out, manifest, options, shard_size, progress=False, log=print):
-    """Add options.n DADAM images to the training split of the records in `out` (after build-records wrote them);
-    writes the shards, dadam.csv and the figure, updates and returns the manifest (written)."""
-    import tensorflow as tf
+@dataclasses.dataclass
+class Donors:
+    """The training split's records as DADAM sees them: `train` (fields of every record of its own shards, the
+    DADAM shards left out), the boxes that lie on them (`donors_of`: {label: [box + "donor": index in train]}), the
+    boxes left out and why, and the tail labels that have a donor box."""
 
-    from cxrkeras.data import features as ft
-    from cxrkeras.data.images import encode_pixels
-    from cxrkeras.data.manifest import records_encoding
+    paths: list
+    train: list
+    boxes: int
+    bad_rows: list
+    used: list
+    left_out: dict
+    donors_of: dict
+    tail: list
 
-    encoding = records_encoding(manifest)  # the synthetic shards are written as the records' other shards are
+    def labels_matrix(self):
+        return np.stack([r["labels"] for r in self.train])
+
+    def describe(self):
+        return {"rows": self.boxes, "bad_rows": self.bad_rows[:20], "bad_row_count": len(self.bad_rows),
+                "training_donor_boxes": len(self.used), "donor_images": len({b["donor"] for b in self.used}),
+                "left_out": self.left_out}
+
+
+def find_donors(out, manifest, boxes_path, tail_labels, split=TRAIN, encoding="png"):
+    """`Donors` of the records in `out`: every box of `boxes_path` matched to a record of `split` (the training
+    split) by file name; a box on a validation/test image, on an image not in the records, of a label the records
+    lack or off the image is left out and counted. Tail labels: `tail_labels`, else the rarest labels of the split
+    (`default_tail`), keeping those that have a donor box; none is a DataError saying which labels have boxes."""
     labels = list(manifest["labels"])
-    options.check(labels)
-    boxes, bad_rows = read_boxes(options.boxes)
-    info = manifest["splits"][TRAIN]
+    boxes, bad_rows = read_boxes(boxes_path)
+    info = manifest["splits"][split]
     base = [s for s in info["shards"] if not SHARD_RE.match(s["file"])]
     paths = [os.path.join(out, s["file"]) for s in base]
     train = [fields for _, fields in _records(paths, len(labels), encoding=encoding)]
-    wrong = [r["image_id"] for r in train if r["split"] not in ("", TRAIN)]
+    wrong = [r["image_id"] for r in train if r["split"] not in ("", split)]
     if wrong:  # the records say where they belong: a donor or receiver must be a training image
         raise DataError(f"{out}: training shards hold records of another split (e.g. {wrong[0]}); re-build them")
     by_name = {os.path.basename(r["image_id"]): i for i, r in enumerate(train)}
@@ -239,14 +292,33 @@ def augment_records(out, manifest, options, shard_size, progress=False, log=prin
     donors_of = {}
     for box in used:
         donors_of.setdefault(box["label"], []).append(box)
-    positives = info["positives"]
-    tail = list(options.tail_labels) if options.tail_labels else default_tail(positives, labels)
+    positives = {label: int(info["positives"].get(label, 0)) for label in labels}
+    tail = list(tail_labels) if tail_labels else default_tail(positives, labels)
     tail = [t for t in tail if t in donors_of]
     if not tail:
         have = ", ".join(f"{k} ({len(v)})" for k, v in sorted(donors_of.items())) or "none"
-        raise DataError(f"{options.boxes}: no box of a tail label ({', '.join(options.tail_labels or []) or 'the rarest labels of the training split'}) "
+        raise DataError(f"{boxes_path}: no box of a tail label ({', '.join(tail_labels or []) or 'the rarest labels of the training split'}) "
                         f"lies on a training image; labels with training boxes: {have}. Pass --tail-labels with "
                         f"some of those")
+    return Donors(paths, train, len(boxes), bad_rows, used, left_out, donors_of, tail)
+
+
+def augment_records(out, manifest, options, shard_size, progress=False, log=print):
+    """Add options.n DADAM images to the training split of the records in `out` (after build-records wrote them);
+    writes the shards, dadam.csv and the figure, updates and returns the manifest (written)."""
+    import tensorflow as tf
+
+    from cxrkeras.data import features as ft
+    from cxrkeras.data.images import encode_pixels
+    from cxrkeras.data.manifest import records_encoding
+
+    encoding = records_encoding(manifest)  # the synthetic shards are written as the records' other shards are
+    labels = list(manifest["labels"])
+    options.check(labels)
+    found = find_donors(out, manifest, options.boxes, options.tail_labels, TRAIN, encoding)
+    paths, train, used, donors_of, tail = found.paths, found.train, found.used, found.donors_of, found.tail
+    info = manifest["splits"][TRAIN]
+    positives = info["positives"]
     y_train = np.stack([r["labels"] for r in train])
     before = label_correlation(y_train)
     plan = _plan(train, donors_of, tail, None if options.correlation is None else before, options, labels)
@@ -275,15 +347,17 @@ def augment_records(out, manifest, options, shard_size, progress=False, log=prin
                         while current[0] != item["receiver"]:
                             current = next(stream)
                         receiver = current[1]
-                        img, bounds = compose(receiver["image"], [(images[b["donor"]], b["box"])
-                                                                  for _, b in item["patches"]], item["mode"],
-                                              float(options.alpha))
+                        h, w = receiver["image"].shape[:2]
+                        bounds = [box_bounds(b["box"], h, w) for _, b in item["patches"]]
+                        img = compose(receiver["image"], [(crop(images[b["donor"]], bound), bound) for (_, b), bound
+                                                          in zip(item["patches"], bounds)], item["mode"],
+                                      float(options.alpha))
                         h, w = img.shape[:2]
                         c = 1 if img.ndim == 2 else img.shape[2]
                         ex = ft.make_example(encode_pixels(img[..., 0] if c == 1 else img, encoding), h, w, c,
                                              item["labels"].tolist(), item["id"], receiver["patient_id"],
                                              age=receiver["age"], sex=receiver["sex"], view=receiver["view"],
-                                             split=TRAIN, encoding=encoding)
+                                             split=TRAIN, encoding=encoding, dataset=receiver["dataset"])
                         writer.write(ex.SerializeToString())
                         for (label, box), bound in zip(item["patches"], bounds):
                             donor = train[box["donor"]]
@@ -311,17 +385,22 @@ def augment_records(out, manifest, options, shard_size, progress=False, log=prin
         for label in {name for name, _ in item["patches"]}:
             added[label] += 1
     synth_pos = {label: int(y_synth[:, j].sum()) for j, label in enumerate(labels)}
-    info["shards"] = base + written
+    info["shards"] = [sh for sh in info["shards"] if not SHARD_RE.match(sh["file"])] + written
     info["images"] = int(info["images"]) + len(plan)
     info["positives"] = {label: int(positives.get(label, 0)) + synth_pos[label] for label in labels}
+    from cxrkeras.data.datasets import manifest_names
+
+    names = manifest_names(manifest)  # a synthetic image is of its receiver's source dataset
+    synth_ds = np.bincount([train[item["receiver"]]["dataset"] for item in plan], minlength=len(names))
     whole = manifest["whole"]
+    for part in (info, whole):
+        if "datasets" in part:
+            part["datasets"] = {n: int(part["datasets"].get(n, 0)) + int(k) for n, k in zip(names, synth_ds)}
     whole["images"] = int(whole["images"]) + len(plan)
     whole["positives"] = {label: int(whole["positives"].get(label, 0)) + synth_pos[label] for label in labels}
     manifest["augment"] = {
         "method": "dadam", "options": options.to_manifest(), "tail_labels": tail,
-        "boxes": {"rows": len(boxes), "bad_rows": bad_rows[:20], "bad_row_count": len(bad_rows),
-                  "training_donor_boxes": len(used), "donor_images": len({b["donor"] for b in used}),
-                  "left_out": left_out},
+        "boxes": found.describe(),
         "synthetic": {"images": len(plan), "patch_label_images": {k: v for k, v in added.items() if v},
                       "modes": {m: sum(item["mode"] == m for item in plan) for m in ("normal", "blend")},
                       "receivers": len(receivers), "donors": len(donors),
@@ -332,7 +411,7 @@ def augment_records(out, manifest, options, shard_size, progress=False, log=prin
     mf.write_manifest(out, manifest)
     log(f"DADAM: {len(plan)} synthetic training images ({manifest['augment']['synthetic']['modes']['normal']} on "
         f"No Finding, {manifest['augment']['synthetic']['modes']['blend']} blended) from {len(used)} training boxes "
-        f"of {len(donors_of)} label(s); tail labels {', '.join(tail)}; boxes left out: {left_out}; "
+        f"of {len(donors_of)} label(s); tail labels {', '.join(tail)}; boxes left out: {found.left_out}; "
         f"provenance {os.path.join(out, PROVENANCE)}, label correlations {os.path.join(out, FIGURE)}")
     return manifest
 

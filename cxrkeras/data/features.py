@@ -18,6 +18,8 @@ AGE = "meta/age"  # years, -1 when unknown
 SEX = "meta/sex"  # "M"/"F", "" when unknown
 VIEW = "meta/view"  # "PA"/"AP", "" when unknown
 SPLIT = "meta/split"
+DATASET = "meta/dataset"  # index into manifest["datasets"]["names"]; absent = 0 (so index-0 records and those
+# built before the field are the same bytes)
 
 UNKNOWN_INT = -1
 
@@ -48,6 +50,7 @@ def make_example(
     view="",
     split="",
     encoding="png",
+    dataset=0,
 ):
     """One record. `labels` is the multi-hot vector in manifest label order; `image_bytes` PNG bytes, or with
     `encoding="raw"` the H*W*C uint8 pixels."""
@@ -70,6 +73,8 @@ def make_example(
         VIEW: _str(view),
         SPLIT: _str(split),
     }
+    if int(dataset):
+        feature[DATASET] = _ints([int(dataset)])
     return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
@@ -89,6 +94,7 @@ def feature_spec(num_labels):
         SEX: tf.io.FixedLenFeature([], tf.string, default_value=b""),
         VIEW: tf.io.FixedLenFeature([], tf.string, default_value=b""),
         SPLIT: tf.io.FixedLenFeature([], tf.string, default_value=b""),
+        DATASET: tf.io.FixedLenFeature([], tf.int64, default_value=0),
     }
 
 

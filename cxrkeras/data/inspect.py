@@ -24,6 +24,8 @@ def _pct(n, d):
 
 
 def format_manifest(manifest):
+    from cxrkeras.data.datasets import manifest_names
+
     """Splits × labels table (positives and prevalence), plus images, patients, No Finding, shards, overlap."""
     splits = [s for s in SPLITS if s in manifest["splits"]] + \
         [s for s in manifest["splits"] if s not in SPLITS]
@@ -47,6 +49,11 @@ def format_manifest(manifest):
     for label in manifest["labels"]:
         row(label, lambda c: f"{data[c]['positives'].get(label, 0)} "
                              f"{_pct(data[c]['positives'].get(label, 0), data[c]['images'])}")
+    names = manifest_names(manifest)
+    if len(names) > 1:  # records pooled from several source datasets: images of each
+        for name in names:
+            row(f"dataset {name}"[:width], lambda c: f"{(data[c].get('datasets') or {}).get(name, 0)} "
+                f"{_pct((data[c].get('datasets') or {}).get(name, 0), data[c]['images'])}")
     if not manifest.get("dry_run"):
         row("shards", lambda c: "" if c == "all" else f"{len(data[c].get('shards', []))}")
         listed = [shard for s in splits for shard in infos[s].get("shards", [])]
@@ -91,23 +98,26 @@ def subset_lines(subset):
 
 
 def _read_shard(path, num_labels, encoding="png"):
-    """(count, [(image id, patient id, split, labels)], image shape of the first record) of one shard."""
+    """(count, [(image id, patient id, split, labels, dataset index)], image shape of the first record) of one
+    shard."""
     import tensorflow as tf
 
     from cxrkeras.data import features
 
     spec = features.feature_spec(num_labels)
     keep = {k: spec[k] for k in (features.IMAGE_ID, features.PATIENT_ID, features.SPLIT, features.LABELS,
-                                 features.IMAGE_HEIGHT, features.IMAGE_WIDTH, features.IMAGE_CHANNELS)}
+                                 features.IMAGE_HEIGHT, features.IMAGE_WIDTH, features.IMAGE_CHANNELS,
+                                 features.DATASET)}
     rows, first_image = [], None
     for serialized in tf.data.TFRecordDataset(path).batch(1024):
         ex = tf.io.parse_example(serialized, keep)
         if first_image is None and int(tf.size(serialized)):
             one = tf.io.parse_single_example(serialized[0], spec)
             first_image = list(features.decode_pixels(one, None, encoding).shape.as_list())
-        for iid, pid, sp, y in zip(ex[features.IMAGE_ID].numpy(), ex[features.PATIENT_ID].numpy(),
-                                   ex[features.SPLIT].numpy(), ex[features.LABELS].numpy()):
-            rows.append((iid.decode(), pid.decode(), sp.decode(), y))
+        for iid, pid, sp, y, d in zip(ex[features.IMAGE_ID].numpy(), ex[features.PATIENT_ID].numpy(),
+                                      ex[features.SPLIT].numpy(), ex[features.LABELS].numpy(),
+                                      ex[features.DATASET].numpy()):
+            rows.append((iid.decode(), pid.decode(), sp.decode(), y, int(d)))
     return len(rows), rows, first_image
 
 
@@ -123,6 +133,9 @@ def inspect_records(records_dir):
     if manifest.get("dry_run"):
         return result
     labels = manifest["labels"]
+    from cxrkeras.data.datasets import manifest_names
+
+    dataset_names = manifest_names(manifest)
     expected_shape = list(manifest.get("image_size", [])) + [manifest.get("channels")]
     listed_files = set()
     patients_of = {}
@@ -130,6 +143,7 @@ def inspect_records(records_dir):
     for split_name, info in manifest["splits"].items():
         positives = [0] * len(labels)
         no_finding = images = 0
+        per_dataset = [0] * len(dataset_names)
         patients = set()
         for shard in info.get("shards", []):
             listed_files.add(shard["file"])
@@ -153,7 +167,12 @@ def inspect_records(records_dir):
                 problems.append(f"{shard['file']}: {count} records, manifest says {shard['records']}")
             if shape and expected_shape[0] is not None and shape != expected_shape:
                 problems.append(f"{shard['file']}: first image is {shape}, manifest says {expected_shape}")
-            for iid, pid, sp, y in rows:
+            for iid, pid, sp, y, d in rows:
+                if not 0 <= d < len(dataset_names):
+                    problems.append(f"{shard['file']}: record {iid} has meta/dataset {d}, but the manifest names "
+                                    f"{len(dataset_names)} dataset(s)")
+                else:
+                    per_dataset[d] += 1
                 if sp and sp != split_name:
                     problems.append(f"{shard['file']}: record {iid} says split {sp!r}, stored under {split_name!r}")
                 if iid in seen_ids:
@@ -168,6 +187,10 @@ def inspect_records(records_dir):
         for key, got in (("images", images), ("patients", len(patients)), ("no_finding", no_finding)):
             if info.get(key) != got:
                 problems.append(f"split {split_name}: records give {key} = {got}, manifest says {info.get(key)}")
+        counted = dict(zip(dataset_names, per_dataset))
+        if "datasets" in info and info["datasets"] != counted:
+            problems.append(f"split {split_name}: records give images per dataset {counted}, manifest says "
+                            f"{info['datasets']}")
         for label, got in zip(labels, positives):
             if info["positives"].get(label, 0) != got:
                 problems.append(f"split {split_name}: records give {got} positives of {label}, "

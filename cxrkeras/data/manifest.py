@@ -4,7 +4,9 @@ Schema (keys every reader may rely on):
   tool_version: str; created: ISO time; options: dict of resolved build options
   csv: {path, sha256}; labels: [str] (the multi-hot order); image_size: [height, width]; channels: int
   encoding: "png" | "raw" (how image/encoded holds the pixels; absent in folders built before it: png)
-  splits: {split_name: {images, patients, no_finding, positives: {label: int},
+  datasets: {names: [source dataset of meta/dataset index 0, 1, ...], column: the CSV column or null} (absent in
+    folders built before it: one dataset, cxrkeras.data.datasets.manifest_names)
+  splits: {split_name: {images, patients, no_finding, positives: {label: int}, datasets: {name: int},
                         shards: [{file, records, sha256}]}}
   patient_overlap: {pairs: {"train/val": 0, ...}, ok: bool}
   skipped: [{image, row, reason}]; unlabelled_images: int (image files with no CSV row)
@@ -125,6 +127,8 @@ def label_positives(manifest, split):
 def split_stats(table, mask):
     import numpy as np
 
+    from cxrkeras.data.datasets import split_counts
+
     idx = np.flatnonzero(mask)
     y = table.y[idx]
     return {
@@ -132,6 +136,7 @@ def split_stats(table, mask):
         "patients": int(len({table.patient_id[i] for i in idx})),
         "no_finding": int((y.sum(axis=1) == 0).sum()) if len(idx) else 0,
         "positives": {label: int(y[:, j].sum()) for j, label in enumerate(table.labels)},
+        "datasets": split_counts(table.dataset, table.datasets, idx),
     }
 
 

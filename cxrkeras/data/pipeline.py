@@ -4,7 +4,7 @@ Order of operations:
   shard files (shuffled in training) -> parallel interleave of the shards' records, each with (shard, record
   number) -> ONE parallel map: parse (features.feature_spec), stage flag, decode the pixels as uint8 in the
   records' channels (PNG, or raw records: `tf.io.decode_raw`, no decoding work), [equalise], bring to one size -> record-integrity check -> drop the rows the stage filters out
-  -> [cache] -> [shuffle] -> [repeat] -> batch (the GLOBAL batch)
+  -> [cache] -> [online DADAM: training split, `dadam`] -> [shuffle] -> [repeat] -> batch (the GLOBAL batch)
   -> training: vectorised augmentation of the whole batch (random crop + zoom, rotation, flip: one bilinear warp
      per image, XLA-compiled, seeds from a seeded stream) -> 3 channels + ImageNet normalisation (one matmul)
   -> evaluation: the `Preprocessor`'s eval transform on the batch (central square, antialiased resize,
@@ -107,26 +107,34 @@ def _read_records(paths, counts, shuffle, seed, deterministic):
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
+def decode_image(ex, channels, encoding, preprocessor, work_size):
+    """The uint8 [H, W, C] image of a parsed record as the element stream holds it: decoded in the records'
+    encoding, [equalised], brought to `work_size` (also online DADAM's donors, cxrkeras.data.dadam_online)."""
+    image = features.decode_pixels(ex, channels, encoding)
+    image = preprocessor.equalize_stored(image)
+    if work_size is not None:
+        # records are one size by construction; a record of another size is resized, never fails the batch
+        image = tf.cond(
+            tf.reduce_all(tf.equal(tf.shape(image)[:2], work_size)),
+            lambda: image,
+            lambda: tf.cast(tf.round(tf.image.resize(image, work_size, antialias=True)), tf.uint8))
+        image = tf.ensure_shape(image, [work_size[0], work_size[1], channels])
+    return image
+
+
 def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None, no_finding_class=False,
-             encoding="png"):
+             encoding="png", datasets=None):
     """(shard, index, serialized, is_end) -> (shard, index, is_end, image uint8 HxWxC, labels, image id, patient id,
-    keep, patient features [F] (F = 0 without an encoder), what is wrong with them ("" when nothing))."""
+    keep, values [F], what is wrong with them ("" when nothing)). values: the model's extra inputs as float32, the
+    patient features (5, with an encoder) then, with `datasets` ((model's names, records' names)), the model's
+    index of the record's source dataset (exact in float32; -1 for one the model does not know)."""
     spec = features.feature_spec(num_labels)
-    width = patient.width if patient is not None else 0
+    width = (patient.width if patient is not None else 0) + (1 if datasets is not None else 0)
     placeholder = (tf.zeros([1, 1, channels], tf.uint8), tf.zeros([num_labels + int(no_finding_class)], tf.int64),
                    tf.constant(""), tf.constant(""), tf.constant(False), tf.zeros([width]), tf.constant(""))
 
     def decode(ex):
-        image = features.decode_pixels(ex, channels, encoding)
-        image = preprocessor.equalize_stored(image)
-        if work_size is not None:
-            # records are one size by construction; a record of another size is resized, never fails the batch
-            image = tf.cond(
-                tf.reduce_all(tf.equal(tf.shape(image)[:2], work_size)),
-                lambda: image,
-                lambda: tf.cast(tf.round(tf.image.resize(image, work_size, antialias=True)), tf.uint8))
-            image = tf.ensure_shape(image, [work_size[0], work_size[1], channels])
-        return image
+        return decode_image(ex, channels, encoding, preprocessor, work_size)
 
     def parse_decode(serialized):
         ex = tf.io.parse_single_example(serialized, spec)
@@ -137,16 +145,35 @@ def _decoder(num_labels, channels, stage, preprocessor, work_size, patient=None,
         # rows the stage drops are not decoded (cheap placeholder); they still pass the integrity check.
         image = tf.cond(keep, lambda: decode(ex), lambda: placeholder[0])
         if patient is None:
-            values, problem = placeholder[5], placeholder[6]
+            values, problem = tf.zeros([0]), placeholder[6]
         else:
             fields = [ex[features.AGE][None], ex[features.SEX][None], ex[features.VIEW][None]]
             values, problem = patient.encode(*fields)[0], patient.problems(*fields)[0]
+        if datasets is not None:
+            index, problem = _dataset_index(ex[features.DATASET], *datasets, problem)
+            values = tf.concat([values, tf.cast(index, tf.float32)[None]], 0)
         return image, labels, ex[features.IMAGE_ID], ex[features.PATIENT_ID], keep, values, problem
 
     def fn(shard, index, serialized, end):
         return (shard, index, end) + tuple(tf.cond(end, lambda: placeholder, lambda: parse_decode(serialized)))
 
     return fn
+
+
+def _dataset_index(stored, model_names, records_names, problem):
+    """(the model's index of a record's stored dataset index, -1 if unknown; `problem` or what is wrong)."""
+    from cxrkeras.data.datasets import index_map, known
+
+    table = tf.constant(index_map(model_names, records_names) + [-1], tf.int64)
+    n = len(records_names)
+    in_range = tf.logical_and(stored >= 0, stored < n)
+    index = tf.gather(table, tf.where(in_range, stored, n))
+    name = tf.where(in_range, tf.gather(tf.constant(records_names + [""]), tf.where(in_range, stored, n)),
+                    "an index manifest.json does not name")
+    what = tf.strings.join(["dataset: meta/dataset index ", tf.strings.as_string(stored), " (", name,
+                            ") is none of the datasets the model was trained on (", known(model_names),
+                            "); give it records of those"])
+    return index, tf.where(tf.logical_and(tf.equal(problem, ""), index < 0), what, problem)
 
 
 def _integrity_check(names, counts):
@@ -175,13 +202,20 @@ def _integrity_check(names, counts):
     return check
 
 
-def _patient_check(names):
-    """map fn: a record whose patient fields the encoder cannot take fails, naming the shard, record, image and
-    field (after the integrity check, so a corrupt record is never blamed on its fields)."""
+def _patient_check(names, keys_wanted=True):
+    """map fn: a record whose patient fields the encoder cannot take (or whose source dataset the model does not
+    know) fails, naming the shard, record, image and field (after the integrity check, so a corrupt record is
+    never blamed on its fields). keys_wanted False: a model without patient features."""
     names = tf.constant(names)
     keys = {"age": features.AGE, "sex": features.SEX, "view": features.VIEW}
 
     def check(shard, index, image, labels, image_id, patient_id, values, problem):
+        where = tf.strings.join([_ERROR_MARK, "shard ", tf.gather(names, shard), ": record ",
+                                 tf.strings.as_string(index), " (", image_id, "): "])
+        if not keys_wanted:  # the model takes no patient features: only the dataset can be wrong
+            message = tf.strings.join([where, tf.strings.regex_replace(problem, "^dataset: ", "")])
+            with tf.control_dependencies([tf.debugging.Assert(tf.equal(problem, ""), [message])]):
+                return tf.identity(image), labels, image_id, patient_id, values
         field = tf.strings.regex_replace(problem, ":.*", "")
         key = tf.gather(tf.constant(list(keys.values())),
                         tf.argmax(tf.cast(tf.equal(tf.constant(list(keys)), field), tf.int32)))
@@ -218,11 +252,17 @@ def data_errors():
         raise err from None
 
 
-def cache_path(cache, manifest_sha, split, stage, work_size, channels, equalize):
+def cache_path(cache, manifest_sha, split, stage, work_size, channels, equalize, inputs=None):
     """The file prefix of a disk cache inside the folder `cache`: one per records folder, split, stage, stored size,
-    channels and equalisation, so that no two different streams of decoded images ever share a cache file."""
+    channels and equalisation (and `inputs`: what the extra model inputs are encoded with), so that no two
+    different streams of decoded images ever share a cache file."""
     key = (f"{manifest_sha[:16]}-{split}-stage{stage}-{'x'.join(str(v) for v in work_size or ('native',))}-"
            f"c{channels}-{equalize or 'plain'}")
+    if inputs:  # the cached stream holds the encoded patient features / dataset indices
+        import hashlib
+        import json
+
+        key += "-i" + hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
     os.makedirs(cache, exist_ok=True)
     return os.path.join(cache, key)
 
@@ -232,7 +272,7 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
                   deterministic=None, drop_remainder=None, repeat=False, strategy=None, equalize=None,
                   return_ids=False, max_rotation=10.0, crop_scale=(0.8, 1.0), flip=True, fill_mode="reflect",
                   jit=True, verify="sha256", preprocessor=None, patient=None, no_finding_class=False,
-                  augment=True, shards=None):
+                  augment=True, shards=None, datasets=None, dadam=None):
     """A tf.data.Dataset of (images float32 [B,S,S,3], labels float32 [B,L]) (+ {"image_id","patient_id"} string
     [B] with return_ids) from the shards of `split` of a records folder; with `patient`, the inputs are
     (images, patient features float32 [B,5]).
@@ -261,6 +301,12 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
       cannot take fails, naming the shard, record, image and field (DataError under `data_errors()`).
     no_finding_class: add the label 'No Finding' (none of the records' labels positive) as the last label.
     shards: read only these shard files of the split (e.g. its DADAM shards, for preview-batch).
+    datasets: the source dataset names of a model with the FPSM dataset embedding (`load_source(...).datasets`):
+      the inputs are then (images, dataset index int32 [B,1]), each record's meta/dataset mapped by name from the
+      records' manifest to the model's index; a record of a dataset the model does not know fails, naming the
+      shard, record, image and the model's datasets. (Models take patient features or datasets, not both.)
+    dadam: a `cxrkeras.data.dadam_online.OnlineDadam` (training only): box patches of the training split's tail
+      classes put on the training images after the cache, drawn afresh each pass (its `counts` say what it made).
     """
     if preprocessor is not None:
         image_size, preprocessing, equalize = preprocessor.image_size, preprocessor.preprocessing, preprocessor.equalize
@@ -280,8 +326,12 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
 
     ds = _read_records(paths, counts, training, seed, deterministic)
     # one parallel map decodes for all shards; deterministic so each shard's records stay in order for the check
+    if datasets is not None:
+        from cxrkeras.data.datasets import manifest_names
+
+        datasets = (list(datasets), manifest_names(manifest))
     decoder = _decoder(num_labels, channels, stage, preprocessor, work_size, patient, no_finding_class,
-                       manifest_lib.records_encoding(manifest))
+                       manifest_lib.records_encoding(manifest), datasets)
     ds = ds.map(decoder,
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True).ignore_errors()  # a bad image: its element is dropped, the check names it
@@ -290,8 +340,8 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
     ds = ds.filter(lambda shard, index, end, image, labels, image_id, patient_id, keep, values, problem:
                    tf.logical_and(tf.logical_not(end), keep))
     image_shape = [work_size[0], work_size[1], channels] if work_size else [None, None, channels]
-    if patient is not None:
-        check = _patient_check(names)
+    if patient is not None or datasets is not None:
+        check = _patient_check(names, patient is not None)
         ds = ds.map(lambda shard, index, end, image, labels, image_id, patient_id, keep, values, problem:
                     check(shard, index, image, labels, image_id, patient_id, values, problem))
     else:
@@ -308,16 +358,24 @@ def build_dataset(records_dir, split, *, stage=2, batch_size=32, training=False,
         from cxrkeras.hashing import sha256_file
 
         sha = sha256_file(os.path.join(records_dir, manifest_lib.MANIFEST_NAME))
-        ds = ds.cache(cache_path(cache, sha, split, stage, work_size, channels, preprocessor.equalize))
+        inputs = {"patient": patient.to_config() if patient is not None else None, "datasets": datasets}
+        ds = ds.cache(cache_path(cache, sha, split, stage, work_size, channels, preprocessor.equalize,
+                                 inputs if patient is not None or datasets is not None else None))
     elif cache:
         ds = ds.cache()
+    if dadam is not None:  # after the cache: each pass draws its own patches; training images only
+        ds = dadam.apply(ds, split=split, training=training, stage=stage, seed=seed, work_size=work_size,
+                         preprocessor=preprocessor, no_finding_class=no_finding_class)
     if training and shuffle_buffer and shuffle_buffer > 1:
         ds = ds.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
 
     def finish(images, labels, image_id, patient_id, values):
-        out = ((images, values) if patient is not None else images, tf.cast(labels, tf.float32))
+        if datasets is not None:  # the dataset index travels as the last value (see _decoder)
+            values = tf.cast(values[:, -1:], tf.int32)
+        out = ((images, values) if patient is not None or datasets is not None else images,
+               tf.cast(labels, tf.float32))
         return out + ({"image_id": image_id, "patient_id": patient_id},) if return_ids else out
 
     if training and augment:

@@ -18,13 +18,15 @@ def _title(image_id, labels, names):
 
 
 def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=None, seed=0,
-                  preprocessing=None, training=True, equalize=None, model=None, dadam=False):
+                  preprocessing=None, training=True, equalize=None, model=None, dadam=False, online_dadam=None):
     """Write a grid of `n` images of one batch of `build_dataset` (training augmentation unless training=False);
     returns the output path. model: a run folder, .keras file or keras.Model whose preprocessing (image size,
     equalisation, normalisation) the batch goes through; image_size / preprocessing / equalize given here win
     (defaults without a model: 224, torch, none; the normalisation is undone for display, so it does not show).
     dadam: the records' DADAM images (training split, eval view so the patches stay where they were put), each
-    patch's box drawn with its label (green: pasted onto No Finding, orange: blended)."""
+    patch's box drawn with its label (green: pasted onto No Finding, orange: blended).
+    online_dadam: a `cxrkeras.config.DadamConfig`: the training split through online DADAM (eval view), the boxes
+    of the patches it put on drawn the same way."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,11 +61,23 @@ def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=
             raise DataError(f"{records_dir} holds no DADAM images: build it with `cxrkeras build-records ... "
                             f"--augment dadam --boxes BBox_List_2017.csv`")
         split, training, patches = "train", False, read_provenance(records_dir)
-    ds = build_dataset(records_dir, split, stage=stage, batch_size=n, training=training, image_size=image_size,
-                       preprocessing=preprocessing, seed=seed, drop_remainder=False, return_ids=True,
-                       equalize=equalize, shuffle_buffer=256, shards=only)
+    online = None
+    if online_dadam is not None:
+        from cxrkeras.config import _validate_dadam
+        from cxrkeras.data.dadam_online import OnlineDadam
+
+        _validate_dadam(online_dadam)
+        if split != "train":  # donors and receivers are training images only
+            raise ConfigError(f"--online-dadam shows the training split, not {split!r}")
+        online = OnlineDadam(records_dir, online_dadam, split=split, seed=seed, log=lambda *_: None)
+    ds = build_dataset(records_dir, split, stage=stage, batch_size=n, training=training or online is not None,
+                       augment=online is None, image_size=image_size, preprocessing=preprocessing, seed=seed,
+                       drop_remainder=False, return_ids=True, equalize=equalize, shuffle_buffer=256, shards=only,
+                       dadam=online)
     with data_errors():
         batch = next(iter(ds), None)
+    if online is not None:
+        patches = dict(online.events)
     if batch is None:
         raise DataError(f"{records_dir}: split {split!r} has no images for stage {stage}")
     images, labels, ids = batch
@@ -84,7 +98,8 @@ def preview_batch(records_dir, out, *, split="train", stage=1, n=16, image_size=
             ax.add_patch(matplotlib.patches.Rectangle((x0 * scale - 0.5, y0 * scale - 0.5), (x1 - x0) * scale,
                                                       (y1 - y0) * scale, fill=False, edgecolor=color, linewidth=1.2))
             ax.text(x0 * scale, y0 * scale - 1.5, label, color=color, fontsize=6, va="bottom")
-    mode = ("DADAM, eval view" if dadam else "augmented" if training else "eval view") + \
+    mode = ("DADAM, eval view" if dadam else f"online DADAM p={online_dadam.probability:g}, eval view" if online
+            else "augmented" if training else "eval view") + \
         (f", {equalize}" if equalize else "")
     fig.suptitle(f"{os.path.basename(os.path.normpath(records_dir))} {split} stage {stage} ({mode}, "
                  f"{image_size}px, {preprocessing}, seed {seed})", fontsize=9)

@@ -17,6 +17,7 @@ from cxrkeras.constants import ENCODINGS, SPLITS
 from cxrkeras.data import images as imglib
 from cxrkeras.data import manifest as mf
 from cxrkeras.data import shards, sources, split
+from cxrkeras.data.datasets import DEFAULT_NAME as DEFAULT_DATASET
 from cxrkeras.data.dicom import dicom_patient_reader
 from cxrkeras.data.image_index import OUTSIDE_ROOT, ImageIndex
 from cxrkeras.data.workers import AHEAD, CHUNK, WorkerDied, available_memory, stop_on_sigterm
@@ -106,7 +107,8 @@ def _resolve_inputs(csv_path, images):
     return images
 
 
-def _read_inputs(csv_path, images, fmt, labels, path_column, labels_column, patient_column, id_salt):
+def _read_inputs(csv_path, images, fmt, labels, path_column, labels_column, patient_column, id_salt,
+                 dataset_name=None):
     """(table, image index or None, whether patient ids are hashed DICOM PatientIDs); the index is only built
     here when it is needed for patient ids."""
     columns = sources.read_header(csv_path)
@@ -117,7 +119,8 @@ def _read_inputs(csv_path, images, fmt, labels, path_column, labels_column, pati
     if fmt == "dicom" and patient_column not in columns:
         index = ImageIndex(images, by_name=False)
         dicom_patient = dicom_patient_reader(index.locate, id_salt)
-    table = sources.read_table(csv_path, fmt, labels, path_column, labels_column, patient_column, dicom_patient)
+    table = sources.read_table(csv_path, fmt, labels, path_column, labels_column, patient_column, dicom_patient,
+                               dataset_name)
     return table, index, dicom_patient is not None
 
 
@@ -146,13 +149,15 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
                   image_size=256, channels=1, shard_size=1000, workers=None, dry_run=False, strict=False,
                   format="auto", labels=None, path_column="path", labels_column="labels",
                   patient_column="patient_id", id_salt="", progress=True, overwrite=False, subset=None, augment=None,
-                  encoding="png", log=print):
+                  encoding="png", dataset_name=None, log=print):
     """Build (or finish, or confirm) a records folder; returns a BuildReport whose `.manifest` is what was saved.
 
     `subset`: a class-targeted subset of the CSV, e.g. "per-label=2000,no-finding=10000" (cxrkeras.data.subset:
     whole patients, rarest labels first, seeded by `seed`); the manifest's "subset" records targets and reached.
     `encoding`: "png" (lossless, the default) or "raw" (the uint8 pixels uncompressed: about 2x the bytes on
     X-rays, no decode when read, faster to write); recorded in the manifest ("encoding") and its fingerprint.
+    `dataset_name`: the source dataset of every row of a CSV without a 'Dataset' column (default "NIH
+    ChestX-ray14"); with the column each row names its own (cxrkeras.data.datasets; the manifest's "datasets").
 
     Same inputs twice → nothing is rewritten; an interrupted run re-run writes only the missing shards.
     Records of another CSV or other options in `out` are refused unless `overwrite`; so is a second build of
@@ -178,7 +183,7 @@ def build_records(csv, images=None, out=None, *, split_lists=(), split_fractions
             raise DataError(f"box file {augment.boxes!r} not found (NIH's BBox_List_2017.csv)")
 
     table, index, hashed_ids = _read_inputs(csv, images, format, label_list, path_column, labels_column,
-                                            patient_column, id_salt)
+                                            patient_column, id_salt, dataset_name)
     subset_info = None
     if subset:
         from cxrkeras.data.subset import parse_subset, select_subset
@@ -217,6 +222,9 @@ def _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fra
         "labels_column": labels_column if table.format != "nih" else None,
         "patient_column": patient_column if table.format != "nih" else None,
         "id_salt_set": bool(id_salt),
+        # the name of a CSV without a 'Dataset' column (none for the default: older folders match)
+        **({"dataset_name": table.datasets[0]} if table.dataset_column is None and
+           table.datasets[0] != DEFAULT_DATASET else {}),
         **({"subset": subset_info["spec"]} if subset_info else {}),
     }
     fingerprint = shards.sha256_text(json.dumps({
@@ -224,6 +232,7 @@ def _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fra
         "lists": [f["sha256"] for f in list_info.get("files", [])],
         "salt": shards.sha256_text(id_salt), **{k: options[k] for k in FINGERPRINT_OPTIONS},
         **({"subset": options["subset"]} if subset_info else {}),
+        **({"dataset_name": options["dataset_name"]} if "dataset_name" in options else {}),
         **({"encoding": encoding} if encoding != "png" else {})}))  # none for defaults: older folders match
     build = {"fingerprint": fingerprint, "record_format": RECORD_FORMAT, "options": options,
              "csv": {"path": os.path.abspath(csv), "sha256": csv_sha},
@@ -240,6 +249,7 @@ def _build(csv, images, out, table, index, hashed_ids, csv_sha, split_lists, fra
                         "lists+stratified-val" if split_lists else "stratified-patient-greedy",
         "labels": list(table.labels), "no_finding_label": NO_FINDING,
         "image_size": [image_size, image_size], "channels": channels, "encoding": encoding,
+        "datasets": {"names": list(table.datasets), "column": table.dataset_column},
         "unreadable_values": {column: {"count": len(rows), "rows": rows[:_MAX_IN_MANIFEST]}
                               for column, rows in table.unreadable.items()},
         **({"subset": subset_info} if subset_info else {}),
@@ -398,6 +408,9 @@ def _option_differences(old, new):
              if key in before and before.get(key) != now[key]]
     if before.get("encoding", "png") != now.get("encoding", "png"):
         diffs.append(f"--encoding {before.get('encoding', 'png')} -> {now.get('encoding', 'png')}")
+    if before.get("dataset_name", DEFAULT_DATASET) != now.get("dataset_name", DEFAULT_DATASET):
+        diffs.append(f"--dataset-name {before.get('dataset_name', DEFAULT_DATASET)!r} -> "
+                     f"{now.get('dataset_name', DEFAULT_DATASET)!r}")
     if before.get("subset") != now.get("subset"):
         diffs.append(f"--subset {before.get('subset')!r} -> {now.get('subset')!r}")
     lists = old.get("split_lists")

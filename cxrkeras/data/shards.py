@@ -194,7 +194,8 @@ def write_shards(out, todo, table, assign_names, paths, reasons, image_size, cha
                         ex = features.make_example(
                             png, h, w, c, table.y[j].tolist(), table.image_id[j], table.patient_id[j],
                             follow_up=int(table.follow_up[j]), age=int(table.age[j]), sex=table.sex[j],
-                            view=table.view[j], split=split_name, encoding=encoding)
+                            view=table.view[j], split=split_name, encoding=encoding,
+                            dataset=int(table.dataset[j]))
                         writer.write(ex.SerializeToString())
                         count += 1
                 digest, size = sha256_file(tmp), os.path.getsize(tmp)

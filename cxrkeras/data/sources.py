@@ -37,6 +37,9 @@ class Table:
     columns: list = field(default_factory=list)
     raw: list = field(default_factory=list)  # the CSV rows as read, for index.csv
     unreadable: dict = field(default_factory=dict)  # column -> CSV lines whose value could not be read (stored -1)
+    dataset: np.ndarray = None  # int64 [n]: index of each row's source dataset into `datasets`
+    datasets: list = field(default_factory=list)  # source dataset names (cxrkeras.data.datasets), index order
+    dataset_column: str = None  # the CSV column they were read from, None: every row is --dataset-name
 
     def __len__(self):
         return len(self.image_id)
@@ -46,7 +49,8 @@ class Table:
         pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
         return Table(self.csv_path, self.format, self.labels, pick(self.image_id), pick(self.path),
                      pick(self.patient_id), self.y[idx], self.rows[idx], self.follow_up[idx], self.age[idx],
-                     pick(self.sex), pick(self.view), self.columns, pick(self.raw), self.unreadable)
+                     pick(self.sex), pick(self.view), self.columns, pick(self.raw), self.unreadable,
+                     self.dataset[idx], self.datasets, self.dataset_column)
 
 
 def _rows_text(rows):
@@ -263,8 +267,11 @@ def detect_format(columns):
 
 
 def read_table(csv_path, fmt="auto", labels=None, path_column="path", labels_column="labels",
-               patient_column="patient_id", dicom_patient=None):
-    """Read the labels CSV into a Table. `dicom_patient(path_text) -> id` supplies patient ids in DICOM mode."""
+               patient_column="patient_id", dicom_patient=None, dataset_name=None):
+    """Read the labels CSV into a Table. `dicom_patient(path_text) -> id` supplies patient ids in DICOM mode.
+    Each row's source dataset: its 'Dataset' column (cxrkeras.data.datasets.COLUMN) if the CSV has one, else
+    `dataset_name` (default datasets.DEFAULT_NAME)."""
+    from cxrkeras.data import datasets
     if fmt not in FORMATS:
         raise ConfigError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
     columns, rows = read_csv_rows(csv_path)
@@ -308,12 +315,14 @@ def read_table(csv_path, fmt="auto", labels=None, path_column="path", labels_col
     unreadable = {}
     follow = _parse_ints(get(NIH_FOLLOW_UP) if fmt == "nih" else None, lines, False, unreadable, NIH_FOLLOW_UP)
     age = _parse_ints(get(NIH_AGE) if fmt == "nih" else None, lines, True, unreadable, NIH_AGE)
+    dataset, dataset_names = datasets.table_datasets(csv_path, get(datasets.COLUMN), lines, dataset_name)
     return Table(
         csv_path=csv_path, format=fmt, labels=tuple(label_names), image_id=image_id, path=list(image_id),
         patient_id=patient, y=y, rows=lines, follow_up=follow, age=age,
         sex=(get(NIH_SEX) if fmt == "nih" and NIH_SEX in col else [""] * n),
         view=(get(NIH_VIEW) if fmt == "nih" and NIH_VIEW in col else [""] * n),
-        columns=columns, raw=[f for _, f in rows], unreadable=unreadable)
+        columns=columns, raw=[f for _, f in rows], unreadable=unreadable, dataset=dataset, datasets=dataset_names,
+        dataset_column=datasets.COLUMN if datasets.COLUMN in col else None)
 
 
 def read_split_list(path):

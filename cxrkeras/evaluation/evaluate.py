@@ -71,7 +71,8 @@ def predict_split(source, records_dir, split, batch_size=32, progress=None, veri
     expected = split_size(manifest, split, records_dir)
     ds = build_dataset(records_dir, split, stage=2, batch_size=check_batch_size(batch_size), training=False,
                        preprocessor=source.preprocessor, drop_remainder=False, deterministic=True, return_ids=True,
-                       verify=verify, patient=source.patient, no_finding_class=no_finding)
+                       verify=verify, patient=source.patient, no_finding_class=no_finding,
+                       datasets=source.datasets)
     with data_errors():
         probs, labels, ids = predict_dataset(source.model, ds,
                                              progress=(lambda n: progress(n, expected)) if progress else None)

@@ -38,11 +38,19 @@ def read_inputs(paths, preprocessor, batch_size=8):
     return [originals[i] for i in good], x, good, errors
 
 
-def model_inputs(source, paths, patient=None, batch_size=8):
+def model_inputs(source, paths, patient=None, batch_size=8, dataset=None):
     """`read_inputs` for a ModelSource: (originals, what the model takes, indices of the usable files, {index:
     reason}). A model with patient features takes (images, features): `patient` holds (age, sex, view) per path
-    (None: missing), encoded by the model's encoder; a file without usable values is named in the errors."""
+    (None: missing), encoded by the model's encoder; a file without usable values is named in the errors. A model
+    with the FPSM dataset embedding takes (images, dataset index [N, 1]): `dataset`, the name of the files' source
+    dataset (default: the model's first)."""
+    from cxrkeras.data.datasets import resolve
+
     originals, x, good, errors = read_inputs(paths, source.preprocessor, batch_size)
+    if source.datasets:
+        return originals, (x, np.full((len(x), 1), resolve(source.datasets, dataset), np.int32)), good, errors
+    if dataset is not None:
+        raise ConfigError("the model takes no dataset input (no FPSM dataset embedding): leave out --dataset")
     if source.patient is None:
         if patient is not None and any(v is not None for v in patient):
             raise ConfigError("the model takes no patient features (age, sex, view): leave them out")
@@ -82,13 +90,15 @@ def mask_frames(mask_model, paths, originals):
 
 def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=None, method="gradcam",
                   alpha=0.4, batch_size=8, log=print, patient=None, mask_model=None, fusion_lambda=0.5,
-                  fusion_sigma=0.0):
+                  fusion_sigma=0.0, dataset=None):
     """Write one overlay PNG per image and class to out_dir plus gradcam.json; returns the list of entries.
 
     model: a run folder, a stage folder, a .keras file or a keras.Model built by cxrkeras (its stored or rebuilt
     `Preprocessor` prepares the images). Classes: `class_names` (names or indices) for every image, else each
     image's `top_k` most probable labels. One backward pass per batch covers all classes asked for in that batch.
     patient: for a model with patient features, (age, sex, view) of each image (a list aligned with `images`).
+    dataset: for a model with the FPSM dataset embedding, the images' source dataset (default: its first); the
+    heatmap explains the summed score the model gives with that dataset's embedding.
     mask_model: a U-Net from `cxrkeras train-segmentation` (folder or .keras): each overlay also gets a fused one,
     F = fusion_lambda * mask + (1 - fusion_lambda) * Grad-CAM in the image's frame (explain/fusion.py).
     """
@@ -123,7 +133,7 @@ def explain_files(model, images, out_dir, top_k=3, class_names=None, layer_name=
     for start in range(0, len(images), batch_size):
         paths = list(images[start:start + batch_size])
         values = list(patient[start:start + batch_size]) if patient is not None else None
-        originals, x, _, errors = model_inputs(source, paths, values, batch_size)
+        originals, x, _, errors = model_inputs(source, paths, values, batch_size, dataset)
         if errors:
             at = min(errors)
             raise DataError(f"image {paths[at]}: {errors[at]}")

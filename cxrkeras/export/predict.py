@@ -37,12 +37,13 @@ class _SavedModelPredictor:
     def __init__(self, version_dir):
         import tensorflow as tf
 
-        from cxrkeras.fileio import read_json
+        from cxrkeras.fileio import read_json, read_json_or
 
         self.path = version_dir
         self.note = None
         self.fn = tf.saved_model.load(version_dir).signatures["serving_default"]
         self.takes_patient = "age" in self.fn.structured_input_signature[1]
+        self.takes_dataset = "dataset" in self.fn.structured_input_signature[1]
         assets = os.path.join(version_dir, "assets")
         try:
             with open(os.path.join(assets, "labels.txt"), encoding="utf-8") as f:
@@ -53,11 +54,15 @@ class _SavedModelPredictor:
                            f"export the model again with `cxrkeras export`") from exc
         self.thresholds = np.asarray(doc["thresholds"], dtype=np.float64)
         self.warning = doc.get("warning")
+        info = read_json_or(os.path.join(assets, "export_info.json"))
+        self.datasets = (info.get("datasets") if isinstance(info, dict) else None) or \
+            (["?"] if self.takes_dataset else None)  # "?": names not recorded, --dataset must say
 
-    def __call__(self, blobs, patient=None):
+    def __call__(self, blobs, patient=None, dataset=None):
         import tensorflow as tf
 
-        out = self.fn(image_bytes=tf.constant(blobs), **patient_tensors(patient, self.takes_patient))
+        extra = {"dataset": tf.constant([dataset] * len(blobs))} if self.takes_dataset else {}
+        out = self.fn(image_bytes=tf.constant(blobs), **patient_tensors(patient, self.takes_patient), **extra)
         return out["probabilities"].numpy().astype(np.float64), out["findings"].numpy()
 
 
@@ -76,8 +81,9 @@ class _KerasPredictor:
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.warning = info.get("warning")
         self.takes_patient = self.source.patient is not None
+        self.datasets = self.source.datasets
 
-    def __call__(self, blobs, patient=None):
+    def __call__(self, blobs, patient=None, dataset=None):
         import tensorflow as tf
 
         from cxrkeras.export.serving import bytes_to_inputs
@@ -86,8 +92,28 @@ class _KerasPredictor:
         x = bytes_to_inputs(tf.constant(blobs), self.source.preprocessor)
         if self.takes_patient:  # the model's own encoder, as the SavedModel's graph has it
             x = (x, self.source.patient.encode_checked(**patient_tensors(patient, True), count=tf.shape(x)[0]))
+        elif self.datasets:  # the model's own names, as the SavedModel's graph maps them
+            from cxrkeras.data.datasets import DatasetInput
+
+            x = (x, DatasetInput(self.datasets).encode_checked(tf.constant([dataset] * len(blobs)), tf.shape(x)[0]))
         probs = np.asarray(inference_step(self.source.model)(x), dtype=np.float64)
         return probs, probs >= self.thresholds.astype(np.float32)
+
+
+def _dataset_of(predictor, model, dataset):
+    """The dataset name every file is predicted as: `dataset` (checked against the model's), else its first."""
+    from cxrkeras.data.datasets import resolve
+
+    names = getattr(predictor, "datasets", None)
+    if not names:
+        if dataset is not None:
+            raise CxrError(f"{model} takes no dataset input (no FPSM dataset embedding): leave out --dataset")
+        return None
+    if names == ["?"]:  # an export without export_info.json: the graph checks the name
+        if dataset is None:
+            raise CxrError(f"{model} takes the source dataset's name: give --dataset NAME")
+        return str(dataset).strip()
+    return names[resolve(names, dataset)]
 
 
 def patient_tensors(patient, takes_patient):
@@ -138,11 +164,13 @@ def expand_inputs(paths):
     return out
 
 
-def predict(model, files, batch_size=16, log=print, patient=None, patient_csv=None):
+def predict(model, files, batch_size=16, log=print, patient=None, patient_csv=None, dataset=None):
     """[{file, probabilities: {label: p}, findings: [labels], error}] in the order of `files` (folders expanded,
     see `expand_inputs`); a file that cannot be predicted has its `error` and costs the others nothing.
     A model with patient features needs `patient` ((age, sex, view) of every file) or `patient_csv` (a CSV with a
-    row per file name: NIH's Data_Entry file, or columns image, age, sex, view); a bad value is that file's error."""
+    row per file name: NIH's Data_Entry file, or columns image, age, sex, view); a bad value is that file's error.
+    A model with the FPSM dataset embedding takes `dataset`, the source dataset's name for every file (default:
+    the model's first dataset)."""
     if not files:
         raise CxrError("no input files: give one or more PNG/JPEG/DICOM paths")
     if not 1 <= int(batch_size) <= MAX_BATCH_SIZE:
@@ -156,6 +184,7 @@ def predict(model, files, batch_size=16, log=print, patient=None, patient_csv=No
     if not predictor.takes_patient and (patient is not None or patient_csv is not None):
         raise CxrError(f"{model} takes no patient features: leave out --age/--sex/--view and --patient-csv")
     values = values_for([f for f, _ in inputs], patient, patient_csv) if predictor.takes_patient else None
+    dataset = _dataset_of(predictor, model, dataset)
     if predictor.note:
         log(predictor.note)
     if predictor.warning:
@@ -174,7 +203,8 @@ def predict(model, files, batch_size=16, log=print, patient=None, patient_csv=No
             results[i]["error"] = str(exc)
 
     def call(chunk):
-        return predictor([b for _, b in chunk], [values[i] for i, _ in chunk] if values is not None else None)
+        return predictor([b for _, b in chunk], [values[i] for i, _ in chunk] if values is not None else None,
+                         dataset)
 
     def store(i, probs, found):
         results[i]["probabilities"] = {lbl: float(p) for lbl, p in zip(predictor.labels, probs)}

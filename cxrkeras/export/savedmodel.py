@@ -92,12 +92,15 @@ def _write_assets(folder, source, thresholds, thr_info, method, test_metrics_pat
         paths["test_metrics"] = os.path.join(folder, "test_metrics.json")
     extra = (", age: float32 [batch] (years; -1 unknown), sex: string [batch] (M/F), view: string [batch] (PA/AP)"
              if source.patient else "")
+    if source.datasets:
+        extra += f", dataset: string [batch] (the source dataset's name: {', '.join(source.datasets)})"
     info = {"created": utc_now(), "cxrkeras": __version__, "model": source.model_path,
             "model_sha256": source.model_sha256, "variant": source.variant, "labels": source.labels,
             "image_size": source.image_size, "preprocessing": source.preprocessing, "equalize": source.equalize,
             "preprocessor": source.preprocessor.to_config(), "threshold_method": method,
             "thresholds_source": thr_info.get("source"), "warning": thr_info.get("warning"),
             "patient_features": source.patient.to_config() if source.patient else None,
+            "datasets": source.datasets,
             "signatures": {"serving_default": f"image_bytes: string [batch] (PNG/JPEG){extra} -> probabilities "
                                               "float32 [batch, labels], findings bool [batch, labels]",
                            "predict_images": f"images: float32 [batch, {source.image_size}, {source.image_size}, 3] "
@@ -113,6 +116,7 @@ def export(run_or_model, out_base, records_dir=None, threshold_method="youden", 
     run_or_model: a run folder, a stage folder, a .keras file or a keras.Model. Thresholds for `findings`: the
     run's evaluation (same .keras sha256), else chosen on `val_split` of `records_dir`, else 0.5 (warned).
     """
+    from cxrkeras.data.datasets import dataset_input
     from cxrkeras.export.serving import build_archive
     from cxrkeras.export.verify import TOLERANCE, run_fresh, write_case
 
@@ -138,7 +142,7 @@ def export(run_or_model, out_base, records_dir=None, threshold_method="youden", 
                                _test_metrics_from_evaluation(source))
         staged = os.path.join(work, "model")
         archive = build_archive(source.model, thresholds, source.preprocessor, asset_paths=assets,
-                                patient=source.patient)
+                                patient=source.patient, datasets=dataset_input(source))
         archive.write_out(staged, verbose=False)
         # a numbered folder appears only complete (rename), so a polling TF Serving never loads half a model
         while True:
@@ -156,7 +160,8 @@ def export(run_or_model, out_base, records_dir=None, threshold_method="youden", 
                   "labels": source.labels, "warning": thr_info.get("warning")}
         if verify:
             case_dir = os.path.join(work, "case")
-            write_case(case_dir, source.model, source.preprocessor, patient=source.patient)
+            write_case(case_dir, source.model, source.preprocessor, patient=source.patient,
+                       datasets=dataset_input(source))
             check = run_fresh(target, case_dir)
             result["verification"] = check
             log(check["signatures"])
@@ -164,8 +169,10 @@ def export(run_or_model, out_base, records_dir=None, threshold_method="youden", 
             log(f"fresh-process check: max |SavedModel - Keras| = {check['max_abs_diff_bytes']:.2e} (image_bytes), "
                 f"{check['max_abs_diff_images']:.2e} (predict_images); findings consistent: {check['findings_ok']}; "
                 f"bad bytes -> InvalidArgument: {check['bad_bytes_error']!r}; next batch still served"
-                + (f"; bad patient value -> InvalidArgument: {check['bad_patient_error']!r}" if source.patient else ""))
-            patient_ok = not source.patient or bool(check.get("bad_patient_error"))
+                + (f"; bad patient value -> InvalidArgument: {check['bad_patient_error']!r}" if source.patient else "")
+                + (f"; unknown dataset -> InvalidArgument: {check['bad_dataset_error']!r}" if source.datasets else ""))
+            patient_ok = (not source.patient or bool(check.get("bad_patient_error"))) and \
+                (not source.datasets or bool(check.get("bad_dataset_error")))
             if worst > TOLERANCE or not check["findings_ok"] or not check["bad_bytes_error"] or not patient_ok:
                 raise CxrError(f"exported model at {target} does not match the Keras model (max abs diff {worst:.2e} "
                                f"> {TOLERANCE}) or mishandles bad input: {check}")

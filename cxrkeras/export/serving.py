@@ -16,6 +16,7 @@ IMAGES_SIGNATURE = "predict_images"
 BYTES_INPUT = "image_bytes"
 IMAGES_INPUT = "images"
 PATIENT_INPUTS = ("age", "sex", "view")  # models with patient features: float32 years, "M"/"F", "PA"/"AP"
+DATASET_INPUT = "dataset"  # models with the FPSM dataset embedding: string [batch], the source dataset's name
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -139,22 +140,26 @@ def bytes_to_inputs(image_bytes, preprocessor, preprocessing=None, equalize=None
         return tf.identity(images)
 
 
-def make_endpoints(model, thresholds, preprocessor, preprocessing=None, equalize=None, patient=None):
+def make_endpoints(model, thresholds, preprocessor, preprocessing=None, equalize=None, patient=None, datasets=None):
     """(bytes_fn, images_fn, specs): plain functions of the two signatures and their input signatures. With a
     `patient` encoder (a model with patient features) both also take `age`, `sex` and `view`, one per image,
-    encoded in the graph by the model's encoder (a bad value: InvalidArgumentError "sex[i]: ...")."""
+    encoded in the graph by the model's encoder (a bad value: InvalidArgumentError "sex[i]: ..."). With `datasets`
+    (a `cxrkeras.data.datasets.DatasetInput`: a model with the dataset embedding) both take `dataset`, the source
+    dataset's name per image (an unknown name: InvalidArgumentError "dataset[i]: ...")."""
     preprocessor = as_preprocessor(preprocessor, preprocessing, equalize)
     thresholds = tf.constant(thresholds, tf.float32, name="thresholds")
     image_size = preprocessor.image_size
 
-    def outputs(images, fields=None):
-        x = images if fields is None else (images, patient.encode_checked(*fields, count=tf.shape(images)[0]))
+    def outputs(images, fields=None, encoded=None):
+        if fields is not None:
+            encoded = patient.encode_checked(*fields, count=tf.shape(images)[0])
+        x = images if encoded is None else (images, encoded)
         probs = tf.cast(model(x, training=False), tf.float32)
         return {"probabilities": probs, "findings": tf.greater_equal(probs, thresholds)}
 
     specs = {BYTES_SIGNATURE: [tf.TensorSpec([None], tf.string, name=BYTES_INPUT)],
              IMAGES_SIGNATURE: [tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=IMAGES_INPUT)]}
-    if patient is None:
+    if patient is None and datasets is None:
         def serve_bytes(image_bytes):
             return outputs(bytes_to_inputs(image_bytes, preprocessor))
 
@@ -162,6 +167,18 @@ def make_endpoints(model, thresholds, preprocessor, preprocessing=None, equalize
             return outputs(images)
 
         return serve_bytes, serve_images, specs
+    if datasets is not None:
+        def with_dataset(images, names):
+            return outputs(images, encoded=datasets.encode_checked(names, count=tf.shape(images)[0]))
+
+        def serve_bytes_dataset(image_bytes, dataset):
+            return with_dataset(bytes_to_inputs(image_bytes, preprocessor), dataset)
+
+        def serve_images_dataset(images, dataset):
+            return with_dataset(images, dataset)
+
+        spec = tf.TensorSpec([None], tf.string, name=DATASET_INPUT)
+        return serve_bytes_dataset, serve_images_dataset, {name: s + [spec] for name, s in specs.items()}
 
     def serve_bytes_patient(image_bytes, age, sex, view):
         return outputs(bytes_to_inputs(image_bytes, preprocessor), (age, sex, view))
@@ -175,12 +192,13 @@ def make_endpoints(model, thresholds, preprocessor, preprocessing=None, equalize
     return serve_bytes_patient, serve_images_patient, specs
 
 
-def build_archive(model, thresholds, preprocessor, asset_paths=None, patient=None):
+def build_archive(model, thresholds, preprocessor, asset_paths=None, patient=None, datasets=None):
     """A keras.export.ExportArchive with both signatures (serving_default first) and `asset_paths` as assets;
     `patient`: the model's PatientEncoder (the signatures then take age, sex and view too)."""
     import keras
 
-    serve_bytes, serve_images, specs = make_endpoints(model, thresholds, preprocessor, patient=patient)
+    serve_bytes, serve_images, specs = make_endpoints(model, thresholds, preprocessor, patient=patient,
+                                                      datasets=datasets)
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(BYTES_SIGNATURE, serve_bytes, input_signature=specs[BYTES_SIGNATURE])
@@ -230,7 +248,7 @@ def item_error(message):
     """(index of the bad item or None, reason) of a serving InvalidArgument message; the reason without the
     "image_bytes[i]: " prefix and the advice to serving clients (a patient field keeps its name: "sex: ...")."""
     text = error_summary(message)
-    match = re.match(r"(image_bytes|age|sex|view)\[(\d+)\]: (.*)", text, re.S)
+    match = re.match(r"(image_bytes|age|sex|view|dataset)\[(\d+)\]: (.*)", text, re.S)
     if not match:
         return None, text
     reason = match.group(3).split(" " + _SEND)[0].rstrip(".")

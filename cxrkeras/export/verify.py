@@ -76,7 +76,7 @@ CASE_SEXES = ("M", "F", "f", " M ")
 CASE_VIEWS = ("PA", "AP", "pa", "AP")
 
 
-def write_case(case_dir, model, preprocessor, images=None, patient=None):
+def write_case(case_dir, model, preprocessor, images=None, patient=None, datasets=None):
     """Keras-side reference: inputs (each file through `preprocessor`, eagerly, one at a time; with a `patient`
     encoder, also age, sex and view through it) and expected outputs of both signatures, saved to
     case_dir/case.npz."""
@@ -93,6 +93,9 @@ def write_case(case_dir, model, preprocessor, images=None, patient=None):
         fields = dict(age=np.resize(np.array(CASE_AGES, np.float32), n), sex=np.resize(np.array(CASE_SEXES), n),
                       view=np.resize(np.array(CASE_VIEWS), n))
         inputs = (x, patient.encode(fields["age"], fields["sex"], fields["view"]).numpy())
+    elif datasets is not None:  # every dataset of the model in turn: the embedding must come through the graph
+        fields = dict(dataset=np.resize(np.array(datasets.names), len(images)))
+        inputs = (x, np.resize(np.arange(len(datasets.names), dtype=np.int32), len(images))[:, None])
     else:
         inputs = x
     expected = np.asarray(model(inputs, training=False), dtype=np.float32)
@@ -136,7 +139,7 @@ def _check(version_dir, case_dir):
     loaded = tf.saved_model.load(version_dir)
     serve = loaded.signatures["serving_default"]
     images_fn = loaded.signatures["predict_images"]
-    fields = {k: tf.constant(case[k]) for k in ("age", "sex", "view") if k in case.files}
+    fields = {k: tf.constant(case[k]) for k in ("age", "sex", "view", "dataset") if k in case.files}
 
     def first(k, values):  # the patient values of the first `k` images (none for an image-only model)
         return {name: v[:k] for name, v in values.items()}
@@ -155,7 +158,14 @@ def _check(version_dir, case_dir):
         result["bad_bytes_error"] = None
     except tf.errors.InvalidArgumentError as exc:
         result["bad_bytes_error"] = _summary(exc.message)
-    if fields:
+    if "dataset" in fields:
+        bad = dict(first(2, fields), dataset=tf.constant([case["dataset"][0], "no such dataset"]))
+        try:
+            serve(image_bytes=tf.constant(blobs[:2]), **bad)
+            result["bad_dataset_error"] = None
+        except tf.errors.InvalidArgumentError as exc:
+            result["bad_dataset_error"] = _summary(exc.message)
+    elif fields:
         bad = dict(first(2, fields), sex=tf.constant(["M", "X"]))
         try:
             serve(image_bytes=tf.constant(blobs[:2]), **bad)

@@ -44,7 +44,8 @@ def extract_split(source, records_dir, split, params, equalize="hist", batch_siz
     expected = split_size(manifest, split, records_dir)
     common = dict(stage=2, batch_size=int(batch_size), training=False, drop_remainder=False, deterministic=True,
                   return_ids=True, no_finding_class=no_finding)
-    for_model = build_dataset(records_dir, split, preprocessor=source.preprocessor, patient=source.patient, **common)
+    for_model = build_dataset(records_dir, split, preprocessor=source.preprocessor, patient=source.patient,
+                              datasets=source.datasets, **common)
     texture_pre = texture_preprocessor(source.preprocessor, params, equalize)
     for_texture = build_dataset(records_dir, split, preprocessor=texture_pre, **common)
     embed = embedding_model(source.model)  # kept alive: inference_step holds only a weak reference

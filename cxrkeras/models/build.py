@@ -12,8 +12,8 @@ from cxrkeras.models.lka import FORMS
 from cxrkeras.models.registry import get_variant
 
 OVERRIDES = ("lka_blocks", "lka_form", "dropout", "width_multiplier", "blocks", "name", "preprocessing", "bn_epsilon",
-             "bn_momentum", "final_relu", "attention", "head", "head_stages", "head_merge", "lstm_units",
-             "attention_heads", "attention_key_dim")
+             "bn_momentum", "final_relu", "attention", "head", "head_stages", "head_merge", "head_dataset_embedding",
+             "lstm_units", "attention_heads", "attention_key_dim")
 MODULES = {"densenet121": densenet, "vgg16": vgg, "resnet50": resnet, "efficientnetb2": efficientnet}
 SEQUENCE_OPTIONS = dict(lstm_units=(256, 4096), attention_heads=(4, 64), attention_key_dim=(64, 1024))  # default, max
 IMAGE_INPUT, PATIENT_INPUT = "image", "patient"  # the model's input names
@@ -109,6 +109,9 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
     GAP -> Dense(n) logits per pyramid level, prediction sigmoid(sum of the logits); levels 1-4 are DenseNet's dense
     blocks 1-4, VGG16's blocks 2-5, ResNet-50's stages conv2-conv5, each after its LKA), head_stages (the levels,
     "4+3+2" by default or e.g. "4+3+2+1"), head_merge ("sum" | "concat": one Dense over the concatenated levels),
+    head_dataset_embedding (fpsm: the source datasets' names, or their number N: a second input "dataset", the
+    int index of each image's source, through a learned Embedding(N, N) appended to each level's features before
+    its Dense; training sets the names of the records' manifest),
     lstm_units / attention_heads / attention_key_dim (efficientnetb2-lstm-mha: the LSTM's width and the
     self-attention's heads and key size; 256, 4, 64).
     patient_features: None, True (the study's age normalisation) or a `cxrkeras.data.patient.PatientEncoder` (or its
@@ -172,8 +175,11 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
     if head == "fpsm" and spec.backbone == "efficientnetb2":
         raise ConfigError(f"head fpsm is defined on DenseNet121, VGG16 and ResNet-50's stages, not on {spec.name} "
                           "(its head reads the last feature map as a sequence): use the linear head")
-    if head != "fpsm" and any(k in overrides for k in ("head_stages", "head_merge")):
-        raise ConfigError("head_stages and head_merge apply to head: fpsm only")
+    from cxrkeras.data.datasets import embedding_names
+
+    dataset_names = embedding_names(options.get("head_dataset_embedding"))
+    if head != "fpsm" and (any(k in overrides for k in ("head_stages", "head_merge")) or dataset_names):
+        raise ConfigError("head_stages, head_merge and head_dataset_embedding apply to head: fpsm only")
 
     module = MODULES[spec.backbone]
     shape = _check_input_shape(input_shape, spec, module.MIN_INPUT_SIZE)
@@ -206,6 +212,8 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
         build_args["attention"] = attention
     if head == "fpsm":
         build_args.update(head=head, head_stages=fpsm.format_levels(levels), head_merge=merge)
+        if dataset_names:
+            build_args["head_dataset_embedding"] = list(dataset_names)
     if sequence:
         build_args.update(sequence)
         x = efficientnet.apply_sequence_attention(x, sequence["lstm_units"], sequence["attention_heads"],
@@ -215,12 +223,14 @@ def build_model(variant, num_classes=14, weights=None, input_shape=(224, 224, 3)
                     preprocessor=_preprocessor_config(preprocessor, preprocessing, shape),
                     patient_features=encoder.to_config() if encoder else None)
     patient = keras.Input(shape=(encoder.width,), name=PATIENT_INPUT) if encoder else None
+    dataset = keras.Input(shape=(1,), dtype="int32", name=fpsm.DATASET_INPUT) if dataset_names else None
     if head == "fpsm":
         outputs = fpsm.apply_fpsm_head(inputs, x, spec.backbone, levels, merge, len(labels), dropout, metadata,
-                                       blocks=blocks)
+                                       blocks=blocks, dataset=dataset, n_datasets=len(dataset_names or ()))
     else:
         outputs = apply_head(x, len(labels), dropout, metadata, patient=patient)
-    model = keras.Model([inputs, patient] if encoder else inputs, outputs,
+    extra = patient if encoder else dataset
+    model = keras.Model([inputs, extra] if extra is not None else inputs, outputs,
                         name=options.get("name") or spec.name.replace("-", "_"))
     if weights is not None:
         from cxrkeras.models.weights import load_weights, summary
@@ -249,9 +259,12 @@ def _preprocessor_config(preprocessor, preprocessing, shape):
 
 
 def model_info(model, strict=True):
-    """dict(variant, labels, preprocessing, feature_layer, input_shape, build_args, preprocessor, patient_features)
+    """dict(variant, labels, preprocessing, feature_layer, input_shape, build_args, preprocessor, patient_features,
+    datasets)
     of a model made by build_model (preprocessor: its stored Preprocessor config, or None; patient_features: its
-    stored PatientEncoder config, or None for an image-only model; input_shape: the image input's).
+    stored PatientEncoder config, or None for an image-only model; datasets: the source dataset names of a model
+    with the FPSM dataset embedding (its "dataset" input is their index), else None; input_shape: the image
+    input's).
 
     Works on a model reloaded from .keras: everything is read from its "predictions" layer's config. A model not
     made by build_model raises CxrError, or gives None with strict=False (a plain Keras model in the API).
@@ -268,4 +281,5 @@ def model_info(model, strict=True):
     return dict(variant=head.variant, labels=list(head.labels), preprocessing=head.preprocessing,
                 feature_layer=head.feature_layer, input_shape=tuple(model.inputs[0].shape[1:]),
                 build_args=dict(head.build_args), preprocessor=getattr(head, "preprocessor", None),
-                patient_features=getattr(head, "patient_features", None))
+                patient_features=getattr(head, "patient_features", None),
+                datasets=list(head.build_args.get("head_dataset_embedding") or []) or None)

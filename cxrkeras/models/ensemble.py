@@ -72,6 +72,9 @@ def check_members(sources, names):
     for source, name in zip(sources, names):
         if source.patient:
             raise ConfigError(f"{name}: takes patient features; ensembles take image-only members")
+        if source.datasets:
+            raise ConfigError(f"{name}: takes a dataset input (FPSM head_dataset_embedding); ensembles take "
+                              "image-only members")
     for source, name in zip(sources[1:], names[1:]):
         problems = _differences(sources[0], source)
         if problems:

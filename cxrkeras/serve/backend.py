@@ -54,6 +54,10 @@ class Backend:
         from cxrkeras.export.predict import load_predictor
 
         self.predictor = load_predictor(model, log)
+        if getattr(self.predictor, "datasets", None):  # the page and REST API have no dataset field yet
+            raise CxrError(f"{model} takes the source dataset of each image (FPSM dataset embedding): `cxrkeras "
+                           "serve` does not send one; serve its SavedModel with TF Serving (the signatures take "
+                           "`dataset` beside `image_bytes`) or use `cxrkeras predict --dataset NAME`")
         self.takes_patient = bool(self.predictor.takes_patient)  # the model also takes age, sex and view
         self.labels = list(self.predictor.labels)
         self.thresholds = np.asarray(self.predictor.thresholds, dtype=np.float64)
@@ -88,7 +92,7 @@ class Backend:
             if keras_model:
                 raise CxrError("--keras-model is for an export folder; a run or .keras model is its own Grad-CAM "
                                "model")
-            return self.predictor.source, None
+            return _explainable(self.predictor.source)
         info = read_json_or(os.path.join(self.predictor.path, "assets", "export_info.json")) or {}
         recorded, sha = info.get("model"), info.get("model_sha256")
         path = keras_model or recorded
@@ -107,8 +111,10 @@ class Backend:
             return None, f"the Keras model cannot be loaded for heatmaps: {exc}"
         if list(source.labels) != self.labels:
             return None, f"{path} has other labels than the export: its heatmaps would explain another model"
-        log(f"heatmaps from {path}")
-        return source, None
+        source, reason = _explainable(source)
+        if source is not None:
+            log(f"heatmaps from {path}")
+        return source, reason
 
     def patient_encoder(self):
         """The model's PatientEncoder config (a Keras model's, or the one the export recorded), or None."""
@@ -174,6 +180,19 @@ class Backend:
             out.append({"label": e["label"], "probability": e["probability"], "rank": e["rank"],
                         "heatmap_max": e["heatmap_max"], "png": png})
         return out
+
+
+def _explainable(source):
+    """(source, None) when Grad-CAM can explain its model, else (None, why not: e.g. an ensemble, whose members
+    average their probabilities), by explain's own rule for the feature layer."""
+    from cxrkeras.errors import ConfigError
+    from cxrkeras.explain.target import default_layer
+
+    try:
+        default_layer(source.model)
+    except ConfigError as exc:
+        return None, f"no heatmaps: {exc}"
+    return source, None
 
 
 # --- file reading (any thread: no model involved) ---

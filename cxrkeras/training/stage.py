@@ -46,6 +46,13 @@ class StageContext:
     chief: bool = True
     patient: object = None  # cxrkeras.data.patient.PatientEncoder of a model with patient features
 
+    @property
+    def datasets(self):
+        """The source dataset names of a model with the FPSM dataset embedding (None: no dataset input)."""
+        from cxrkeras.data.datasets import embedding_names
+
+        return embedding_names(self.build_options.get("head_dataset_embedding"))
+
 
 @dataclasses.dataclass
 class Phase:
@@ -236,6 +243,11 @@ class StageRun:
             info.resumes.append({"at": utc_now(), "from_epoch": self.start_epoch})
         return info
 
+    def record_dadam(self, info):
+        """info.dadam: online DADAM's options, donors and the images it made per pass so far (None when off)."""
+        if getattr(self, "dadam", None) is not None:
+            info.dadam = self.dadam.record(self.dadam_before, self.start_epoch or None)
+
     def write_info(self, info):
         if self.ctx.chief:
             info.write(self.ctx.out_dir)
@@ -278,10 +290,16 @@ class StageRun:
         with precision_policy(mixed):
             keras.utils.set_random_seed(config.train.seed + self.start_epoch)
             data_seed = config.train.seed + 1000 * self.start_epoch  # a resumed run does not replay epoch 1's order
+            from cxrkeras.data.dadam_online import from_config
             from cxrkeras.training.trainer import make_datasets
 
+            self.dadam = from_config(config, self.log)  # online DADAM (data.dadam.boxes), None when off
+            self.dadam_before = info.dadam if self.resume else None
             train_ds, val_ds = make_datasets(config, ctx.stage, self.strategy, data_seed, verify="size",
-                                             preprocessor=ctx.preprocessor, patient=ctx.patient)  # hashed by train()
+                                             preprocessor=ctx.preprocessor, patient=ctx.patient,
+                                             datasets=ctx.datasets, dadam=self.dadam)  # hashed by train()
+            self.record_dadam(info)
+            self.write_info(info)
             model = self.build_model()
             if ctx.init_path and not self.resume:
                 from cxrkeras.training.trainer import weights_fingerprint
@@ -376,8 +394,11 @@ class StageRun:
         mixed = resolve_mixed_precision(self.config.train.mixed_precision)
         with precision_policy(mixed):
             keras.utils.set_random_seed(self.config.train.seed)
+            from cxrkeras.data.dadam_online import from_config
+
             train_ds, _ = make_datasets(self.config, self.ctx.stage, self.strategy, verify="size",
-                                        preprocessor=self.ctx.preprocessor, patient=self.ctx.patient)
+                                        preprocessor=self.ctx.preprocessor, patient=self.ctx.patient,
+                                        datasets=self.ctx.datasets, dadam=from_config(self.config, self.log))
             model = self.build_model()
             before = weights_fingerprint(model)
             result = self.sweep(model, self.build_loss(), train_ds, steps, start_lr, end_lr)
@@ -413,6 +434,7 @@ class StageRun:
 
         ctx, guard = self.ctx, fitted.guard
         history = cb.read_history(self.history_path)
+        self.record_dadam(info)
         if guard.stopped:
             kept = [f"{name} (epoch {e})" for name, e in ((BEST_FILE, fitted.best.best_epoch),
                                                          (LAST_FILE, len(history) or None)) if e]

@@ -131,23 +131,26 @@ def stage_preprocessor(config, manifest=None):
                                     config.data.equalize)
 
 
-def make_datasets(config, stage, strategy=None, seed=None, verify=None, preprocessor=None, patient=None):
+def make_datasets(config, stage, strategy=None, seed=None, verify=None, preprocessor=None, patient=None,
+                  datasets=None, dadam=None):
     """(training dataset: shuffled, augmented, repeated, global batches; validation dataset: the whole split,
     deterministic eval transform, last partial batch kept). Stage 1 reads no 'No Finding' image.
     `verify`: how shards are checked against the manifest (default data.verify_records). `patient`: the model's
-    PatientEncoder (inputs are then (images, patient features))."""
+    PatientEncoder (inputs are then (images, patient features)); `datasets`: the source dataset names of a model
+    with the FPSM dataset embedding (inputs are then (images, dataset index)). `dadam`: the OnlineDadam of
+    data.dadam (cxrkeras.data.dadam_online.from_config), training dataset only."""
     from cxrkeras.data.pipeline import build_dataset
 
     preprocessor = preprocessor or stage_preprocessor(config)
     common = dict(stage=stage, preprocessor=preprocessor, verify=verify or config.data.verify_records,
-                  patient=patient, no_finding_class=config.data.no_finding_class)
+                  patient=patient, no_finding_class=config.data.no_finding_class, datasets=datasets)
     d = config.data
     augmentation = dict(augment=d.augment, max_rotation=d.max_rotation, crop_scale=tuple(d.crop_scale), flip=d.flip,
                         fill_mode=d.fill_mode)
     train_ds = build_dataset(config.data.records, config.data.train_split, batch_size=config.data.batch_size,
                              training=True, shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache,
                              seed=config.train.seed if seed is None else seed, repeat=True, strategy=strategy,
-                             **augmentation, **common)
+                             dadam=dadam, **augmentation, **common)
     val_ds = build_dataset(config.data.records, config.data.val_split, batch_size=config.data.batch_size,
                            training=False, drop_remainder=False, **common)
     return train_ds, val_ds
@@ -213,10 +216,17 @@ def stage_context(config, stage, inputs, log, **where):
     if config.data.no_finding_class and stage == 1:
         log("note: stage 1 reads only images with a finding, so the 'No Finding' output sees no positive image "
             "before stage 2 (or train one stage: --stage 2 --init none)")
+    build_options = model_options(config)
+    if build_options.get("head_dataset_embedding") is True:  # one embedding row per source of the training records
+        from cxrkeras.data.datasets import manifest_names
+
+        build_options["head_dataset_embedding"] = manifest_names(inputs["manifest"])
+        log(f"dataset embedding: {len(build_options['head_dataset_embedding'])} source dataset(s) of the records "
+            f"({', '.join(build_options['head_dataset_embedding'])})")
     return StageContext(config=config, stage=stage, variant=inputs["variant"], labels=inputs["labels"],
                         counts=inputs["counts"], positives=inputs["positives"], manifest_sha=inputs["manifest_sha"],
                         preprocessor=stage_preprocessor(config, inputs["manifest"]),
-                        build_options=model_options(config), init_path=inputs["init_path"],
+                        build_options=build_options, init_path=inputs["init_path"],
                         init_info=inputs["init_info"], patient=patient, **where)
 
 
