@@ -35,7 +35,7 @@ def band_rows(height, width, channels, band=True):
     return max(BAND_BYTES // row_bytes, -(-height // MAX_BANDS), 1)
 
 
-def depthwise_same(x, kernel, dilation=1, crop=True, band=True):
+def depthwise_same(x, kernel, dilation=1, crop=True, band=False):
     """Depthwise convolution, stride 1, "same" padding, odd kernel (k, k, C, 1), channels last: the value of
     `ops.depthwise_conv`, computed faster on CPU (Keras ops only, so any backend).
 
@@ -44,9 +44,10 @@ def depthwise_same(x, kernel, dilation=1, crop=True, band=True):
       takes 3 ms). The same sum, dW[i, j, c] = sum over b, h, w of x_padded[b, h + i*d, w + j*d, c] * g[b, h, w, c],
       is a forward depthwise convolution of the padded input with the upstream gradient as the filter and stride d:
       the images of the batch stacked one above the other (a free reshape; the gradient's rows zero-padded so no
-      product pairs two images), and (`band`, see `band_rows`) on large maps the rows cut into bands of about
-      2 MiB per image, one convolution a band, summed: that kernel copies its whole filter-sized window for each
-      of the k x k outputs, and the bands also run in parallel (2x less wall time on 224x224x64 at batch 2).
+      product pairs two images). `band` (see `band_rows`; off by default, so the models do not band) cuts the rows
+      into bands, one convolution a band, summed: on 2 loaded cores it took 30-35 % off the LKA block's wall time
+      at 224x224x64 (the bands run in parallel) but no CPU time; on a lightly loaded run the block was 2 % slower
+      (its depthwise ops 20-26 %; tools/bench_models.py --ops).
     - The input gradient is the forward convolution of the upstream gradient with the flipped kernel.
     - `crop`: taps that can only multiply zero padding (a map smaller than the dilated kernel's reach, e.g. the 7x7
       dilation-3 kernel on 7x7 maps: its outer ring) are left out, exactly: same output and gradients, the dropped
