@@ -8,11 +8,12 @@ Usage: .venv/bin/python tools/bench_models.py [--paper] [--quick] [--batch 4] [-
 baselines (densenet121, vgg16-bn), batch 2, median of 5 interleaved steps, then the per-op table at 224 and
 112 px for every variant that misses the target (time ratio <= FLOP ratio x 1.05).
 Each backbone's models are built and warmed up together, then timed in interleaved rounds (one step of each model
-per round, each round starting one model further on; the median step time is reported), so load from other processes hits all of them alike. The CPU column
-is the process's user + system time per image (median over the steps): less sensitive to other processes' load.
+per round, each round starting one model further on; the median step time is reported), so load from other
+processes hits all of them alike. The CPU column is the process's user + system time per image (median over the
+steps): less sensitive to other processes' load.
 `--before plain,keras` also runs each LKA variant in earlier formulations of the LKA (same values and weights; see
-BEFORE): "plain", as before tap cropping / kernel-gradient bands / the carried bias; "keras", through the Keras
-sub-layers' own call (TensorFlow's depthwise filter-gradient kernel). `--ops`: the per-op table for every LKA variant run
+BEFORE): "plain", as before tap cropping / the carried bias; "keras", through the Keras sub-layers' own call
+(TensorFlow's depthwise filter-gradient kernel). `--ops`: the per-op table for every LKA variant run
 (forward + backward time of each LKA op at that variant's LKA shapes, against the time its multiply-adds take at
 the baseline network's own training speed, measured in the same table). `--jit` compiles the train steps with XLA
 (its CPU depthwise convolutions are far slower).
@@ -31,7 +32,7 @@ PAIRS = (("densenet121", ("densenet121-lka-after", "densenet121-lka-last2", "den
 PAPER_VARIANTS = PAIRS[0][1] + PAIRS[1][1]
 # earlier formulations of the LKA, for side-by-side rows: label suffix -> what it runs
 BEFORE = {"plain": ("(plain dw)", "depthwise_same without tap cropping or kernel-gradient bands, conv_spatial's "
-                                  "bias added before conv1 (the form before tap cropping)"),
+                                  "bias added before conv1"),
           "keras": ("(Keras dw)", "the Keras DepthwiseConv2D / Conv2D sub-layers' own call (TensorFlow's filter-"
                                   "gradient kernel)")}
 TOLERANCE = 1.05  # the target: time ratio <= FLOP ratio x 1.05
