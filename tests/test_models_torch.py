@@ -413,3 +413,74 @@ def test_lka_values_and_gradients_match_pytorch_and_the_keras_layers(shape):
         scale = max(1.0, float(np.abs(t).max()))
         np.testing.assert_allclose(a, t, atol=1e-5 * scale, err_msg=f"{name} vs PyTorch")
         np.testing.assert_allclose(a, b, atol=1e-5 * scale, err_msg=f"{name} vs the Keras layers")
+
+
+DEPTHWISE_CASES = {  # (x shape, kernel size, dilation, band): maps below and above the dilated kernel's reach
+    "7x7-dil3-crop": ((2, 7, 7, 6), 7, 3, True),
+    "9x4-dil3-crop-hw": ((2, 9, 4, 5), 7, 3, True),
+    "3x3-5x5-crop": ((3, 3, 3, 4), 5, 1, True),
+    "1x1-dil3": ((2, 1, 1, 4), 7, 3, True),
+    "20x13-dil3": ((2, 20, 13, 3), 7, 3, True),
+    "20x13-dil3-bands3": ((2, 20, 13, 3), 7, 3, 3),
+    "11x6-5x5-bands2": ((3, 11, 6, 4), 5, 1, 2),
+    "10x10-5x5-bands1": ((1, 10, 10, 2), 5, 1, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(DEPTHWISE_CASES))
+def test_depthwise_same_matches_pytorch(case):
+    """`depthwise_same` (cropped taps on small maps, the kernel gradient by bands) equals PyTorch's grouped conv
+    (float64): output, input gradient and kernel gradient, for a non-trivial upstream gradient."""
+    import tensorflow as tf
+
+    from cxrkeras.models.lka import depthwise_same
+
+    shape, k, d, band = DEPTHWISE_CASES[case]
+    rng = np.random.default_rng(3)
+    x, g = (rng.normal(size=shape).astype("float32") for _ in range(2))
+    w = rng.normal(size=(k, k, shape[-1], 1)).astype("float32")
+    xt, wt = tf.constant(x), tf.constant(w)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, wt])
+        y = depthwise_same(xt, wt, d, band=band)
+    ours = [y.numpy()] + [t.numpy() for t in tape.gradient(y, [xt, wt], output_gradients=tf.constant(g))]
+    xr = torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).astype("float64")).requires_grad_(True)
+    wr = torch.from_numpy(np.transpose(w, (2, 3, 0, 1)).astype("float64")).requires_grad_(True)
+    yr = torch.nn.functional.conv2d(xr, wr, padding=d * (k - 1) // 2, dilation=d, groups=shape[-1])
+    yr.backward(torch.from_numpy(np.transpose(g, (0, 3, 1, 2)).astype("float64")))
+    reference = [np.transpose(yr.detach().numpy(), (0, 2, 3, 1)), np.transpose(xr.grad.numpy(), (0, 2, 3, 1)),
+                 np.transpose(wr.grad.numpy(), (2, 3, 0, 1))]
+    for name, a, b in zip(("output", "d input", "d kernel"), ours, reference):
+        np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(np.abs(b).max())), err_msg=name)
+
+
+def test_depthwise_same_bands_on_large_maps_and_unknown_sizes(monkeypatch):
+    """The automatic bands (a small BAND_BYTES forces several) and a map size unknown until run (one band, no
+    cropping) give the kernel gradient of the whole-map computation; band_rows bounds the band count."""
+    import tensorflow as tf
+
+    from cxrkeras.models import lka
+
+    rng = np.random.default_rng(4)
+    x, g = (tf.constant(rng.normal(size=(2, 12, 5, 3)).astype("float32")) for _ in range(2))
+    w = tf.constant(rng.normal(size=(7, 7, 3, 1)).astype("float32"))
+
+    def kernel_gradient(band, signature=None):
+        @tf.function(input_signature=signature)
+        def run(x, w):
+            with tf.GradientTape() as tape:
+                tape.watch(w)
+                y = lka.depthwise_same(x, w, 3, band=band)
+            return tape.gradient(y, w, output_gradients=g)
+        return run(x, w).numpy()
+
+    whole = kernel_gradient(False)
+    monkeypatch.setattr(lka, "BAND_BYTES", 4 * 5 * 3 * 2)  # 2 rows of one image a band; the map holds 6 bands
+    assert lka.band_rows(12, 5, 3) == 2
+    assert lka.band_rows(12, 5, 3, band=False) == 12 and lka.band_rows(12, 5, 3, band=5) == 5
+    assert lka.band_rows(100, 5, 3) == 7  # at most MAX_BANDS (16) bands
+    assert lka.band_rows(4, 5, 3) == 4  # a map within 2 x BAND_BYTES: one band
+    np.testing.assert_allclose(kernel_gradient(True), whole, atol=1e-5 * float(np.abs(whole).max()))
+    unknown = [tf.TensorSpec((None, None, None, 3)), tf.TensorSpec((7, 7, 3, 1))]
+    np.testing.assert_allclose(kernel_gradient(True, unknown), whole, atol=1e-5 * float(np.abs(whole).max()))
+    assert lka.taps_inside(7, 7, 3) == 2 and lka.taps_inside(10, 7, 3) == 3 and lka.taps_inside(None, 7, 3) == 3
