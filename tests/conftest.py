@@ -85,6 +85,17 @@ def trained_unet(tmp_path_factory):
 
 
 @pytest.fixture
+def offline_downloads(monkeypatch):
+    """keras.utils.get_file failing as it does on a machine without internet (the ImageNet-weights error paths)."""
+    import keras
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(0)
 

@@ -72,16 +72,14 @@ def test_fpsm_levels_options_and_refusals():
     for bad in ("5+4", "4+4", "four", ""):
         with pytest.raises(ConfigError, match="head_stages"):
             _thin("vgg16-bn", head="fpsm", head_stages=bad)
-    with pytest.raises(ConfigError, match="attention gates"):
-        _thin("densenet121-att-a", head="fpsm")
-    with pytest.raises(ConfigError, match="reads the last feature map as a sequence"):
-        _thin("efficientnetb2-lstm-mha", head="fpsm")
-    with pytest.raises(ConfigError, match="patient features"):
-        _thin("densenet121", head="fpsm", patient_features=True)
-    with pytest.raises(ConfigError, match="unknown head"):
-        _thin("densenet121", head="pyramid")
-    with pytest.raises(ConfigError, match="head: fpsm only"):
-        _thin("densenet121", head_stages="4+3")
+    refused = [("densenet121-att-a", {"head": "fpsm"}, "attention gates"),
+               ("efficientnetb2-lstm-mha", {"head": "fpsm"}, "reads the last feature map as a sequence"),
+               ("densenet121", {"head": "fpsm", "patient_features": True}, "patient features"),
+               ("densenet121", {"head": "pyramid"}, "unknown head"),
+               ("densenet121", {"head_stages": "4+3"}, "head: fpsm only")]
+    for variant, options, match in refused:
+        with pytest.raises(ConfigError, match=match):
+            _thin(variant, **options)
 
 
 def _bce(y, z):

@@ -108,15 +108,11 @@ def test_trains_a_step_and_serves_through_the_savedmodel(tiny_records, tmp_path)
     assert os.path.isdir(result["path"]) and check["max_abs_diff_images"] <= 1e-5
 
 
-def test_imagenet_file_name_offline_and_the_added_layers(monkeypatch):
+def test_imagenet_file_name_offline_and_the_added_layers(offline_downloads):
     """weights='imagenet' asks for keras.applications' efficientnetb2_notop.h5 (named with its URL when offline);
     the sequence head is an added layer (kept trainable while the backbone is frozen)."""
     from cxrkeras.models.parts import added_layers
 
-    def offline(*args, **kwargs):
-        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(keras.utils, "get_file", offline)
     with pytest.raises(ConfigError, match="https://storage.googleapis.com/keras-applications/efficientnetb2_notop.h5"
                                           ".*weights='/path/to/efficientnetb2_notop.h5'"):
         build_model("efficientnetb2-lstm-mha", input_shape=(64, 64, 3), weights="imagenet")

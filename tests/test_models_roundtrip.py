@@ -108,11 +108,7 @@ def test_weights_h5_same_architecture_and_mismatch(tmp_path):
         tiny("vgg16-lka-after", weights=path, num_classes=5)
 
 
-def test_imagenet_offline_error_names_url_and_local_path(monkeypatch):
-    def offline(*args, **kwargs):
-        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(keras.utils, "get_file", offline)
+def test_imagenet_offline_error_names_url_and_local_path(offline_downloads):
     with pytest.raises(ConfigError, match="could not download ImageNet weights for densenet121 from https://.*"
                                           "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5.*weights='/path"):
         build_model("densenet121", input_shape=(32, 32, 3), weights="imagenet")

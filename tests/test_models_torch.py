@@ -182,13 +182,7 @@ def test_imagenet_vgg16_bn_downloads_timm_safetensors_with_its_hash(tmp_path, mo
     assert model_info(model)["preprocessing"] == "torch"
 
 
-def test_imagenet_offline_error_names_url_and_local_file(monkeypatch):
-    import keras
-
-    def offline(*args, **kwargs):
-        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(keras.utils, "get_file", offline)
+def test_imagenet_offline_error_names_url_and_local_file(offline_downloads):
     with pytest.raises(ConfigError, match=r"could not download ImageNet weights for vgg16-lka-full from "
                                           r"https://huggingface.co/timm/vgg16_bn.tv_in1k/.*model.safetensors .*"
                                           r"weights='/path/to/timm_vgg16_bn.tv_in1k.safetensors' \(or torchvision's "
