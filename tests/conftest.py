@@ -125,3 +125,27 @@ def server(serve_export, tmp_path_factory):
     with running_server(serve_export["base"], tmp_path_factory.mktemp("server"), "--max-upload-mb", "2",
                         "--max-images", "8") as srv:
         yield srv
+
+
+def _background_modules(session):
+    """The selected test modules that define start_in_background (a fresh-process check that needs no fixture)."""
+    seen = {}
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "start_in_background"):
+            seen.setdefault(module.__name__, module)
+    return list(seen.values())
+
+
+def pytest_collection_finish(session):
+    """Start those checks as soon as the tests to run are known: each needs about one core for a minute, which
+    the (mostly single-threaded) in-process tests leave free; their tests then only wait for the result."""
+    if session.config.option.collectonly:
+        return
+    for module in _background_modules(session):
+        module.start_in_background()
+
+
+def pytest_sessionfinish(session):
+    for module in _background_modules(session):
+        module.stop_background()
