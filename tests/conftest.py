@@ -127,25 +127,25 @@ def server(serve_export, tmp_path_factory):
         yield srv
 
 
-def _background_modules(session):
-    """The selected test modules that define start_in_background (a fresh-process check that needs no fixture)."""
-    seen = {}
+
+def _background_checks(session):
+    """The BackgroundCheck of each selected test module that has one (tests/background_helpers.py)."""
+    checks = {}
     for item in session.items:
-        module = getattr(item, "module", None)
-        if module is not None and hasattr(module, "start_in_background"):
-            seen.setdefault(module.__name__, module)
-    return list(seen.values())
+        check = getattr(getattr(item, "module", None), "BACKGROUND", None)
+        if check is not None:
+            checks[id(check)] = check
+    return list(checks.values())
 
 
 def pytest_collection_finish(session):
-    """Start those checks as soon as the tests to run are known: each needs about one core for a minute, which
-    the (mostly single-threaded) in-process tests leave free; their tests then only wait for the result."""
-    if session.config.option.collectonly:
-        return
-    for module in _background_modules(session):
-        module.start_in_background()
+    """Start those fresh-process checks as soon as the tests to run are known: they need no fixture, so they run
+    beside the in-process tests instead of after them; their tests then wait for the result."""
+    if not session.config.option.collectonly:
+        for check in _background_checks(session):
+            check.start()
 
 
 def pytest_sessionfinish(session):
-    for module in _background_modules(session):
-        module.stop_background()
+    for check in _background_checks(session):
+        check.stop()

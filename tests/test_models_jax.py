@@ -4,15 +4,12 @@ holds no TensorFlow-only op and `tools/bench_gpu.py` can run on a JAX-only GPU s
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import textwrap
-import threading
 
 import numpy as np
 import pytest
+from background_helpers import BackgroundCheck
 
 VARIANTS = ("densenet121-lka-after", "densenet121-lka-last2", "densenet121-lka-full",
             "vgg16-lka-after", "vgg16-lka-last3", "vgg16-lka-full")
@@ -63,67 +60,32 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(backend, tmp, weights_dir):
+def _run(run, backend, tmp, weights_dir):
     out = os.path.join(tmp, f"{backend}.json")
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     if backend == "jax":  # LLVM's optimisation of XLA's CPU code is most of the compile time (every eager op, the
         # initializers, the train step) and none of what is compared: same HLO, same ops, outputs within 1e-6
         env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-    proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, out, weights_dir, json.dumps(VARIANTS), json.dumps(THIN),
-                             str(SIZE)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _JOB["proc"] = proc
-    try:
-        _, stderr = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, stderr = proc.communicate()
-    assert proc.returncode == 0, stderr[-3000:]
+    code, _, stderr = run([sys.executable, "-c", _SCRIPT, out, weights_dir, json.dumps(VARIANTS), json.dumps(THIN),
+                           str(SIZE)], env=env, timeout=400)
+    assert code == 0, stderr[-3000:]
     with open(out) as f:
         return json.load(f)
 
 
-_JOB = {}  # the background check: its thread, folder, current process, and result or error
+def _both(tmp, run):
+    weights = os.path.join(tmp, "weights")
+    os.makedirs(weights)
+    tf_side = _run(run, "tensorflow", tmp, weights)  # writes the weights the JAX process loads
+    return tf_side, _run(run, "jax", tmp, weights)
 
 
-def start_in_background():
-    """Both processes (TensorFlow, which writes the weights, then JAX) in a thread: conftest starts it once the
-    session's tests are known, so the ~1 core they need runs beside the other tests instead of after them."""
-    if "thread" in _JOB:
-        return
-    tmp = tempfile.mkdtemp(prefix="cxrkeras-jax-")
-
-    def work():
-        try:
-            weights = os.path.join(tmp, "weights")
-            os.makedirs(weights)
-            tf_side = _run("tensorflow", tmp, weights)
-            _JOB["result"] = (tf_side, _run("jax", tmp, weights))
-        except BaseException as exc:  # re-raised by the fixture, in the test
-            _JOB["error"] = exc
-
-    _JOB["tmp"] = tmp
-    _JOB["thread"] = threading.Thread(target=work, name="jax-backend-check", daemon=True)
-    _JOB["thread"].start()
-
-
-def stop_background():
-    """At the session's end: no process of the check outlives pytest (an interrupted or deselected run)."""
-    proc = _JOB.get("proc")
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    if "tmp" in _JOB:
-        shutil.rmtree(_JOB["tmp"], ignore_errors=True)
+BACKGROUND = BackgroundCheck("jax-backend", _both)  # started by conftest beside the other tests
 
 
 @pytest.fixture(scope="module")
 def both_backends():
-    start_in_background()  # a no-op when conftest started it
-    _JOB["thread"].join(timeout=850)
-    assert not _JOB["thread"].is_alive(), "the TensorFlow/JAX processes did not finish within 850 s"
-    if "error" in _JOB:
-        raise _JOB["error"]
-    return _JOB["result"]
+    return BACKGROUND.result(timeout=850)
 
 
 @pytest.mark.timeout(900)
