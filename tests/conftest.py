@@ -125,3 +125,27 @@ def server(serve_export, tmp_path_factory):
     with running_server(serve_export["base"], tmp_path_factory.mktemp("server"), "--max-upload-mb", "2",
                         "--max-images", "8") as srv:
         yield srv
+
+
+
+def _background_checks(session):
+    """The BackgroundCheck of each selected test module that has one (tests/background_helpers.py)."""
+    checks = {}
+    for item in session.items:
+        check = getattr(getattr(item, "module", None), "BACKGROUND", None)
+        if check is not None:
+            checks[id(check)] = check
+    return list(checks.values())
+
+
+def pytest_collection_finish(session):
+    """Start those fresh-process checks as soon as the tests to run are known: they need no fixture, so they run
+    beside the in-process tests instead of after them; their tests then wait for the result."""
+    if not session.config.option.collectonly:
+        for check in _background_checks(session):
+            check.start()
+
+
+def pytest_sessionfinish(session):
+    for check in _background_checks(session):
+        check.stop()

@@ -50,9 +50,23 @@ def _member_probs(paths, records, split):
     return [predict_split(load_source(p), records, split)[0] for p in paths]
 
 
+@pytest.fixture(scope="module")
+def member_test_probs(members):
+    """Each member's probabilities on the test split (predict_split), for the tests that compare with them."""
+    return _member_probs(members["paths"], members["records"], "test")
+
+
 def _csv_probs(path):
     frame = pd.read_csv(path)
     return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy(dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def exported(built, members):
+    """The ensemble folder (as --run) exported once, its fresh-process verification included."""
+    from cxrkeras.export.savedmodel import export
+
+    return export(built["out"], str(members["root"] / "exports" / "ens"), log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +81,9 @@ def built(members):
 
 
 @pytest.mark.timeout(300)
-def test_ensemble_through_evaluate_is_the_mean_of_its_members(members, built):
+def test_ensemble_through_evaluate_is_the_mean_of_its_members(members, built, member_test_probs):
     out = built["out"]
-    p_a, p_b = _member_probs(members["paths"], members["records"], "test")
+    p_a, p_b = member_test_probs
     assert np.abs(p_a - p_b).max() > 0.05  # two different models
     ens = _csv_probs(os.path.join(out, "evaluation", "test", "predictions_test.csv"))
     assert np.abs(ens - (p_a + p_b) / 2).max() <= 1e-6
@@ -118,10 +132,8 @@ def test_ensemble_is_compared_with_its_best_member_by_validation_auc(members, bu
 
 
 @pytest.mark.timeout(300)
-def test_exported_ensemble_is_the_mean_of_its_members_in_a_fresh_process(members, built, tmp_path):
-    from cxrkeras.export.savedmodel import export
-
-    result = export(built["out"], str(tmp_path / "exp"), log=lambda *_: None)  # the ensemble folder, as --run
+def test_exported_ensemble_is_the_mean_of_its_members_in_a_fresh_process(members, exported, tmp_path):
+    result = exported
     assert result["thresholds_info"]["source"] == "evaluation"  # the ensemble's own evaluation, found by sha256
     assert result["verification"]["max_abs_diff_images"] <= 1e-5
     x = np.random.default_rng(5).normal(size=(6, 32, 32, 3)).astype("float32")
@@ -139,14 +151,14 @@ def test_exported_ensemble_is_the_mean_of_its_members_in_a_fresh_process(members
     assert np.abs(served - (a + b) / 2).max() <= 1e-6
 
 
-def test_weights_val_auc_and_given(members, tmp_path):
+def test_weights_val_auc_and_given(members, member_test_probs, tmp_path):
     from sklearn.metrics import roc_auc_score
 
     from cxrkeras.evaluation.ensemble import ensemble
 
     res = ensemble(members["paths"], str(tmp_path / "w"), members["records"], weights="3,1", n_boot=0,
                    figures_on=False, log=lambda *_: None)
-    p_a, p_b = _member_probs(members["paths"], members["records"], "test")
+    p_a, p_b = member_test_probs
     ens = _csv_probs(os.path.join(tmp_path, "w", "evaluation", "test", "predictions_test.csv"))
     assert np.abs(ens - (0.75 * p_a + 0.25 * p_b)).max() <= 1e-6
     assert [m["weight"] for m in res["members"]] == [0.75, 0.25]
@@ -200,13 +212,12 @@ def test_gradcam_refuses_an_ensemble_and_model_info_reads_it(built):
 
 
 @pytest.mark.timeout(420)
-def test_serve_an_ensemble_run_and_its_export_equal_the_mean_of_its_members(members, built, tmp_path):
+def test_serve_an_ensemble_run_and_its_export_equal_the_mean_of_its_members(members, built, exported, tmp_path):
     """`cxrkeras serve` of the ensemble folder (in process) and of its exported SavedModel (its own server process)
     answers the mean of the members' probabilities on the same uploads (<= 1e-6), and says why it has no heatmaps."""
     from serve_helpers import instances, read_sample, running_server
 
     from cxrkeras.export.predict import load_predictor
-    from cxrkeras.export.savedmodel import export
     from cxrkeras.serve.backend import Backend
 
     blobs = [read_sample(name) for name in ("00000100_000.png", "00001369_000.png")]
@@ -219,8 +230,7 @@ def test_serve_an_ensemble_run_and_its_export_equal_the_mean_of_its_members(memb
     assert backend.heatmap_source is None and "ensemble" in backend.heatmap_reason
     probs, _ = backend.predict(blobs)
     assert np.abs(probs - mean).max() <= 1e-6
-    result = export(built["out"], str(tmp_path / "exports" / "ens"), log=lambda *_: None)
-    with running_server(str(tmp_path / "exports" / "ens"), tmp_path) as server:
+    with running_server(os.path.dirname(exported["path"]), tmp_path) as server:
         status, doc = server.json("GET", "/v1/models/ens/metadata")
         assert status == 200, doc
         status, doc = server.json("POST", "/v1/models/ens:predict", instances(blobs))

@@ -143,6 +143,15 @@ def patient_run(tiny_records, tmp_path_factory):
     return dict(run=run, result=result, metrics=metrics, export=exported, logs=logs, root=root)
 
 
+@pytest.fixture(scope="module")
+def patient_server(patient_run, tmp_path_factory):
+    """`cxrkeras serve` of that export, its own process, shared by the API and the browser tests."""
+    from serve_helpers import running_server
+
+    with running_server(os.path.dirname(patient_run["export"]["path"]), tmp_path_factory.mktemp("pf-server")) as srv:
+        yield srv
+
+
 def _keras_reference(run, blobs, values):
     from cxrkeras.data.patient import value_tensors
     from cxrkeras.runs import load_source
@@ -189,8 +198,8 @@ def test_patient_features_train_evaluate_export(patient_run, tiny_records):
 
 
 @pytest.mark.timeout(600)
-def test_patient_features_served_and_predicted(patient_run, tmp_path):
-    from serve_helpers import multipart, running_server
+def test_patient_features_served_and_predicted(patient_run, patient_server, tmp_path):
+    from serve_helpers import multipart
 
     base = os.path.dirname(patient_run["export"]["path"])
     images = os.path.join(os.path.dirname(CSV_64), "images")
@@ -201,43 +210,43 @@ def test_patient_features_served_and_predicted(patient_run, tmp_path):
               for n in names]
     expected, _ = _keras_reference(patient_run["run"], blobs, values)
 
-    with running_server(base, tmp_path) as server:
-        status, doc = server.json("GET", "/v1/models/pf/metadata")
-        inputs = doc["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
-        assert status == 200 and sorted(inputs) == ["age", "image_bytes", "sex", "view"]
-        assert inputs["age"]["dtype"] == "DT_FLOAT" and doc["patient_inputs"]["sex"] == ["M", "F"]
-        rows = [{"image_bytes": {"b64": base64.b64encode(b).decode()}, "age": a, "sex": s, "view": v}
-                for b, (a, s, v) in zip(blobs, values)]
-        status, doc = server.json("POST", "/v1/models/pf:predict", {"instances": rows})
-        assert status == 200, doc
-        got = np.array([p["probabilities"] for p in doc["predictions"]])
-        assert got.shape == (3, 15) and np.max(np.abs(got - expected)) <= 1e-5
-        columnar = {"inputs": {"image_bytes": [r["image_bytes"] for r in rows], "age": [v[0] for v in values],
-                               "sex": [v[1] for v in values], "view": [v[2] for v in values]}}
-        status, doc = server.json("POST", "/v1/models/pf:predict", columnar)
-        assert status == 200 and np.max(np.abs(np.array(doc["outputs"]["probabilities"]) - expected)) <= 1e-5
-        status, doc = server.json("POST", "/v1/models/pf:predict",
-                                  {"instances": [dict(rows[0], sex="X"), rows[1]]})
-        assert status == 400 and doc["error"] == "sex[0]: not one of M, F"
-        status, doc = server.json("POST", "/v1/models/pf:predict", {"instances": [{"image_bytes": rows[0][
-            "image_bytes"]}]})
-        assert status == 400 and "this model's inputs are image_bytes, age, sex, view" in doc["error"]
-        # the page's upload: one age, sex and view per file; a file without them gets its own error
-        fields = [("age", "58"), ("sex", "M"), ("view", "PA"), ("age", "40"), ("sex", ""), ("view", "AP"),
-                  ("top_k", "1")]
-        body, ctype = multipart([(names[0], blobs[0]), (names[1], blobs[1])], fields)
-        status, _, data = server.request("POST", "/api/analyze", body, {"Content-Type": ctype})
-        doc = json.loads(data)
-        assert status == 200 and doc["results"][1]["error"] == "sex: unknown (missing in the input)"
-        first = doc["results"][0]
-        assert first["error"] is None and first["patient"] == {"age": "58", "sex": "M", "view": "PA"}
-        assert len(first["heatmaps"]) == 1 and first["heatmaps"][0]["image"].startswith("data:image/png")
-        probs = {r["label"]: r["probability"] for r in first["table"]}
-        ref, _ = _keras_reference(patient_run["run"], blobs[:1], [(58.0, "M", "PA")])
-        assert max(abs(probs[k] - ref[0][j]) for j, k in enumerate(doc["model"]["labels"])) <= 1e-5
-        body, ctype = multipart([(names[0], blobs[0])], [("top_k", "1")])
-        status, _, data = server.request("POST", "/api/analyze", body, {"Content-Type": ctype})
-        assert status == 400 and "give the fields age, sex and view" in json.loads(data)["error"]
+    server = patient_server
+    status, doc = server.json("GET", "/v1/models/pf/metadata")
+    inputs = doc["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
+    assert status == 200 and sorted(inputs) == ["age", "image_bytes", "sex", "view"]
+    assert inputs["age"]["dtype"] == "DT_FLOAT" and doc["patient_inputs"]["sex"] == ["M", "F"]
+    rows = [{"image_bytes": {"b64": base64.b64encode(b).decode()}, "age": a, "sex": s, "view": v}
+            for b, (a, s, v) in zip(blobs, values)]
+    status, doc = server.json("POST", "/v1/models/pf:predict", {"instances": rows})
+    assert status == 200, doc
+    got = np.array([p["probabilities"] for p in doc["predictions"]])
+    assert got.shape == (3, 15) and np.max(np.abs(got - expected)) <= 1e-5
+    columnar = {"inputs": {"image_bytes": [r["image_bytes"] for r in rows], "age": [v[0] for v in values],
+                           "sex": [v[1] for v in values], "view": [v[2] for v in values]}}
+    status, doc = server.json("POST", "/v1/models/pf:predict", columnar)
+    assert status == 200 and np.max(np.abs(np.array(doc["outputs"]["probabilities"]) - expected)) <= 1e-5
+    status, doc = server.json("POST", "/v1/models/pf:predict",
+                              {"instances": [dict(rows[0], sex="X"), rows[1]]})
+    assert status == 400 and doc["error"] == "sex[0]: not one of M, F"
+    status, doc = server.json("POST", "/v1/models/pf:predict", {"instances": [{"image_bytes": rows[0][
+        "image_bytes"]}]})
+    assert status == 400 and "this model's inputs are image_bytes, age, sex, view" in doc["error"]
+    # the page's upload: one age, sex and view per file; a file without them gets its own error
+    fields = [("age", "58"), ("sex", "M"), ("view", "PA"), ("age", "40"), ("sex", ""), ("view", "AP"),
+              ("top_k", "1")]
+    body, ctype = multipart([(names[0], blobs[0]), (names[1], blobs[1])], fields)
+    status, _, data = server.request("POST", "/api/analyze", body, {"Content-Type": ctype})
+    doc = json.loads(data)
+    assert status == 200 and doc["results"][1]["error"] == "sex: unknown (missing in the input)"
+    first = doc["results"][0]
+    assert first["error"] is None and first["patient"] == {"age": "58", "sex": "M", "view": "PA"}
+    assert len(first["heatmaps"]) == 1 and first["heatmaps"][0]["image"].startswith("data:image/png")
+    probs = {r["label"]: r["probability"] for r in first["table"]}
+    ref, _ = _keras_reference(patient_run["run"], blobs[:1], [(58.0, "M", "PA")])
+    assert max(abs(probs[k] - ref[0][j]) for j, k in enumerate(doc["model"]["labels"])) <= 1e-5
+    body, ctype = multipart([(names[0], blobs[0])], [("top_k", "1")])
+    status, _, data = server.request("POST", "/api/analyze", body, {"Content-Type": ctype})
+    assert status == 400 and "give the fields age, sex and view" in json.loads(data)["error"]
 
     runner = CliRunner()
     files = [os.path.join(images, n) for n in names]
@@ -268,12 +277,11 @@ def test_patient_features_served_and_predicted(patient_run, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_the_page_asks_for_age_sex_and_view(patient_run, tmp_path, monkeypatch):
+def test_the_page_asks_for_age_sex_and_view(patient_server, tmp_path, monkeypatch):
     """Headless Chromium: the page shows an age, sex and view field beside each chosen file and sends them; the
     file whose sex is left empty gets its own error, the other its table."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
-    from serve_helpers import running_server
     from test_serve_browser import CHROMEDRIVER, CHROMIUM, _browser, _wait
 
     assert CHROMIUM and CHROMEDRIVER, "the browser test needs Chromium and its driver (apt-get install chromium " \
@@ -281,28 +289,26 @@ def test_the_page_asks_for_age_sex_and_view(patient_run, tmp_path, monkeypatch):
     monkeypatch.setenv("SE_OFFLINE", "true")
     images = os.path.join(os.path.dirname(CSV_64), "images")
     files = [os.path.join(images, n) for n in ("00000001_000.png", "00000003_001.png")]
-    base = os.path.dirname(patient_run["export"]["path"])
-    with running_server(base, tmp_path) as server:
-        driver = _browser(str(tmp_path), str(tmp_path / "profile"))
-        try:
-            driver.get(server.url + "/")
-            _wait(driver, lambda d: "model pf" in d.find_element(By.ID, "model-line").text, "the model line")
-            assert "age (years), sex (M/F) and view position (PA/AP)" in driver.find_element(By.ID,
-                                                                                             "patient-hint").text
-            driver.find_element(By.ID, "files").send_keys("\n".join(files))
-            items = driver.find_elements(By.CSS_SELECTOR, "#chosen li")
-            assert len(items) == 2
-            items[0].find_element(By.CSS_SELECTOR, "input.age").send_keys("58")
-            Select(items[0].find_element(By.CSS_SELECTOR, "select.sex")).select_by_value("M")
-            Select(items[0].find_element(By.CSS_SELECTOR, "select.view")).select_by_value("PA")
-            items[1].find_element(By.CSS_SELECTOR, "input.age").send_keys("40")
-            Select(items[1].find_element(By.CSS_SELECTOR, "select.view")).select_by_value("AP")
-            driver.find_element(By.ID, "analyse").click()
-            _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results article")) == 2, "two results")
-            cards = driver.find_elements(By.CSS_SELECTOR, "#results article")
-            assert "age 58 · sex M · view PA" in cards[0].text
-            assert len(cards[0].find_elements(By.CSS_SELECTOR, "table.labels tbody tr")) == 15
-            assert "Not analysed: sex: unknown (missing in the input)" in cards[1].text
-            assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
-        finally:
-            driver.quit()
+    server = patient_server
+    driver = _browser(str(tmp_path), str(tmp_path / "profile"))
+    try:
+        driver.get(server.url + "/")
+        _wait(driver, lambda d: "model pf" in d.find_element(By.ID, "model-line").text, "the model line")
+        assert "age (years), sex (M/F) and view position (PA/AP)" in driver.find_element(By.ID, "patient-hint").text
+        driver.find_element(By.ID, "files").send_keys("\n".join(files))
+        items = driver.find_elements(By.CSS_SELECTOR, "#chosen li")
+        assert len(items) == 2
+        items[0].find_element(By.CSS_SELECTOR, "input.age").send_keys("58")
+        Select(items[0].find_element(By.CSS_SELECTOR, "select.sex")).select_by_value("M")
+        Select(items[0].find_element(By.CSS_SELECTOR, "select.view")).select_by_value("PA")
+        items[1].find_element(By.CSS_SELECTOR, "input.age").send_keys("40")
+        Select(items[1].find_element(By.CSS_SELECTOR, "select.view")).select_by_value("AP")
+        driver.find_element(By.ID, "analyse").click()
+        _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results article")) == 2, "two results")
+        cards = driver.find_elements(By.CSS_SELECTOR, "#results article")
+        assert "age 58 · sex M · view PA" in cards[0].text
+        assert len(cards[0].find_elements(By.CSS_SELECTOR, "table.labels tbody tr")) == 15
+        assert "Not analysed: sex: unknown (missing in the input)" in cards[1].text
+        assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+    finally:
+        driver.quit()

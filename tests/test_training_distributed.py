@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from background_helpers import BackgroundCheck
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 
@@ -55,12 +56,18 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _mirrored(tmp, run):
+    code, stdout, stderr = run([sys.executable, "-c", MIRRORED_SCRIPT], env=ENV, timeout=300)
+    assert code == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+BACKGROUND = BackgroundCheck("mirrored", _mirrored)  # its fresh process, started by conftest beside the other tests
+
+
 @pytest.mark.timeout(330)
 def test_mirrored_two_logical_cpus_gives_the_same_loss_as_one_device():
-    proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True, text=True, env=ENV,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = BACKGROUND.result(timeout=320)
     assert out["replicas"] == [1, 2]
     assert out["eval"][0] == pytest.approx(out["eval"][1], rel=1e-5)
     assert out["train"][0] == pytest.approx(out["train"][1], rel=1e-5)

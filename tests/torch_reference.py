@@ -14,6 +14,11 @@ except ImportError as exc:  # the tests must fail, not skip, without torch
 from torch import nn
 from torch.nn import functional as F
 
+# one thread: on 2 cores shared with TensorFlow and the background checks (tests/background_helpers.py), torch's
+# 2-thread OpenMP convolutions wait on each other and run 2-10x slower than on one thread (measured on a DenseNet121
+# forward pass); the references' results do not depend on it
+torch.set_num_threads(1)
+
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 DENSENET121_BLOCKS = (6, 12, 24, 16)
 
