@@ -127,7 +127,6 @@ def server(serve_export, tmp_path_factory):
         yield srv
 
 
-
 def _background_checks(session):
     """The BackgroundCheck of each selected test module that has one (tests/background_helpers.py)."""
     checks = {}
