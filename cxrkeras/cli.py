@@ -10,7 +10,9 @@ from cxrkeras.constants import (CHANNELS, ENCODINGS, EQUALIZE, HEATMAP_METHODS, 
                                 RECORD_FORMATS, STAGES, THRESHOLD_METHODS, VERIFY_MODES)
 from cxrkeras.errors import CxrError
 
-# TensorFlow's C++ start-up chatter (oneDNN, CPU features) hides the commands' own output; users can lower it.
+# TensorFlow's C++ start-up chatter (oneDNN, CPU features) hides the commands' own output: its log level raised and
+# (`main`) its import-time notices filtered out, unless the user set TF_CPP_MIN_LOG_LEVEL (then TF logs as asked).
+_TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -743,6 +745,10 @@ def inspect_records_cmd(records_dir):
 
 
 def main(argv=None):
+    if not _TF_LOG_LEVEL_GIVEN:
+        from cxrkeras.startup import quiet_tensorflow_import
+
+        quiet_tensorflow_import()
     return cli.main(args=argv, prog_name="cxrkeras")
 
 

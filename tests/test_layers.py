@@ -58,6 +58,10 @@ CASES = {
         (dict(units=4, member_weights=[0.25, 0.5, 0.25], labels=["a", "b", "c", "d"], preprocessing="torch",
               build_args={"weighting": "given"}), _FEATURES, (2, 4), 0, None, dict(run_training_check=False)),
     ],
+    # training mode runs TensorFlow's fused kernel (the harness's training step), inference Keras' own call
+    "cxrkeras>FusedBatchNormalization": [
+        (dict(axis=3, epsilon=1e-5, momentum=0.9), _X, _X.shape, 2, None),
+    ],
     "cxrkeras>MaskOutput": [
         (dict(filters=1, kernel_size=(1, 1), depth=2, width=4,
               preprocessor={"image_size": 64, "preprocessing": "torch", "equalize": None, "stored_size": None,

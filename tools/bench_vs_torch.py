@@ -320,6 +320,10 @@ def step_section(args):
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
+    # TensorFlow's CPU threads flush denormals to zero (FTZ/DAZ); PyTorch's do not by default, and the paper's modules
+    # from random weights hit denormals in their first steps, which then run up to 10x slower (measured): flushed
+    # here too, so both run at their steady-state speed
+    torch.set_flush_denormal(True)
     size = args.step_size
     rng = np.random.default_rng(0)
     x = rng.normal(size=(STEP_BATCH, size, size, 3)).astype("float32")
@@ -329,8 +333,9 @@ def step_section(args):
     thin = {"blocks": [2, 2, 2, 2]} if args.thin else {}  # --quick: DenseNet with 2 layers per dense block
     jit = set(variants) if args.jit == "all" else set() if args.jit == "none" else set(args.jit.split(","))
     print(f"\n## Training step: Adam, BCE, float32, batch {STEP_BATCH}, {size}x{size}{' (thin)' if thin else ''}, median of {args.steps} "
-          f"interleaved rounds; TF {tf.__version__} (inter/intra-op threads: default, {cores} cores), torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads); load average before: {load()}")
+          f"interleaved rounds after {max(1, args.warmup)} untimed steps each; TF {tf.__version__} (inter/intra-op "
+          f"threads: default, {cores} cores), torch {torch.__version__} ({torch.get_num_threads()} threads, denormals "
+          f"flushed as TensorFlow's CPU threads do); load average before: {load()}")
     print(f"{'variant':<24} {'cxrkeras':>9} {'+ XLA':>9} {'PyTorch':>9} {'cxrkeras/PyTorch':>17} "
           f"{'XLA/PyTorch':>12}   (images/s)")
     for name in variants:
@@ -339,7 +344,8 @@ def step_section(args):
         for use_jit in (False, True) if name in jit else (False,):
             model = build_model(name, input_shape=(size, size, 3), **thin)
             model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy", jit_compile=use_jit)
-            model.train_on_batch(x, y)  # trace (+ XLA compile), not timed
+            for _ in range(max(1, args.warmup)):  # trace (+ XLA compile) and warm-up steps, not timed
+                model.train_on_batch(x, y)
             steps["xla" if use_jit else "keras"] = lambda model=model: model.train_on_batch(x, y)
         net = REFERENCES[name][0](num_classes=14, **({"blocks": thin["blocks"]} if thin else {}))
         net.train()
@@ -352,7 +358,8 @@ def step_section(args):
             loss.backward()
             opt.step()
 
-        torch_step()
+        for _ in range(max(1, args.warmup)):
+            torch_step()
         steps["torch"] = torch_step
         times = {k: [] for k in steps}
         for _ in range(args.steps):
@@ -380,6 +387,9 @@ def main(argv=None):
                              "images, so that epoch starts, where the shuffle buffer refills, do not dominate)")
     parser.add_argument("--variants", default=None, help=f"training-step variants (default: {','.join(VARIANTS)})")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per network")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed training steps per network and framework before the timed rounds (the first "
+                             "steps build kernels and caches; PyTorch's also allocate its autograd buffers)")
     parser.add_argument("--step-size", type=int, default=SIZE, help="training-step image size")
     parser.add_argument("--jit", default="all", help="XLA rows: all, none or comma-separated variants")
     parser.add_argument("--thin", action="store_true", help="training step of thin DenseNets (2 layers per block)")

@@ -2,6 +2,7 @@
 
 import keras
 
+from cxrkeras.models.batchnorm import apply_batch_norm
 from cxrkeras.models.placement import AFTER, apply_lka, resolve_placement
 
 DENSENET121_BLOCKS = (6, 12, 24, 16)
@@ -10,17 +11,13 @@ MIN_INPUT_SIZE = 32  # stride-2 stem + max-pool + three 2x2 transitions: 32 px l
 TORCH_BN = dict(epsilon=1e-5, momentum=0.9)  # torchvision / the paper (PyTorch momentum 0.1 = Keras 0.9)
 
 
-def _bn(x, bn, name):
-    return keras.layers.BatchNormalization(axis=3, epsilon=bn["epsilon"], momentum=bn["momentum"], name=name)(x)
-
-
 def apply_conv_block(x, growth_rate, name, bn=TORCH_BN):
     """BN-ReLU-1x1(4k)-BN-ReLU-3x3(k), concatenated to the input (keras.applications `conv_block`, torchvision's
     `_DenseLayer`)."""
-    x1 = _bn(x, bn, f"{name}_0_bn")
+    x1 = apply_batch_norm(x, bn, f"{name}_0_bn")
     x1 = keras.layers.Activation("relu", name=f"{name}_0_relu")(x1)
     x1 = keras.layers.Conv2D(4 * growth_rate, 1, use_bias=False, name=f"{name}_1_conv")(x1)
-    x1 = _bn(x1, bn, f"{name}_1_bn")
+    x1 = apply_batch_norm(x1, bn, f"{name}_1_bn")
     x1 = keras.layers.Activation("relu", name=f"{name}_1_relu")(x1)
     x1 = keras.layers.Conv2D(growth_rate, 3, padding="same", use_bias=False, name=f"{name}_2_conv")(x1)
     return keras.layers.Concatenate(axis=3, name=f"{name}_concat")([x, x1])
@@ -33,7 +30,7 @@ def apply_dense_block(x, num_layers, growth_rate, name, bn=TORCH_BN):
 
 
 def apply_transition_block(x, reduction, name, bn=TORCH_BN):
-    x = _bn(x, bn, f"{name}_bn")
+    x = apply_batch_norm(x, bn, f"{name}_bn")
     x = keras.layers.Activation("relu", name=f"{name}_relu")(x)
     x = keras.layers.Conv2D(int(x.shape[3] * reduction), 1, use_bias=False, name=f"{name}_conv")(x)
     return keras.layers.AveragePooling2D(2, strides=2, name=f"{name}_pool")(x)
@@ -42,7 +39,7 @@ def apply_transition_block(x, reduction, name, bn=TORCH_BN):
 def apply_stem(x, filters, name="conv1", bn=TORCH_BN):
     x = keras.layers.ZeroPadding2D(padding=((3, 3), (3, 3)), name=f"{name}_pad")(x)
     x = keras.layers.Conv2D(filters, 7, strides=2, use_bias=False, name=f"{name}_conv")(x)
-    x = _bn(x, bn, f"{name}_bn")
+    x = apply_batch_norm(x, bn, f"{name}_bn")
     x = keras.layers.Activation("relu", name=f"{name}_relu")(x)
     # Zero padding before the max-pool equals PyTorch's -inf padding here: the input is a ReLU output (>= 0).
     x = keras.layers.ZeroPadding2D(padding=((1, 1), (1, 1)), name="pool1_pad")(x)
@@ -71,7 +68,7 @@ def apply_densenet_features(x, lka_blocks="none", lka_form="lka", blocks=DENSENE
         if b < len(blocks):
             x = apply_transition_block(x, 0.5, name=f"pool{b + 1}", bn=bn)
             transitions.append(x)
-    x = _bn(x, bn, "bn")
+    x = apply_batch_norm(x, bn, "bn")
     if AFTER in positions:
         feature_layer = "lka_after"
         x = apply_lka(x, lka_form, name=feature_layer)

@@ -10,6 +10,8 @@ import math
 
 import keras
 
+from cxrkeras.models.batchnorm import apply_batch_norm
+
 # keras.applications.efficientnet.DEFAULT_BLOCKS_ARGS: (kernel, repeats, filters_in, filters_out, expand, stride)
 BLOCKS = ((3, 1, 32, 16, 1, 1), (3, 2, 16, 24, 6, 2), (5, 2, 24, 40, 6, 2), (3, 3, 40, 80, 6, 2),
           (5, 3, 80, 112, 6, 1), (5, 4, 112, 192, 6, 2), (3, 1, 192, 320, 6, 1))
@@ -38,10 +40,6 @@ def _pad(x, kernel):
     return ((c - adjust[0], c), (c - adjust[1], c))
 
 
-def _bn(x, bn, name):
-    return keras.layers.BatchNormalization(axis=3, epsilon=bn["epsilon"], momentum=bn["momentum"], name=name)(x)
-
-
 def apply_mbconv(x, filters_in, filters_out, kernel, stride, expand, drop_rate, name, bn=KERAS_BN):
     """keras.applications' EfficientNet `block`: expand 1x1 -> depthwise -> squeeze-excite -> project 1x1 (+ skip)."""
     inputs = x
@@ -49,12 +47,13 @@ def apply_mbconv(x, filters_in, filters_out, kernel, stride, expand, drop_rate, 
     if expand != 1:
         x = keras.layers.Conv2D(filters, 1, padding="same", use_bias=False, kernel_initializer=_INIT,
                                 name=f"{name}expand_conv")(x)
-        x = keras.layers.Activation("swish", name=f"{name}expand_activation")(_bn(x, bn, f"{name}expand_bn"))
+        x = apply_batch_norm(x, bn, f"{name}expand_bn")
+        x = keras.layers.Activation("swish", name=f"{name}expand_activation")(x)
     if stride == 2:
         x = keras.layers.ZeroPadding2D(padding=_pad(x, kernel), name=f"{name}dwconv_pad")(x)
     x = keras.layers.DepthwiseConv2D(kernel, strides=stride, padding="valid" if stride == 2 else "same",
                                      use_bias=False, depthwise_initializer=_INIT, name=f"{name}dwconv")(x)
-    x = keras.layers.Activation("swish", name=f"{name}activation")(_bn(x, bn, f"{name}bn"))
+    x = keras.layers.Activation("swish", name=f"{name}activation")(apply_batch_norm(x, bn, f"{name}bn"))
     se = keras.layers.GlobalAveragePooling2D(name=f"{name}se_squeeze")(x)
     se = keras.layers.Reshape((1, 1, filters), name=f"{name}se_reshape")(se)
     se = keras.layers.Conv2D(max(1, int(filters_in * SE_RATIO)), 1, padding="same", activation="swish",
@@ -64,7 +63,7 @@ def apply_mbconv(x, filters_in, filters_out, kernel, stride, expand, drop_rate, 
     x = keras.layers.multiply([x, se], name=f"{name}se_excite")
     x = keras.layers.Conv2D(filters_out, 1, padding="same", use_bias=False, kernel_initializer=_INIT,
                             name=f"{name}project_conv")(x)
-    x = _bn(x, bn, f"{name}project_bn")
+    x = apply_batch_norm(x, bn, f"{name}project_bn")
     if stride == 1 and filters_in == filters_out:
         if drop_rate > 0:
             x = keras.layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name=f"{name}drop")(x)
@@ -79,7 +78,7 @@ def apply_efficientnet_features(x, width_multiplier=1.0, bn=KERAS_BN, width=B2["
     x = keras.layers.ZeroPadding2D(padding=_pad(x, 3), name="stem_conv_pad")(x)
     x = keras.layers.Conv2D(round_filters(32, width), 3, strides=2, padding="valid", use_bias=False,
                             kernel_initializer=_INIT, name="stem_conv")(x)
-    x = keras.layers.Activation("swish", name="stem_activation")(_bn(x, bn, "stem_bn"))
+    x = keras.layers.Activation("swish", name="stem_activation")(apply_batch_norm(x, bn, "stem_bn"))
     repeats = [int(math.ceil(depth * r)) for _, r, *_ in BLOCKS]
     total, b = float(sum(repeats)), 0
     for i, ((kernel, _, f_in, f_out, expand, stride), n) in enumerate(zip(BLOCKS, repeats)):
@@ -90,7 +89,7 @@ def apply_efficientnet_features(x, width_multiplier=1.0, bn=KERAS_BN, width=B2["
             b += 1
     x = keras.layers.Conv2D(round_filters(1280, width), 1, padding="same", use_bias=False, kernel_initializer=_INIT,
                             name="top_conv")(x)
-    x = keras.layers.Activation("swish", name=FEATURE_LAYER)(_bn(x, bn, "top_bn"))
+    x = keras.layers.Activation("swish", name=FEATURE_LAYER)(apply_batch_norm(x, bn, "top_bn"))
     return x, FEATURE_LAYER
 
 

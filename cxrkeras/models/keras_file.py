@@ -59,6 +59,6 @@ def keras_file_info(path):
 def batch_norm_settings(config):
     """{bn_epsilon, bn_momentum} of the first BatchNormalization layer of a Keras config ({} when it has none)."""
     for layer in _walk(config):
-        if layer["class_name"] == "BatchNormalization":
+        if layer["class_name"] in ("BatchNormalization", "FusedBatchNormalization"):
             return {"bn_epsilon": layer["config"].get("epsilon"), "bn_momentum": layer["config"].get("momentum")}
     return {}

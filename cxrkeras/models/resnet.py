@@ -4,6 +4,7 @@ every convolution has a bias (torchvision's ResNet-50 v1.5 strides the 3x3 convo
 
 import keras
 
+from cxrkeras.models.batchnorm import apply_batch_norm
 from cxrkeras.models.placement import AFTER, apply_lka, resolve_placement
 
 RESNET50_STAGES = ((64, 3), (128, 4), (256, 6), (512, 3))  # (bottleneck filters, blocks) of conv2_x ... conv5_x
@@ -12,23 +13,19 @@ MIN_INPUT_SIZE = 32  # stride-2 stem + max-pool + three stride-2 stages: 32 px l
 KERAS_BN = dict(epsilon=1.001e-5, momentum=0.99)  # keras.applications' ResNet50
 
 
-def _bn(x, bn, name):
-    return keras.layers.BatchNormalization(axis=3, epsilon=bn["epsilon"], momentum=bn["momentum"], name=name)(x)
-
-
 def apply_bottleneck(x, filters, stride, conv_shortcut, name, bn=KERAS_BN):
     """keras.applications' `residual_block_v1`: 1x1 (stride) -> 3x3 -> 1x1 (4x filters), plus the shortcut."""
     if conv_shortcut:
         shortcut = keras.layers.Conv2D(4 * filters, 1, strides=stride, name=f"{name}_0_conv")(x)
-        shortcut = _bn(shortcut, bn, f"{name}_0_bn")
+        shortcut = apply_batch_norm(shortcut, bn, f"{name}_0_bn")
     else:
         shortcut = x
     x = keras.layers.Conv2D(filters, 1, strides=stride, name=f"{name}_1_conv")(x)
-    x = keras.layers.Activation("relu", name=f"{name}_1_relu")(_bn(x, bn, f"{name}_1_bn"))
+    x = keras.layers.Activation("relu", name=f"{name}_1_relu")(apply_batch_norm(x, bn, f"{name}_1_bn"))
     x = keras.layers.Conv2D(filters, 3, padding="same", name=f"{name}_2_conv")(x)
-    x = keras.layers.Activation("relu", name=f"{name}_2_relu")(_bn(x, bn, f"{name}_2_bn"))
+    x = keras.layers.Activation("relu", name=f"{name}_2_relu")(apply_batch_norm(x, bn, f"{name}_2_bn"))
     x = keras.layers.Conv2D(4 * filters, 1, name=f"{name}_3_conv")(x)
-    x = _bn(x, bn, f"{name}_3_bn")
+    x = apply_batch_norm(x, bn, f"{name}_3_bn")
     x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
     return keras.layers.Activation("relu", name=f"{name}_out")(x)
 
@@ -40,7 +37,7 @@ def apply_resnet50_features(x, lka_blocks="none", lka_form="lka", width_multipli
     width = lambda n: max(1, round(n * width_multiplier))  # noqa: E731
     x = keras.layers.ZeroPadding2D(padding=((3, 3), (3, 3)), name="conv1_pad")(x)
     x = keras.layers.Conv2D(width(64), 7, strides=2, name="conv1_conv")(x)
-    x = keras.layers.Activation("relu", name="conv1_relu")(_bn(x, bn, "conv1_bn"))
+    x = keras.layers.Activation("relu", name="conv1_relu")(apply_batch_norm(x, bn, "conv1_bn"))
     x = keras.layers.ZeroPadding2D(padding=((1, 1), (1, 1)), name="pool1_pad")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
     feature_layer = None

@@ -2,6 +2,7 @@
 
 import keras
 
+from cxrkeras.models.batchnorm import apply_batch_norm
 from cxrkeras.models.placement import AFTER, apply_lka, resolve_placement
 
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
@@ -15,7 +16,7 @@ def apply_conv(x, filters, batch_norm, name, bn=TORCH_BN):
     if not batch_norm:
         return keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=name)(x)
     x = keras.layers.Conv2D(filters, 3, padding="same", name=name)(x)
-    x = keras.layers.BatchNormalization(axis=3, epsilon=bn["epsilon"], momentum=bn["momentum"], name=f"{name}_bn")(x)
+    x = apply_batch_norm(x, bn, f"{name}_bn")
     return keras.layers.Activation("relu", name=f"{name}_relu")(x)
 
 
