@@ -5,7 +5,7 @@
 # last digits). About 4 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PWD/.venv/bin:$PATH" TF_CPP_MIN_LOG_LEVEL=2
+export PATH="$PWD/.venv/bin:$PATH"
 S=cxrkeras/sample_data
 start=$(date +%s)
 
